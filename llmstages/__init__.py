@@ -1,0 +1,9 @@
+"""llmstages: the four training stages of a language model as LightningModules.
+
+Pretraining, supervised fine-tuning, reward modelling and DPO share one
+Transformer backbone (`llmstages.model`) and one masking/loss module
+(`llmstages.losses`). Every choice that changes which token carries a loss or
+how a loss is normalised is a named, tested option.
+"""
+
+__version__ = "0.1.0"
