@@ -1,0 +1,206 @@
+"""The shared decoder-only Transformer backbone (Llama/Qwen2 family).
+
+Design choices:
+- Pre-norm RMSNorm, rotary embeddings (the Llama "rotate half" layout, so
+  Hugging Face weights load without permutation), grouped-query attention
+  through `scaled_dot_product_attention`, SwiGLU MLP. Nothing else.
+- Packed sequences: with `document_ids` the attention mask is block-diagonal
+  (causal within a document, nothing across documents) and positions restart
+  at 0 per document, so a packed row computes exactly what its documents
+  compute alone. Without them attention is plain causal (`is_causal`, the
+  fused kernels' fast path); right padding needs no mask because padding only
+  ever comes after the real tokens.
+- The output layer is applied inside `forward`, through an optional `head`
+  callable. Losses pass a head that scores targets in chunks (see
+  `llmstages.losses.token_logps`), so `[B, T, vocab]` float32 logits never
+  exist at once; keeping it inside `forward` keeps FSDP's parameter gathering
+  around it. `hidden_states` is the same computation without the head.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmstages.model.config import ModelConfig
+
+Head = Callable[[Tensor, Tensor], Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # normalise in float32 whatever the compute dtype, as Llama does
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_angles(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin tables `[B, T, head_dim]` for the given integer positions."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids.to(torch.float32)[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate `x` `[B, H, T, D]` by the angles `[B, T, D]` (rotate-half layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    return x * cos + rotated * sin
+
+
+def positions_from_documents(document_ids: Tensor) -> Tensor:
+    """Position of every token inside its document: restarts at 0 where the id changes."""
+    batch, length = document_ids.shape
+    index = torch.arange(length, device=document_ids.device).expand(batch, length)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - start_index
+
+
+def document_mask(document_ids: Tensor) -> Tensor:
+    """Boolean attention mask `[B, 1, T, T]`: causal, and only inside one document.
+
+    Padding (-1) attends to padding, so no query row is empty (no NaN).
+    """
+    length = document_ids.shape[1]
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
+    return (same & causal)[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        d = config.d_model
+        self.q_proj = nn.Linear(d, self.n_head * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_head != self.n_head
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.d_mlp, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.d_mlp, bias=False)
+        self.down_proj = nn.Linear(config.d_mlp, config.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.init_weights()
+
+    @property
+    def output_weight(self) -> Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def init_weights(self) -> None:
+        """Normal(0, init_std); residual output projections scaled by 1/sqrt(2 * n_layer) (GPT-2)."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scale = 1 / math.sqrt(2 * self.config.n_layer) if name.endswith(("o_proj", "down_proj")) else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+
+    def hidden_states(
+        self, input_ids: Tensor, position_ids: Tensor | None = None, document_ids: Tensor | None = None
+    ) -> Tensor:
+        """Final-norm hidden states `[B, T, d_model]`."""
+        if input_ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_seq_len={self.config.max_seq_len}")
+        mask = None
+        if document_ids is not None:
+            mask = document_mask(document_ids)
+            if position_ids is None:
+                position_ids = positions_from_documents(document_ids)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        cos, sin = rope_angles(position_ids, self.config.head_dim, self.config.rope_theta)
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask)
+        return self.norm(x)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        document_ids: Tensor | None = None,
+        head: Head | None = None,
+    ) -> Tensor:
+        """Logits `[B, T, vocab]`, or `head(hidden_states, output_weight)` when a head is given."""
+        hidden = self.hidden_states(input_ids, position_ids, document_ids)
+        if head is not None:
+            return head(hidden, self.output_weight)
+        return F.linear(hidden, self.output_weight)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        return total - self.embed.weight.numel() if exclude_embeddings else total
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), as in the PaLM appendix.
+
+        6 * (matmul parameters, the output layer included once) plus the
+        attention score/value products 12 * n_layer * d_model * seq_len.
+        """
+        cfg = self.config
+        seq_len = seq_len or cfg.max_seq_len
+        matmul_params = self.num_parameters(exclude_embeddings=True) + cfg.vocab_size * cfg.d_model
+        if self.lm_head is not None:
+            matmul_params -= self.lm_head.weight.numel()  # counted in the line above already
+        return 6.0 * matmul_params + 12.0 * cfg.n_layer * cfg.d_model * seq_len
