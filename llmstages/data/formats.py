@@ -1,0 +1,660 @@
+"""Dataset readers: files in, plain validated Python records out.
+
+Design choices:
+
+- Records are plain data, never tokens: a text document is a `str`, a chat
+  conversation is a `list[Message]` (`{"role", "content"}`, roles
+  system/user/assistant, the schema DESIGN.md uses), a preference pair is a
+  `PreferencePair` of three message lists. Templates tokenise; losses live
+  elsewhere.
+- Strict by default. `on_error="raise"` stops at the first bad record, before
+  any training; `on_error="skip"` drops bad records and counts them per reason
+  in a `LoadReport`, so nothing disappears silently. Zero kept records is
+  always an error (`empty_dataset`): never a silent empty epoch.
+- Exact locations. Files are read as bytes and decoded line by line, so a
+  `not_utf8` or `invalid_json` error names the 1-based line of a `.jsonl` or
+  `.txt`. Records of a `.json` array are named by 0-based index. Errors that
+  make a whole `.json` file unreadable (bad JSON, bad bytes, not an array)
+  raise in both modes: there is no record boundary to skip to.
+- Content is never rewritten: whitespace only decides emptiness. Two
+  deliberate exceptions: alpaca joins `instruction` and `input` with "\\n",
+  and empty system prompts (`"system": ""` is common in exports) are
+  dropped rather than rejected.
+- ShareGPT tool roles follow LLaMA-Factory: `function_call` is an assistant
+  turn (the model learns to emit the call) and `observation` a user turn (the
+  tool result is context). Extra keys such as `tools` are ignored.
+- Structure rules: roles known; system only as the first turn; at least one
+  assistant turn; no two assistant or two user turns in a row; assistant
+  replies and user turns non-empty. A trailing user turn is allowed (it is
+  prompt, so it never carries a loss under the default mask, and a chat that
+  ends on a user turn is exactly a generation prompt for evaluation).
+  `read_chat` rejects preference records (`format_mismatch`) instead of
+  reading their prompt as a conversation.
+- Preference pairs must end their prompt with a user turn; chosen/rejected
+  start and end with an assistant turn. An identical chosen/rejected pair
+  (exact message equality) is a bad record (`identical_pair`): its DPO
+  gradient is exactly zero, it only dilutes the normalisation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypedDict
+
+__all__ = [
+    "CHAT_FORMATS",
+    "DataFormatError",
+    "LoadReport",
+    "Message",
+    "PreferencePair",
+    "read_chat",
+    "read_preference",
+    "read_text",
+]
+
+Role = Literal["system", "user", "assistant"]
+
+
+class Message(TypedDict):
+    role: Role
+    content: str
+
+
+class PreferencePair(TypedDict):
+    prompt: list[Message]  # ends with a user turn; may hold earlier turns and a system prompt
+    chosen: list[Message]  # starts and ends with an assistant turn (normally one message)
+    rejected: list[Message]
+
+
+CHAT_FORMATS = ("alpaca", "sharegpt", "messages")
+_ON_ERROR = ("raise", "skip")
+
+# ShareGPT `from` values -> roles. Tool roles use LLaMA-Factory's semantics.
+_SHAREGPT_ROLES: dict[str, Role] = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "function_call": "assistant",
+    "observation": "user",
+}
+_MESSAGE_ROLES: dict[str, Role] = {"system": "system", "user": "user", "assistant": "assistant"}
+
+# Human wording for the reasons whose key alone reads badly.
+_REASON_TEXT = {
+    "invalid_json": "invalid JSON",
+    "not_utf8": "not valid UTF-8",
+    "empty_dataset": "no usable records",
+    "no_assistant": "no assistant turn",
+    "misplaced_system": "system turn not first",
+    "prompt_not_user": "prompt does not end with a user turn",
+    "identical_pair": "chosen and rejected are identical",
+}
+
+
+class DataFormatError(ValueError):
+    """A file or record that cannot be used, with where and why.
+
+    `index` is a 1-based line number when `index_kind == "line"` (`.jsonl`,
+    `.txt`, or a whole `.json` file that fails to parse) and a 0-based record
+    index into a `.json` array when `index_kind == "record"`; `None` for
+    file-level errors. `field` is a path such as `conversations[2].value`.
+    `reason` is a short machine-readable key (see `LoadReport.skipped`).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        index: int | None,
+        field: str | None,
+        reason: str,
+        detail: str | None = None,
+        *,
+        index_kind: Literal["line", "record"] = "line",
+    ) -> None:
+        self.path = Path(path)
+        self.index = index
+        self.field = field
+        self.reason = reason
+        self.detail = detail
+        self.index_kind = index_kind
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        if self.index is None:
+            where = f"{self.path}"
+        elif self.index_kind == "line":
+            where = f"{self.path}:{self.index}"
+        else:
+            where = f"{self.path}: record {self.index} (0-based)"
+        text = _REASON_TEXT.get(self.reason, self.reason.replace("_", " "))
+        if self.detail:
+            text = f"{text}: {self.detail}"
+        if self.field:
+            return f"{where}: field {self.field!r}: {text}"
+        return f"{where}: {text}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The custom __init__ breaks default exception pickling (DataLoader workers, DDP).
+        return (
+            _rebuild_error,
+            (self.path, self.index, self.field, self.reason, self.detail, self.index_kind),
+        )
+
+
+def _rebuild_error(
+    path: Path, index: int | None, field: str | None, reason: str, detail: str | None, kind: Any
+) -> DataFormatError:
+    return DataFormatError(path, index, field, reason, detail, index_kind=kind)
+
+
+@dataclass
+class LoadReport:
+    """What a reader kept and what it skipped (reason -> count)."""
+
+    path: Path
+    kept: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    first_errors: list[str] = field(default_factory=list)
+    format: str | None = None  # the chat/preference format read, when there is one
+
+    MAX_ERRORS: ClassVar[int] = 5
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        """One line for the log, e.g. `train.jsonl: kept 998, skipped 2 (empty_reply: 1, ...)`."""
+        line = f"{self.path.name}: kept {self.kept}, skipped {self.num_skipped}"
+        if self.skipped:
+            # Most frequent first; ties alphabetical so the line is stable.
+            parts = sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0]))
+            line += " (" + ", ".join(f"{k}: {v}" for k, v in parts) + ")"
+        return line
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Invalid(Exception):
+    """A record-level problem; the read loop adds the file and index."""
+
+    def __init__(self, reason: str, field: str | None = None, detail: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.field, self.detail = reason, field, detail
+
+
+_BOM = "\ufeff"
+
+
+def _bad_bytes_detail(err: UnicodeDecodeError, line_start: int = 0) -> str:
+    col = err.start - line_start + 1
+    return f"byte 0x{err.object[err.start]:02x} at byte column {col}"
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str | DataFormatError]]:
+    """(1-based line number, decoded line or a not_utf8 error); line endings removed."""
+    raw = path.read_bytes()
+    for number, chunk in enumerate(raw.split(b"\n"), start=1):
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+        try:
+            line = chunk.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield number, DataFormatError(path, number, None, "not_utf8", _bad_bytes_detail(err))
+            continue
+        if number == 1 and line.startswith(_BOM):
+            line = line[1:]
+        yield number, line
+
+
+def _whole_text(path: Path) -> str:
+    """The whole file decoded; a bad byte raises with its exact line."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        line_start = raw.rfind(b"\n", 0, err.start) + 1
+        raise DataFormatError(
+            path, line, None, "not_utf8", _bad_bytes_detail(err, line_start)
+        ) from None
+    return text[1:] if text.startswith(_BOM) else text
+
+
+# (index, index_kind, parsed JSON value or a per-record error)
+_Raw = tuple[int, Literal["line", "record"], Any]
+
+
+def _json_records(path: Path) -> Iterator[_Raw]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        for number, line in _lines(path):
+            if isinstance(line, DataFormatError):
+                yield number, "line", line
+            elif line.strip():  # blank lines separate nothing and are not records
+                try:
+                    yield number, "line", json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield number, "line", DataFormatError(
+                        path, number, None, "invalid_json", f"{err.msg} (column {err.colno})"
+                    )
+    elif suffix == ".json":
+        text = _whole_text(path)
+        if not text.strip():
+            return  # an empty file: the caller reports empty_dataset
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            detail = f"{err.msg} (column {err.colno})"
+            if err.msg == "Extra data":
+                detail += "; this looks like JSON Lines, name the file .jsonl"
+            raise DataFormatError(path, err.lineno, None, "invalid_json", detail) from None
+        if not isinstance(data, list):
+            raise DataFormatError(
+                path, None, None, "wrong_type", f"a .json file must hold an array of records, got {_json_type(data)}"
+            )
+        for i, value in enumerate(data):
+            yield i, "record", value
+    else:
+        raise DataFormatError(
+            path, None, None, "unsupported_extension", f"expected .jsonl or .json, got {path.suffix!r}"
+        )
+
+
+class _Collector:
+    """Applies the on_error policy and builds the LoadReport."""
+
+    def __init__(self, path: Path, on_error: str) -> None:
+        self.path, self.on_error = path, on_error
+        self.items: list[Any] = []
+        self.report = LoadReport(path=path)
+
+    def reject(self, err: DataFormatError) -> None:
+        if self.on_error == "raise":
+            raise err from None  # the internal _Invalid adds nothing to the traceback
+        self.report.skipped[err.reason] += 1
+        if len(self.report.first_errors) < LoadReport.MAX_ERRORS:
+            self.report.first_errors.append(str(err))
+
+    def run(self, records: Iterator[_Raw], parse: Callable[[Any], Any]) -> None:
+        for index, kind, value in records:
+            if isinstance(value, DataFormatError):
+                self.reject(value)
+                continue
+            try:
+                item = parse(value)
+            except _Invalid as bad:
+                err = DataFormatError(self.path, index, bad.field, bad.reason, bad.detail, index_kind=kind)
+                self.reject(err)
+                continue
+            self.items.append(item)
+
+    def finish(self) -> tuple[list[Any], LoadReport]:
+        self.report.kept = len(self.items)
+        if not self.items:
+            if self.report.skipped:
+                detail = self.report.summary()
+                if self.report.first_errors:
+                    detail += f"; first error: {self.report.first_errors[0]}"
+            else:
+                detail = "the file holds no records"
+            raise DataFormatError(self.path, None, None, "empty_dataset", detail)
+        return self.items, self.report
+
+
+def _check_policy(on_error: str) -> None:
+    if on_error not in _ON_ERROR:
+        raise ValueError(f"on_error must be one of {_ON_ERROR}, got {on_error!r}")
+
+
+# --------------------------------------------------------------------------- field helpers
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _wrong_type(field: str | None, expected: str, value: Any) -> _Invalid:
+    return _Invalid("wrong_type", field, f"expected {expected}, got {_json_type(value)}")
+
+
+def _as_object(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _wrong_type(None, "a JSON object", value)
+    return value
+
+
+def _req_str(rec: dict[str, Any], key: str, field: str | None = None) -> str:
+    if key not in rec:
+        raise _Invalid("missing_field", field or key)
+    value = rec[key]
+    if not isinstance(value, str):
+        raise _wrong_type(field or key, "string", value)
+    return value
+
+
+def _opt_str(rec: dict[str, Any], key: str) -> str:
+    """An optional string field; absent and null both read as ""."""
+    value = rec.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _wrong_type(key, "string", value)
+    return value
+
+
+def _req_list(rec: dict[str, Any], key: str) -> list[Any]:
+    if key not in rec:
+        raise _Invalid("missing_field", key)
+    value = rec[key]
+    if not isinstance(value, list):
+        raise _wrong_type(key, "array", value)
+    return value
+
+
+# --------------------------------------------------------------------------- conversations
+
+
+@dataclass
+class _Turn:
+    """A message plus the source fields to blame for it."""
+
+    role: Role
+    content: str
+    role_field: str | None
+    content_field: str | None
+
+
+def _role_turn(
+    item: Any, base: str, role_key: str, content_key: str, roles: dict[str, Role]
+) -> _Turn:
+    if not isinstance(item, dict):
+        raise _wrong_type(base, "an object", item)
+    role_field, content_field = f"{base}.{role_key}", f"{base}.{content_key}"
+    name = _req_str(item, role_key, role_field)
+    content = _req_str(item, content_key, content_field)
+    if name not in roles:
+        raise _Invalid("unknown_role", role_field, f"{name!r} (known: {', '.join(roles)})")
+    return _Turn(roles[name], content, role_field, content_field)
+
+
+def _turn_list(
+    items: Any, base: str, role_key: str, content_key: str, roles: dict[str, Role]
+) -> list[_Turn]:
+    if not isinstance(items, list):
+        raise _wrong_type(base, "array", items)
+    return [_role_turn(x, f"{base}[{i}]", role_key, content_key, roles) for i, x in enumerate(items)]
+
+
+def _sharegpt_turns(items: Any, base: str) -> list[_Turn]:
+    return _turn_list(items, base, "from", "value", _SHAREGPT_ROLES)
+
+
+def _openai_turns(items: Any, base: str) -> list[_Turn]:
+    return _turn_list(items, base, "role", "content", _MESSAGE_ROLES)
+
+
+def _system_turn(rec: dict[str, Any]) -> list[_Turn]:
+    text = _opt_str(rec, "system")
+    return [_Turn("system", text, "system", "system")] if text.strip() else []
+
+
+def _check_turns(turns: list[_Turn], *, prev_role: Role | None = None, allow_system: bool = True) -> None:
+    """Roles in order, no empty user/assistant turns. `prev_role` continues a prompt."""
+    for i, turn in enumerate(turns):
+        if turn.role == "system":
+            if not allow_system or i > 0 or prev_role is not None:
+                raise _Invalid("misplaced_system", turn.role_field, "a system prompt may only be the first turn")
+        elif turn.role == prev_role:
+            raise _Invalid(f"consecutive_{turn.role}", turn.role_field, f"two {turn.role} turns in a row")
+        elif not turn.content.strip():
+            raise _Invalid("empty_reply" if turn.role == "assistant" else "empty_message", turn.content_field)
+        prev_role = turn.role
+
+
+def _to_messages(turns: list[_Turn]) -> list[Message]:
+    # Empty system prompts were accepted by _check_turns and are dropped here.
+    return [
+        {"role": t.role, "content": t.content}
+        for t in turns
+        if t.role != "system" or t.content.strip()
+    ]
+
+
+def _finish_chat(turns: list[_Turn]) -> list[Message]:
+    _check_turns(turns)
+    if not any(t.role == "assistant" for t in turns):
+        raise _Invalid("no_assistant")
+    return _to_messages(turns)
+
+
+def _parse_alpaca(rec: dict[str, Any]) -> list[Message]:
+    instruction = _req_str(rec, "instruction")
+    extra = _opt_str(rec, "input")
+    output = _req_str(rec, "output")
+    turns = _system_turn(rec)
+    history = rec.get("history")
+    if history is not None:
+        if not isinstance(history, list):
+            raise _wrong_type("history", "array of [user, assistant] pairs", history)
+        for i, pair in enumerate(history):
+            base = f"history[{i}]"
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise _wrong_type(base, "a [user, assistant] pair", pair)
+            for j, (role, text) in enumerate(zip(("user", "assistant"), pair)):
+                if not isinstance(text, str):
+                    raise _wrong_type(f"{base}[{j}]", "string", text)
+                turns.append(_Turn(role, text, base, f"{base}[{j}]"))  # type: ignore[arg-type]
+    prompt = "\n".join(part for part in (instruction, extra) if part.strip())
+    turns.append(_Turn("user", prompt, "instruction", "instruction"))
+    turns.append(_Turn("assistant", output, "output", "output"))
+    return _finish_chat(turns)
+
+
+def _parse_sharegpt(rec: dict[str, Any]) -> list[Message]:
+    turns = _system_turn(rec) + _sharegpt_turns(_req_list(rec, "conversations"), "conversations")
+    return _finish_chat(turns)
+
+
+def _parse_messages(rec: dict[str, Any]) -> list[Message]:
+    # A top-level `system` is honoured here too rather than silently ignored.
+    turns = _system_turn(rec) + _openai_turns(_req_list(rec, "messages"), "messages")
+    return _finish_chat(turns)
+
+
+# The key that marks each chat format, and its parser.
+_MARKERS = {"alpaca": "instruction", "sharegpt": "conversations", "messages": "messages"}
+_PARSERS: dict[str, Callable[[dict[str, Any]], list[Message]]] = {
+    "alpaca": _parse_alpaca,
+    "sharegpt": _parse_sharegpt,
+    "messages": _parse_messages,
+}
+
+
+def _formats_of(rec: dict[str, Any]) -> list[str]:
+    return [name for name, key in _MARKERS.items() if key in rec]
+
+
+def read_chat(
+    path: str | os.PathLike[str], *, format: str = "auto", on_error: str = "raise"
+) -> tuple[list[list[Message]], LoadReport]:
+    """Read alpaca / sharegpt / messages conversations from `.jsonl` or `.json`.
+
+    `format="auto"` takes the format from the first object record that has
+    exactly one format's key (`instruction`, `conversations`, `messages`);
+    later records of another format are errors (`format_mismatch`).
+    """
+    _check_policy(on_error)
+    if format != "auto" and format not in CHAT_FORMATS:
+        raise ValueError(f"format must be 'auto' or one of {CHAT_FORMATS}, got {format!r}")
+    path = Path(path)
+    col = _Collector(path, on_error)
+    chosen: list[str | None] = [None if format == "auto" else format]
+
+    def parse(value: Any) -> list[Message]:
+        rec = _as_object(value)
+        if "chosen" in rec and "rejected" in rec:
+            raise _Invalid("format_mismatch", None, "a preference record; read it with read_preference")
+        found = _formats_of(rec)
+        fmt = chosen[0]
+        if fmt is None:
+            if len(found) != 1:
+                reason = "ambiguous_format" if found else "unknown_format"
+                detail = (
+                    f"keys for {' and '.join(found)}"
+                    if found
+                    else f"no key of a known chat format ({', '.join(_MARKERS.values())})"
+                )
+                raise _Invalid(reason, None, detail)
+            fmt = chosen[0] = col.report.format = found[0]
+        if fmt not in found:
+            if found:
+                raise _Invalid("format_mismatch", None, f"a {found[0]} record in a {fmt} file")
+            raise _Invalid("missing_field", _MARKERS[fmt])
+        return _PARSERS[fmt](rec)
+
+    if format != "auto":
+        col.report.format = format
+    col.run(_json_records(path), parse)
+    return col.finish()
+
+
+# --------------------------------------------------------------------------- preference
+
+
+def _completion(rec: dict[str, Any], key: str, sharegpt: bool) -> list[_Turn]:
+    if key not in rec:
+        raise _Invalid("missing_field", key)
+    value = rec[key]
+    if isinstance(value, str):
+        turns = [_Turn("assistant", value, key, key)]
+    elif isinstance(value, dict):  # a single message object
+        turn = _sharegpt_turns([value], key)[0] if sharegpt else _openai_turns([value], key)[0]
+        # Re-blame on `chosen.value`, not `chosen[0].value`: the source had no list.
+        role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+        turns = [_Turn(turn.role, turn.content, f"{key}.{role_key}", f"{key}.{content_key}")]
+    elif isinstance(value, list):
+        turns = _sharegpt_turns(value, key) if sharegpt else _openai_turns(value, key)
+    else:
+        raise _wrong_type(key, "a string, a message object or an array of messages", value)
+    if not turns:
+        raise _Invalid("empty_reply", key, "no messages")
+    for end in (turns[0], turns[-1]):
+        if end.role != "assistant":
+            raise _Invalid("wrong_role", end.role_field, f"{key} must start and end with an assistant turn")
+    _check_turns(turns, prev_role="user", allow_system=False)
+    return turns
+
+
+def _parse_preference(value: Any) -> PreferencePair:
+    rec = _as_object(value)
+    if "conversations" in rec:
+        sharegpt = True
+        prompt = _system_turn(rec) + _sharegpt_turns(_req_list(rec, "conversations"), "conversations")
+    elif "prompt" in rec:
+        sharegpt = False
+        raw = rec["prompt"]
+        if isinstance(raw, str):
+            prompt = _system_turn(rec) + [_Turn("user", raw, "prompt", "prompt")]
+        elif isinstance(raw, list):
+            prompt = _system_turn(rec) + _openai_turns(raw, "prompt")
+        else:
+            raise _wrong_type("prompt", "a string or an array of messages", raw)
+    else:
+        raise _Invalid("missing_field", "prompt", "expected 'conversations' (sharegpt) or 'prompt'")
+    _check_turns(prompt)
+    if not prompt or prompt[-1].role != "user":
+        field = prompt[-1].role_field if prompt else ("conversations" if sharegpt else "prompt")
+        raise _Invalid("prompt_not_user", field)
+    chosen = _to_messages(_completion(rec, "chosen", sharegpt))
+    rejected = _to_messages(_completion(rec, "rejected", sharegpt))
+    if chosen == rejected:
+        raise _Invalid("identical_pair", "rejected")
+    return {"prompt": _to_messages(prompt), "chosen": chosen, "rejected": rejected}
+
+
+def read_preference(
+    path: str | os.PathLike[str], *, on_error: str = "raise"
+) -> tuple[list[PreferencePair], LoadReport]:
+    """Read preference pairs from `.jsonl` or `.json`.
+
+    Two shapes, chosen per record: sharegpt (`conversations` + `chosen` +
+    `rejected`, each a `{"from", "value"}` object or a list of them, optional
+    top-level `system`) or `prompt`/`chosen`/`rejected` given as strings
+    (prompt -> one user turn, chosen/rejected -> one assistant turn) or as
+    role/content message lists.
+    """
+    _check_policy(on_error)
+    path = Path(path)
+    col = _Collector(path, on_error)
+    col.run(_json_records(path), _parse_preference)
+    items, report = col.finish()
+    return items, report
+
+
+# --------------------------------------------------------------------------- text
+
+
+def read_text(
+    path: str | os.PathLike[str], *, mode: str = "line", field: str = "text", on_error: str = "raise"
+) -> tuple[list[str], LoadReport]:
+    """Read text documents.
+
+    `.txt`: `mode="line"` gives one document per non-empty line (whitespace-only
+    lines are separators, not errors); `mode="file"` gives the whole file as one
+    document. `.jsonl`/`.json`: one document per record, from the string field
+    `field`; `mode` must stay "line" there. Documents are returned verbatim
+    (line endings removed in line mode).
+    """
+    _check_policy(on_error)
+    if mode not in ("line", "file"):
+        raise ValueError(f"mode must be 'line' or 'file', got {mode!r}")
+    path = Path(path)
+    suffix = path.suffix.lower()
+    col = _Collector(path, on_error)
+    col.report.format = "text"
+
+    if suffix in (".jsonl", ".json"):
+        if mode != "line":
+            raise ValueError("mode='file' applies to plain .txt files only")
+
+        def parse(value: Any) -> str:
+            text = _req_str(_as_object(value), field)
+            if not text.strip():
+                raise _Invalid("empty_text", field)
+            return text
+
+        col.run(_json_records(path), parse)
+    elif suffix == ".txt":
+        if mode == "file":
+            text = _whole_text(path)
+            if text.strip():
+                col.items.append(text)
+        else:
+            lines = ((n, "line", line) for n, line in _lines(path))
+            col.run((r for r in lines if not isinstance(r[2], str) or r[2].strip()), lambda s: s)
+    else:
+        raise DataFormatError(
+            path, None, None, "unsupported_extension", f"expected .txt, .jsonl or .json, got {path.suffix!r}"
+        )
+    return col.finish()
