@@ -1,0 +1,451 @@
+"""The three LightningDataModules: PretrainData, SFTData, PreferenceData.
+
+Design choices:
+- Tokens in, batches out (the batch contract of DESIGN.md); no loss here.
+- One encode path for training and validation (LLaMA-Factory #5165): the
+  split happens on encoded examples, never before a second encode.
+- `tokenizer: null` means the embedded default tokenizer, trained once on the
+  embedded data and cached, so the four stages of the demo share one
+  vocabulary. Your own data wants your own tokenizer (`llmstages tokenizer
+  train`), passed as a path to `tokenizer.json` or its folder.
+- Bad records follow `on_error` (see `formats`); over-long examples follow
+  `truncation` (see `packing.truncate`); every skip is counted and reported
+  once; nothing usable left is an error.
+- Training batches come through `StepLookaheadLoader`, which attaches the
+  optimiser step's target-token and sequence counts for exact loss
+  normalisation. Shards are disjoint per rank (`DistributedSampler` with the
+  trainer's world size and rank, reshuffled per epoch from `seed`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from rich.progress import track
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from llmstages.data import synthetic
+from llmstages.data.formats import LoadReport, read_chat, read_preference, read_text
+from llmstages.data.loader import StepLookaheadLoader
+from llmstages.data.packing import (
+    IGNORE_INDEX,
+    best_fit_decreasing,
+    check_packing,
+    fill_ratio,
+    pack_examples,
+    pad_examples,
+    stack_rows,
+    stream_row,
+    truncate,
+)
+from llmstages.data.templates import ChatTemplate
+from llmstages.data.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VOCAB_SIZE = 1024
+
+
+def _targets(labels: torch.Tensor) -> int:
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())
+
+
+def default_tokenizer(cache_dir: str | Path, vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
+    """The embedded data's byte-level BPE, trained once per cache folder."""
+    path = Path(cache_dir) / f"default-tokenizer-{vocab_size}"
+    if (path / "tokenizer.json").exists():
+        return Tokenizer.from_file(path)
+    texts = synthetic.pretrain_corpus()
+    texts += [m["content"] for c in synthetic.sft_conversations() for m in c["messages"]]
+    tokenizer = Tokenizer.train(texts, vocab_size=vocab_size, show_progress=False)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tokenizer.save(tmp)
+    if path.exists():  # another process won the race; both trained the same tokenizer
+        shutil.rmtree(tmp)
+    else:
+        tmp.replace(path)
+    return Tokenizer.from_file(path)
+
+
+def load_tokenizer(spec: str | None, cache_dir: str | Path) -> Tokenizer:
+    return default_tokenizer(cache_dir) if spec is None else Tokenizer.from_file(spec)
+
+
+class _ListDataset(Dataset):
+    def __init__(self, items: list) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+class StageData(L.LightningDataModule):
+    """What the three data modules share: tokenizer, split, loaders, summaries."""
+
+    def __init__(
+        self,
+        tokenizer: str | None = None,
+        batch_size: int = 8,
+        seq_len: int = 256,
+        shuffle: bool = True,
+        seed: int = 0,
+        val_fraction: float = 0.05,
+        num_workers: int = 0,
+        cache_dir: str = ".cache/llmstages",
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or seq_len < 2:
+            raise ValueError(f"batch_size must be >= 1 and seq_len >= 2, got {batch_size} and {seq_len}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.batch_size, self.seq_len, self.shuffle, self.seed = batch_size, seq_len, shuffle, seed
+        self.val_fraction, self.num_workers, self.cache_dir = val_fraction, num_workers, Path(cache_dir)
+        self.tokenizer = load_tokenizer(tokenizer, self.cache_dir)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.skipped: Counter[str] = Counter()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    # subclasses build self.train_set / self.val_set
+    def _build(self) -> None:
+        raise NotImplementedError
+
+    def _collate(self, items: list) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _count(self, batch: dict) -> tuple[int, int]:
+        """(target tokens, sequences) in a micro-batch, for step-level normalisation."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self._build()
+
+    def _split(self, items: list) -> tuple[list, list]:
+        """Deterministic split: a seeded permutation, the first `val_fraction` to validation."""
+        order = np.random.default_rng(self.seed).permutation(len(items))
+        n_val = int(round(len(items) * self.val_fraction))
+        if self.val_fraction > 0 and len(items) > 1:
+            n_val = max(1, n_val)
+        val = [items[i] for i in sorted(order[:n_val])]
+        train = [items[i] for i in sorted(order[n_val:])]
+        if not train:
+            raise ValueError("no training examples left after the validation split")
+        return train, val
+
+    def _sampler(self, dataset: Dataset, shuffle: bool) -> DistributedSampler:
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=self._sampler(dataset, shuffle),
+            collate_fn=self._collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> StepLookaheadLoader:
+        self.setup("fit")
+        loader = self._loader(self.train_set, self.shuffle)
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        wrapped = StepLookaheadLoader(loader, accumulate, self._count)
+        wrapped.sampler = loader.sampler  # Lightning calls sampler.set_epoch through this attribute
+        return wrapped
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup("validate")
+        if not self.val_set:
+            return []  # type: ignore[return-value]
+        return self._loader(self.val_set, shuffle=False)
+
+    def _report(self, name: str, kept: int, reports: list[LoadReport] = ()) -> None:
+        for report in reports:
+            self.skipped.update(report.skipped)
+        parts = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped.items()))
+        rank_zero_info(f"{name}: kept {kept} examples" + (f", skipped {sum(self.skipped.values())} ({parts})" if parts else ""))
+        if kept == 0:
+            raise ValueError(f"{name}: no usable examples left ({parts or 'empty input'})")
+
+
+def _file_digest(paths: list[Path], extra: str) -> str:
+    h = hashlib.sha256(extra.encode())
+    for path in paths:
+        h.update(str(path.resolve()).encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+class _TokenRows(Dataset):
+    def __init__(self, tokens: np.ndarray, rows: np.ndarray, seq_len: int, eos_id: int, packing: str) -> None:
+        self.tokens, self.rows, self.seq_len, self.eos_id, self.packing = tokens, rows, seq_len, eos_id, packing
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        start = int(self.rows[i]) * self.seq_len
+        return stream_row(self.tokens[start : start + self.seq_len], self.seq_len, self.eos_id, self.packing)
+
+
+class PretrainData(StageData):
+    """Text -> tokens (EOS after every document) -> rows of `seq_len`.
+
+    Tokens are cached on disk as a memory-mapped array keyed by the inputs'
+    content and the tokenizer, so a corpus is encoded once and need not fit
+    in memory when training.
+    """
+
+    def __init__(
+        self,
+        files: list[str] | None = None,
+        text_mode: str = "line",
+        packing: str = "documents",
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.files = [Path(f) for f in files] if files else None
+        self.text_mode = text_mode
+        self.packing = check_packing(packing, ("documents", "concat"))
+
+    def token_cache(self) -> Path:
+        """Encode the corpus once; later runs with the same inputs and tokenizer reuse the file."""
+        tok_json = self.tokenizer.to_json() if hasattr(self.tokenizer, "to_json") else str(self.tokenizer.vocab_size)
+        if self.files:
+            key = _file_digest(self.files, f"{self.text_mode}|{tok_json}")
+        else:
+            key = hashlib.sha256(f"embedded|{synthetic.__name__}|{tok_json}".encode()).hexdigest()[:16]
+        path = self.cache_dir / f"tokens-{key}.bin"
+        if path.exists():
+            return path
+        if self.files:
+            docs, reports = [], []
+            for file in self.files:
+                texts, report = read_text(file, mode=self.text_mode)
+                docs += texts
+                reports.append(report)
+            self._report("pretrain data", len(docs), reports)
+        else:
+            docs = synthetic.pretrain_corpus(seed=self.seed)
+        dtype = np.uint16 if self.tokenizer.vocab_size < 2**16 else np.uint32
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        eos = self.tokenizer.eos_id
+        with open(tmp, "wb") as out:
+            for doc in track(docs, description="tokenising", disable=len(docs) < 5000):
+                np.asarray(self.tokenizer.encode(doc) + [eos], dtype=dtype).tofile(out)
+        (path.with_suffix(".json")).write_text(json.dumps({"dtype": np.dtype(dtype).name, "documents": len(docs)}))
+        tmp.replace(path)  # atomic: a killed run never leaves a half-written cache behind
+        return path
+
+    def _build(self) -> None:
+        path = self.token_cache()
+        dtype = json.loads(path.with_suffix(".json").read_text())["dtype"]
+        tokens = np.memmap(path, dtype=dtype, mode="r")
+        n_rows = len(tokens) // self.seq_len
+        if n_rows < 2:
+            raise ValueError(f"the corpus has {len(tokens)} tokens: not even two rows of seq_len={self.seq_len}")
+        train_rows, val_rows = self._split(list(range(n_rows)))
+        eos = self.tokenizer.eos_id
+        self.train_set = _TokenRows(tokens, np.asarray(train_rows), self.seq_len, eos, self.packing)
+        self.val_set = _TokenRows(tokens, np.asarray(val_rows), self.seq_len, eos, self.packing)
+        rank_zero_info(
+            f"pretrain data: {len(tokens):,} tokens, {len(train_rows)} training and {len(val_rows)} validation rows "
+            f"of {self.seq_len} ({self.packing})"
+        )
+
+    def _collate(self, items: list) -> dict[str, torch.Tensor]:
+        return stack_rows(items)
+
+    def _count(self, batch: dict) -> tuple[int, int]:
+        from llmstages.losses import count_sequences
+
+        return _targets(batch["labels"]), count_sequences(batch["labels"], batch.get("document_ids"))
+
+
+class SFTData(StageData):
+    """Conversations -> chat template -> masked examples -> padded or packed rows."""
+
+    def __init__(
+        self,
+        files: list[str] | None = None,
+        format: str = "auto",
+        template: str = "chatml",
+        loss_mask: str = "assistant",
+        packing: str = "documents",
+        truncation: str = "right",
+        on_error: str = "raise",
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.files = [Path(f) for f in files] if files else None
+        self.format, self.loss_mask, self.truncation, self.on_error = format, loss_mask, truncation, on_error
+        self.template = ChatTemplate.get(template)
+        self.packing = check_packing(packing, ("none", "documents"))
+        self.val_conversations: list[list[dict]] = []
+
+    def _conversations(self) -> tuple[list[list[dict]], list[LoadReport]]:
+        if not self.files:
+            return [c["messages"] for c in synthetic.sft_conversations(seed=self.seed)], []
+        conversations, reports = [], []
+        for file in self.files:
+            records, report = read_chat(file, format=self.format, on_error=self.on_error)
+            conversations += records
+            reports.append(report)
+        return conversations, reports
+
+    def encode(self, messages: list[dict]) -> dict | None:
+        """One conversation -> a truncated example, or None (with the reason counted)."""
+        try:
+            example = self.template.encode(messages, self.tokenizer, loss_mask=self.loss_mask)
+        except ValueError:
+            if self.on_error == "raise":
+                raise
+            self.skipped["no_targets"] += 1
+            return None
+        fitted = truncate(example, self.seq_len, self.truncation)
+        if fitted is None:
+            self.skipped["too_long_dropped" if self.truncation == "drop" else "reply_truncated_away"] += 1
+        elif fitted is not example:
+            self.truncated += 1  # cut but still trained: reported, not a skip
+        return fitted
+
+    def _build(self) -> None:
+        conversations, reports = self._conversations()
+        self.truncated = 0
+        pairs = []
+        for messages in track(conversations, description="encoding", disable=len(conversations) < 5000):
+            example = self.encode(messages)
+            if example is not None:
+                pairs.append((messages, example))
+        self._report("sft data", len(pairs), reports)
+        train, val = self._split(pairs)
+        self.val_conversations = [m for m, _ in val]
+        self.train_set = self._rows([e for _, e in train], "train")
+        self.val_set = self._rows([e for _, e in val], "validation") if val else None
+
+    def _rows(self, examples: list[dict], name: str) -> Dataset:
+        if self.packing == "none":
+            return _ListDataset(examples)
+        lengths = [len(e["input_ids"]) for e in examples]
+        bins = best_fit_decreasing(lengths, self.seq_len)
+        rows = [pack_examples(examples, b, self.seq_len, self.tokenizer.pad_id) for b in bins]
+        rank_zero_info(
+            f"sft {name}: {len(examples)} examples packed into {len(rows)} rows of {self.seq_len}, "
+            f"{fill_ratio(bins, lengths, self.seq_len):.1%} real tokens"
+            + (f" ({self.truncated} truncated)" if name == "train" and self.truncated else "")
+        )
+        self.fill_ratio = fill_ratio(bins, lengths, self.seq_len) if name == "train" else getattr(self, "fill_ratio", 0.0)
+        return _ListDataset(rows)
+
+    def _collate(self, items: list) -> dict[str, torch.Tensor]:
+        if self.packing == "none":
+            return pad_examples(items, self.tokenizer.pad_id)
+        return stack_rows(items)
+
+    def _count(self, batch: dict) -> tuple[int, int]:
+        from llmstages.losses import count_sequences
+
+        return _targets(batch["labels"]), count_sequences(batch["labels"], batch.get("document_ids"))
+
+    def generation_prompts(self, n: int) -> list[tuple[list[int], str]]:
+        """(prompt ids ending in the assistant header, expected reply) from validation conversations."""
+        self.setup("validate")
+        out = []
+        for messages in self.val_conversations[:n]:
+            if messages[-1]["role"] == "assistant":
+                out.append((self.template.encode_prompt(messages[:-1], self.tokenizer), messages[-1]["content"]))
+        return out
+
+    @property
+    def stop_token_id(self) -> int:
+        return self.template.stop_token_id(self.tokenizer)
+
+
+class PreferenceData(StageData):
+    """Prompt + chosen/rejected replies -> two masked sequences sharing the prompt's tokens.
+
+    Batches: `chosen_{input_ids,labels,position_ids}`, `rejected_{...}` (both
+    right-padded to one length so a stage can run them in one forward pass)
+    and `index` (the pair's position in its split, for precomputed reference
+    log-probabilities).
+    """
+
+    def __init__(
+        self,
+        files: list[str] | None = None,
+        template: str = "chatml",
+        truncation: str = "right",
+        on_error: str = "raise",
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.files = [Path(f) for f in files] if files else None
+        self.truncation, self.on_error = truncation, on_error
+        self.template = ChatTemplate.get(template)
+
+    def _pairs(self) -> tuple[list[dict], list[LoadReport]]:
+        if not self.files:
+            return synthetic.preference_pairs(seed=self.seed), []
+        pairs, reports = [], []
+        for file in self.files:
+            records, report = read_preference(file, on_error=self.on_error)
+            pairs += records
+            reports.append(report)
+        return pairs, reports
+
+    def encode(self, pair: dict) -> dict | None:
+        prompt = self.template.encode_prompt(pair["prompt"], self.tokenizer)
+        sides = {}
+        for side in ("chosen", "rejected"):
+            replies = pair[side]
+            if len(replies) != 1 or replies[0]["role"] != "assistant":
+                raise ValueError(f"a preference {side} must be exactly one assistant message, got {len(replies)}")
+            reply = self.template.encode_reply(replies[0]["content"], self.tokenizer)
+            example = {"input_ids": prompt + reply["input_ids"], "labels": [IGNORE_INDEX] * len(prompt) + reply["labels"]}
+            fitted = truncate(example, self.seq_len, self.truncation)
+            if fitted is None:
+                self.skipped["too_long_dropped" if self.truncation == "drop" else "reply_truncated_away"] += 1
+                return None
+            sides[side] = fitted
+        return sides
+
+    def _build(self) -> None:
+        pairs, reports = self._pairs()
+        encoded = [e for e in (self.encode(p) for p in track(pairs, description="encoding", disable=len(pairs) < 5000)) if e]
+        self._report("preference data", len(encoded), reports)
+        train, val = self._split(encoded)
+        self.train_set = _ListDataset([{**e, "index": i} for i, e in enumerate(train)])
+        self.val_set = _ListDataset([{**e, "index": i} for i, e in enumerate(val)]) if val else None
+
+    def _collate(self, items: list) -> dict[str, torch.Tensor]:
+        length = max(len(item[side]["input_ids"]) for item in items for side in ("chosen", "rejected"))
+        batch = {"index": torch.tensor([item["index"] for item in items])}
+        for side in ("chosen", "rejected"):
+            batch.update(pad_examples([item[side] for item in items], self.tokenizer.pad_id, length, prefix=f"{side}_"))
+        return batch
+
+    def _count(self, batch: dict) -> tuple[int, int]:
+        # tokens of the chosen replies (what an SFT term trains on); sequences = pairs
+        return _targets(batch["chosen_labels"]), int(batch["chosen_labels"].shape[0])
