@@ -1,0 +1,176 @@
+"""StageModule: what the four stages share.
+
+Design choices:
+- The backbone is built from a `ModelConfig` (data, never an `nn.Module`
+  hyper-parameter: Lightning #19906), so every checkpoint rebuilds itself
+  from its saved hyper-parameters.
+- `init_from` (a `.ckpt` of any llmstages stage, or a Hugging Face folder) is
+  loaded in `setup`, before sharding and before a `--ckpt_path` resume, so a
+  resumed run continues from its own checkpoint, not from `init_from`.
+- `configure_model` applies FSDP2 `fully_shard` per block and on the root
+  when the strategy hands us a device mesh (`ModelParallelStrategy`); DDP and
+  single-device runs leave the model alone.
+- AdamW without weight decay on norms, biases and embeddings; linear warm-up
+  then cosine decay to `min_lr_ratio * lr` over the trainer's stepping batches.
+- Loss normalisation: `normalization()` turns the data's per-step counts
+  (summed across ranks here) and the trainer's accumulation and world size
+  into the arguments `llmstages.losses.reduce_token_loss` expects.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from llmstages.losses import NORMALIZE_MODES, token_logps
+from llmstages.model.config import ModelConfig
+from llmstages.model.transformer import Transformer
+
+
+def load_backbone_weights(model: Transformer, source: str | Path) -> None:
+    """Copy weights into `model` from an llmstages checkpoint or a Hugging Face folder."""
+    source = Path(source)
+    if source.is_dir():
+        from llmstages.model.hf import from_hf
+
+        state = from_hf(source).state_dict()
+    elif source.suffix == ".ckpt":
+        checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+        prefix = "backbone."
+        state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    else:
+        raise FileNotFoundError(f"init_from: {source} is neither a Hugging Face folder nor a .ckpt file")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"init_from {source}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(
+                f"init_from {source}: {name} has shape {tuple(tensor.shape)}, this model expects "
+                f"{tuple(expected[name].shape)} (model config or vocab size differs)"
+            )
+    model.load_state_dict(state)
+
+
+class StageModule(L.LightningModule):
+    def __init__(
+        self,
+        model: ModelConfig | None = None,
+        preset: str = "tiny",
+        vocab_size: int | None = None,
+        init_from: str | None = None,
+        lr: float = 3e-4,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 20,
+        min_lr_ratio: float = 0.1,
+        normalize: str = "token",
+        chunk_size: int = 1024,
+    ) -> None:
+        """
+        Args:
+            model: the backbone's shape; None uses `preset`.
+            preset: a named `ModelConfig` preset (tiny, demo, small, 124m, qwen2-0.5b, 1b).
+            vocab_size: overrides the config's; the CLI links it to the data's tokenizer.
+            init_from: an llmstages `.ckpt` or a Hugging Face model folder to start from.
+            normalize: how token losses are normalised: token (default), micro_batch, sequence, sum.
+            chunk_size: positions per chunk when scoring targets (bounds the logits' memory).
+        """
+        super().__init__()
+        if normalize not in NORMALIZE_MODES:
+            raise ValueError(f"unknown normalize {normalize!r}; choose one of: {', '.join(NORMALIZE_MODES)}")
+        self.save_hyperparameters()
+        config = model if model is not None else ModelConfig.from_name(preset)
+        if vocab_size is not None and vocab_size != config.vocab_size:
+            config = ModelConfig.from_dict({**config.to_dict(), "vocab_size": vocab_size})
+        self.config = config
+        self.backbone = Transformer(config)
+        self._initialised = init_from is None
+
+    # ----------------------------------------------------------------- set-up
+
+    def setup(self, stage: str) -> None:
+        if not self._initialised:
+            load_backbone_weights(self.backbone, self.hparams.init_from)
+            self._initialised = True
+
+    def configure_model(self) -> None:
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is None or getattr(self, "_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        for block in self.backbone.blocks:
+            fully_shard(block, mesh=dp_mesh)
+        fully_shard(self.backbone, mesh=dp_mesh)
+        self._sharded = True
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim < 2 or "embed" in name or "norm" in name else decay).append(param)
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer is not None else 1
+        warmup = min(hp.warmup_steps, total // 2)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------- helpers for the stages
+
+    def token_logps(
+        self, input_ids: Tensor, labels: Tensor, position_ids: Tensor | None = None,
+        document_ids: Tensor | None = None, return_correct: bool = False, model: Transformer | None = None,
+    ):
+        """Per-position log-probabilities of the (shifted) targets, chunked through the output layer."""
+        model = self.backbone if model is None else model
+        head = lambda hidden, weight: token_logps(  # noqa: E731
+            hidden, weight, labels, chunk_size=self.hparams.chunk_size, return_correct=return_correct
+        )
+        return model(input_ids, position_ids=position_ids, document_ids=document_ids, head=head)
+
+    def step_counts(self, batch: dict, local_tokens: int, local_sequences: int) -> tuple[Tensor, Tensor]:
+        """The optimiser step's target-token and sequence counts, summed over ranks.
+
+        Training batches carry their step's local counts (see
+        `llmstages.data.loader`); a batch without them (validation, a hand-made
+        batch) is its own step.
+        """
+        tokens = batch.get("num_step_tokens", torch.tensor(local_tokens))
+        sequences = batch.get("num_step_sequences", torch.tensor(local_sequences))
+        counts = torch.stack([torch.as_tensor(tokens), torch.as_tensor(sequences)]).to(self.device, torch.float64)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        return counts[0], counts[1]
+
+    @property
+    def grad_scale(self) -> float:
+        """Undoes Lightning's division by accumulate_grad_batches and DDP/FSDP's mean over ranks."""
+        if self.trainer is None or not self.training:
+            return 1.0
+        return float(self.trainer.accumulate_grad_batches * self.trainer.world_size)
+
+    def log_scalars(self, values: dict[str, Tensor | float], **kwargs) -> None:
+        kwargs.setdefault("sync_dist", False)
+        for name, value in values.items():
+            self.log(name, value, **kwargs)

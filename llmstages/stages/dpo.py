@@ -1,0 +1,177 @@
+"""DPOModule: a policy trained against a frozen reference on preference pairs.
+
+Design choices:
+- The reference is a copy of the policy's initial weights (after
+  `init_from`), in eval mode, without gradients, outside the optimiser and
+  outside checkpoints (it is rebuilt from `init_from` on load). It is held
+  as a plain attribute, not a submodule, so DDP/FSDP never wrap it.
+- `reference: precompute` scores every training and validation pair with the
+  reference once before training, keeps two numbers per pair and frees the
+  reference model.
+- Chosen and rejected run in one concatenated forward pass.
+- `logp_reduction` defaults to `sum`; `ipo` and `simpo` default to `mean`,
+  as their papers prescribe. The loss is averaged over the optimiser step's
+  pairs (all micro-batches, all ranks); the optional SFT term (`sft_weight`,
+  RPO) is the chosen replies' token NLL with `normalize: token`.
+- Logged names follow TRL: rewards/chosen, rewards/rejected,
+  rewards/accuracies, rewards/margins, logps/chosen, logps/rejected.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from rich.progress import track
+
+from llmstages.losses import DPO_LOSS_TYPES, LOGP_REDUCTIONS, dpo_loss, reduce_token_loss, sequence_logps, target_mask
+from llmstages.metrics import WeightedMeans
+from llmstages.stages.base import StageModule
+
+_SIDES = ("chosen", "rejected")
+_KEYS = ("input_ids", "labels", "position_ids")
+
+
+class DPOModule(StageModule):
+    def __init__(
+        self,
+        loss_type: str = "sigmoid",
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        gamma: float = 0.0,
+        length_alpha: float = 0.0,
+        sft_weight: float = 0.0,
+        logp_reduction: str | None = None,
+        reference: str = "live",
+        **kwargs,
+    ) -> None:
+        """
+        Args:
+            loss_type: sigmoid (DPO), ipo, hinge, robust (rDPO label smoothing), simpo (reference-free).
+            beta: inverse temperature of the implicit reward.
+            label_smoothing: assumed label-noise rate (sigmoid: cDPO; robust: rDPO).
+            gamma: SimPO's target reward margin.
+            length_alpha: R-DPO length regulariser on |chosen| - |rejected| reply tokens.
+            sft_weight: weight of an NLL term on the chosen replies (RPO); 0 disables it.
+            logp_reduction: sum, mean or legacy_mean_padded; None: sum (mean for ipo and simpo).
+            reference: live (a frozen copy runs each step) or precompute (one pass before training).
+        """
+        super().__init__(**kwargs)
+        if loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {loss_type!r}; choose one of: {', '.join(DPO_LOSS_TYPES)}")
+        if reference not in ("live", "precompute"):
+            raise ValueError(f"unknown reference {reference!r}; choose live or precompute")
+        if logp_reduction is None:
+            logp_reduction = "mean" if loss_type in ("ipo", "simpo") else "sum"
+        if logp_reduction not in LOGP_REDUCTIONS:
+            raise ValueError(f"unknown logp_reduction {logp_reduction!r}; choose one of: {', '.join(LOGP_REDUCTIONS)}")
+        self.logp_reduction = logp_reduction
+        self.reference_free = loss_type == "simpo"
+        self._reference = None
+        self._ref_tables: dict[str, torch.Tensor] = {}
+        names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"]
+        self.val_means = WeightedMeans(*(f"val/{n}" for n in names))
+
+    # ----------------------------------------------------------------- reference
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)  # init_from first: the reference copies the initial policy
+        if not self.reference_free and self._reference is None and not self._ref_tables:
+            self._reference = copy.deepcopy(self.backbone).eval().requires_grad_(False)
+
+    def on_fit_start(self) -> None:
+        self._move_reference()
+        if self.hparams.reference == "precompute" and self._reference is not None:
+            self.precompute_reference(self.trainer.datamodule)
+
+    def on_validation_start(self) -> None:
+        self._move_reference()
+
+    def _move_reference(self) -> None:
+        if self._reference is not None:
+            self._reference.to(self.device)
+
+    @torch.no_grad()
+    def precompute_reference(self, data) -> None:
+        """Score every train/validation pair with the reference once, then free the reference."""
+        for split, dataset in (("train", data.train_set), ("val", data.val_set)):
+            if not dataset:
+                continue
+            chosen = torch.zeros(len(dataset), dtype=torch.float64)
+            rejected = torch.zeros(len(dataset), dtype=torch.float64)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=data.batch_size, collate_fn=data._collate)
+            for batch in track(loader, description=f"reference log-probs ({split})", disable=len(loader) < 50):
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                c, r = self.sequence_logps(batch, self._reference)
+                chosen[batch["index"].cpu()] = c.double().cpu()
+                rejected[batch["index"].cpu()] = r.double().cpu()
+            self._ref_tables[f"{split}_chosen"], self._ref_tables[f"{split}_rejected"] = chosen, rejected
+        self._reference = None
+        rank_zero_info("reference log-probs precomputed; reference model freed")
+
+    # ----------------------------------------------------------------- loss
+
+    def sequence_logps(self, batch: dict, model=None) -> tuple[torch.Tensor, torch.Tensor]:
+        both = {k: torch.cat([batch[f"{side}_{k}"] for side in _SIDES]) for k in _KEYS}
+        logps = self.token_logps(both["input_ids"], both["labels"], both["position_ids"], model=model)
+        seq = sequence_logps(logps, both["labels"], self.logp_reduction)
+        self._last_token_logps = logps
+        return seq.chunk(2)
+
+    def _reference_logps(self, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.reference_free:
+            return None, None
+        if self._ref_tables:
+            split = "train" if self.training else "val"
+            index = batch["index"].cpu()
+            return (
+                self._ref_tables[f"{split}_chosen"][index].to(self.device, torch.float32),
+                self._ref_tables[f"{split}_rejected"][index].to(self.device, torch.float32),
+            )
+        with torch.no_grad():
+            return self.sequence_logps(batch, self._reference)
+
+    def _loss(self, batch: dict):
+        ref_c, ref_r = self._reference_logps(batch)
+        pol_c, pol_r = self.sequence_logps(batch)
+        token_logps = self._last_token_logps
+        hp = self.hparams
+        lengths = {side: target_mask(batch[f"{side}_labels"]).sum(1) for side in _SIDES}
+        losses, rew_c, rew_r = dpo_loss(
+            pol_c, pol_r, ref_c, ref_r,
+            loss_type=hp.loss_type, beta=hp.beta, label_smoothing=hp.label_smoothing, gamma=hp.gamma,
+            length_alpha=hp.length_alpha, chosen_lengths=lengths["chosen"], rejected_lengths=lengths["rejected"],
+        )
+        step_tokens, step_pairs = self.step_counts(batch, int(lengths["chosen"].sum()), len(losses))
+        loss = losses.sum() * self.grad_scale / step_pairs
+        if hp.sft_weight > 0:
+            chosen_nll = -token_logps[: len(losses)]
+            loss = loss + hp.sft_weight * reduce_token_loss(
+                chosen_nll, batch["chosen_labels"], normalize="token",
+                num_step_tokens=step_tokens, grad_scale=self.grad_scale,
+            )
+        stats = {
+            "loss": losses.mean().detach(),
+            "rewards/chosen": rew_c.mean(),
+            "rewards/rejected": rew_r.mean(),
+            "rewards/accuracies": (rew_c > rew_r).float().mean(),
+            "rewards/margins": (rew_c - rew_r).mean(),
+            "logps/chosen": pol_c.detach().mean(),
+            "logps/rejected": pol_r.detach().mean(),
+        }
+        return loss, stats, len(losses)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, stats, _ = self._loss(batch)
+        self.log_scalars({f"train/{k}": v for k, v in stats.items()}, prog_bar=False)
+        self.log("train/accuracy", stats["rewards/accuracies"], prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        _, stats, n = self._loss(batch)
+        for name, value in stats.items():
+            self.val_means.update(f"val/{name}", value, n)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_scalars(self.val_means.compute_and_reset())
