@@ -1,0 +1,299 @@
+"""Chat templates: messages -> token ids + unshifted labels, built segment by segment.
+
+Design choices:
+
+- No Jinja. A template is data: an optional conversation prefix, a header per
+  role, the end-of-turn marker and the separator after each message. Each
+  segment (header, content, end-of-turn token, separator) is tokenised on its
+  own, so the prompt/reply boundary is exact in token space and the mask is
+  built from the segments themselves, never from a side channel (TRL #4879,
+  #6105). Content is encoded with `Tokenizer.encode`, so a marker string
+  written inside a message stays text; markers are emitted only here, looked
+  up with `token_to_id` (a missing one is an error naming it).
+- Labels are unshifted (`labels[i] = input_ids[i]` or `IGNORE_INDEX`); the
+  single shift lives in `llmstages.losses`.
+- Loss-mask variants are named (`LOSS_MASKS`); `assistant` is the default and
+  the correct one: every reply's content plus its end-of-turn token, nothing
+  before or after. The legacy variants reproduce published bugs on purpose.
+- Templates: `chatml` (default), `llama3` (no newline after `<|eot_id|>`, so
+  `legacy_minimind` labels exactly what `assistant` does there), and `plain`
+  (no markers: "User: ...\\n\\n", "Assistant: ...<eos>\\n\\n", "System: ...\\n\\n";
+  the end-of-turn token is the tokenizer's EOS, after assistant replies only).
+- An example with no labelled token raises `ValueError("no target tokens")`,
+  and so does an empty assistant reply whose end-of-turn token the chosen
+  mask leaves unlabelled: a mask can never be silently all zeros.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from llmstages.data.tokenizer import (
+    BEGIN_OF_TEXT,
+    END_HEADER,
+    EOS_TOKEN,
+    EOT_ID,
+    IM_END,
+    IM_START,
+    START_HEADER,
+    Tokenizer,
+)
+
+IGNORE_INDEX = -100
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+LOSS_MASKS: tuple[str, ...] = (
+    "assistant",
+    "last_assistant",
+    "all",
+    "assistant_no_eos",
+    "legacy_drop_first",
+    "legacy_minimind",
+)
+DEFAULT_TEMPLATE = "chatml"
+
+Message = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Special:
+    """A marker emitted as its single special id."""
+
+    token: str
+
+
+Piece = str | Special
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """One named chat layout. Get the built-in ones with `ChatTemplate.get(name)`.
+
+    `eot` is the end-of-turn marker (None: the tokenizer's EOS); it follows the
+    messages of the roles in `eot_roles`, and `separator` follows every message.
+    """
+
+    name: str
+    headers: tuple[tuple[str, tuple[Piece, ...]], ...]
+    eot: str | None
+    eot_roles: frozenset[str]
+    separator: str
+    prefix: tuple[Piece, ...] = ()
+    description: str = ""
+
+    _registry: ClassVar[dict[str, ChatTemplate]] = {}
+
+    # ----------------------------------------------------------- registry
+    @classmethod
+    def register(cls, template: ChatTemplate) -> ChatTemplate:
+        cls._registry[template.name] = template
+        return template
+
+    @classmethod
+    def get(cls, name: str) -> ChatTemplate:
+        try:
+            return cls._registry[name]
+        except KeyError:
+            raise ValueError(
+                f"unknown chat template {name!r}; available: {', '.join(cls.names())}"
+            ) from None
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return sorted(cls._registry)
+
+    # ----------------------------------------------------------- pieces
+    def _header(self, role: str) -> tuple[Piece, ...]:
+        return dict(self.headers)[role]
+
+    def _special_id(self, token: str, tokenizer: Tokenizer) -> int:
+        i = tokenizer.token_to_id(token)
+        if i is None:
+            raise ValueError(
+                f"chat template {self.name!r} needs the special token {token!r}, "
+                "which this tokenizer lacks"
+            )
+        return i
+
+    def _ids(self, pieces: Sequence[Piece], tokenizer: Tokenizer) -> list[int]:
+        out: list[int] = []
+        for p in pieces:
+            if isinstance(p, Special):
+                out.append(self._special_id(p.token, tokenizer))
+            elif p:
+                out.extend(tokenizer.encode(p))
+        return out
+
+    def stop_token_id(self, tokenizer: Tokenizer) -> int:
+        """The end-of-turn id that generation stops on."""
+        return tokenizer.eos_id if self.eot is None else self._special_id(self.eot, tokenizer)
+
+    # ----------------------------------------------------------- encoding
+    def _message(
+        self,
+        role: str,
+        content: str,
+        tokenizer: Tokenizer,
+        loss_mask: str,
+        trained: bool,
+        with_header: bool,
+    ) -> tuple[list[int], list[int]]:
+        """ids and labels of one message; `trained` marks a reply the mask trains on."""
+        header = self._ids(self._header(role), tokenizer) if with_header else []
+        body = tokenizer.encode(content)
+        eot = [self.stop_token_id(tokenizer)] if role in self.eot_roles else []
+        sep = tokenizer.encode(self.separator) if self.separator else []
+        ids = header + body + eot + sep
+
+        if loss_mask == "all":
+            return ids, list(ids)
+        ignore = [IGNORE_INDEX]
+        if not trained:
+            return ids, ignore * len(ids)
+        if loss_mask == "assistant_no_eos":
+            target = body + ignore * len(eot)
+        else:
+            target = body + eot
+            if loss_mask == "legacy_drop_first" and target:
+                target = ignore + target[1:]
+        tail = sep if loss_mask == "legacy_minimind" else ignore * len(sep)
+        labels = ignore * len(header) + target + tail
+        if not content and all(t == IGNORE_INDEX for t in target):
+            raise ValueError(
+                f"empty assistant reply has no target tokens under loss_mask={loss_mask!r} "
+                "(an empty reply is trainable only through its end-of-turn token)"
+            )
+        return ids, labels
+
+    def encode(
+        self, messages: Sequence[Message], tokenizer: Tokenizer, loss_mask: str = "assistant"
+    ) -> dict[str, list[int]]:
+        """`{"input_ids", "labels"}` of a whole conversation (labels unshifted)."""
+        _check_loss_mask(loss_mask)
+        msgs = _validate(messages)
+        last = max((i for i, (r, _) in enumerate(msgs) if r == "assistant"), default=-1)
+        ids = self._ids(self.prefix, tokenizer)
+        labels = list(ids) if loss_mask == "all" else [IGNORE_INDEX] * len(ids)
+        for i, (role, content) in enumerate(msgs):
+            trained = role == "assistant" and (loss_mask != "last_assistant" or i == last)
+            try:
+                m_ids, m_labels = self._message(role, content, tokenizer, loss_mask, trained, True)
+            except ValueError as e:
+                raise ValueError(f"message {i}: {e}") from None
+            ids += m_ids
+            labels += m_labels
+        _require_targets(labels, loss_mask)
+        return {"input_ids": ids, "labels": labels}
+
+    def encode_prompt(self, messages: Sequence[Message], tokenizer: Tokenizer) -> list[int]:
+        """The conversation so far followed by the assistant header (generation prompt)."""
+        msgs = _validate(messages)
+        ids = self._ids(self.prefix, tokenizer)
+        for role, content in msgs:
+            ids += self._message(role, content, tokenizer, "assistant", False, True)[0]
+        return ids + self._ids(self._header("assistant"), tokenizer)
+
+    def encode_reply(
+        self, content: str, tokenizer: Tokenizer, loss_mask: str = "assistant"
+    ) -> dict[str, list[int]]:
+        """One assistant reply after `encode_prompt`: content, end-of-turn, separator.
+
+        `encode_prompt(msgs[:-1]) + encode_reply(msgs[-1]["content"])` equals
+        `encode(msgs)` when the last message is the assistant's.
+        """
+        _check_loss_mask(loss_mask)
+        if not isinstance(content, str):
+            raise ValueError(f"reply content must be a str, got {type(content).__name__}")
+        ids, labels = self._message("assistant", content, tokenizer, loss_mask, True, False)
+        _require_targets(labels, loss_mask)
+        return {"input_ids": ids, "labels": labels}
+
+    def render(
+        self,
+        messages: Sequence[Message],
+        *,
+        add_generation_prompt: bool = False,
+        eos_token: str = EOS_TOKEN,
+    ) -> str:
+        """The conversation as text (for previews); tokenising it whole may differ from `encode`.
+
+        `eos_token` is the text shown for the tokenizer's EOS (`plain` template).
+        """
+        msgs = _validate(messages)
+
+        def text(pieces: Sequence[Piece]) -> str:
+            return "".join(p.token if isinstance(p, Special) else p for p in pieces)
+
+        eot = eos_token if self.eot is None else self.eot
+        out = [text(self.prefix)]
+        for role, content in msgs:
+            out += [text(self._header(role)), content]
+            out += [eot if role in self.eot_roles else "", self.separator]
+        if add_generation_prompt:
+            out.append(text(self._header("assistant")))
+        return "".join(out)
+
+
+def _check_loss_mask(loss_mask: str) -> None:
+    if loss_mask not in LOSS_MASKS:
+        raise ValueError(f"unknown loss_mask {loss_mask!r}; available: {', '.join(LOSS_MASKS)}")
+
+
+def _validate(messages: Sequence[Message]) -> list[tuple[str, str]]:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
+    out: list[tuple[str, str]] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+            raise ValueError(f"message {i}: expected a dict with 'role' and 'content', got {m!r:.80}")
+        role, content = m["role"], m["content"]
+        if role not in ROLES:
+            raise ValueError(f"message {i}: unknown role {role!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise ValueError(f"message {i}: content must be a str, got {type(content).__name__}")
+        out.append((role, content))
+    return out
+
+
+def _require_targets(labels: Sequence[int], loss_mask: str) -> None:
+    if all(t == IGNORE_INDEX for t in labels):
+        raise ValueError(
+            f"no target tokens: every label is {IGNORE_INDEX} under loss_mask={loss_mask!r} "
+            "(no assistant reply to train on?)"
+        )
+
+
+ALL_ROLES = frozenset(ROLES)
+
+ChatTemplate.register(
+    ChatTemplate(
+        name="chatml",
+        headers=tuple((r, (Special(IM_START), f"{r}\n")) for r in ROLES),
+        eot=IM_END,
+        eot_roles=ALL_ROLES,
+        separator="\n",
+        description="<|im_start|>{role}\\n{content}<|im_end|>\\n",
+    )
+)
+ChatTemplate.register(
+    ChatTemplate(
+        name="llama3",
+        prefix=(Special(BEGIN_OF_TEXT),),
+        headers=tuple((r, (Special(START_HEADER), r, Special(END_HEADER), "\n\n")) for r in ROLES),
+        eot=EOT_ID,
+        eot_roles=ALL_ROLES,
+        separator="",
+        description="<|begin_of_text|> then <|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>",
+    )
+)
+ChatTemplate.register(
+    ChatTemplate(
+        name="plain",
+        headers=(("system", ("System: ",)), ("user", ("User: ",)), ("assistant", ("Assistant: ",))),
+        eot=None,
+        eot_roles=frozenset({"assistant"}),
+        separator="\n\n",
+        description="User: {content}\\n\\nAssistant: {content}<eos>\\n\\n",
+    )
+)
