@@ -235,7 +235,9 @@ class PretrainData(StageData):
         if self.files:
             key = _file_digest(self.files, f"{self.text_mode}|{tok_json}")
         else:
-            key = hashlib.sha256(f"embedded|{synthetic.__name__}|{tok_json}".encode()).hexdigest()[:16]
+            # keyed on the generated text itself: a new seed or generator version is a new cache
+            docs = synthetic.pretrain_corpus(seed=self.seed)
+            key = hashlib.sha256("\n".join(["embedded", tok_json, *docs]).encode()).hexdigest()[:16]
         path = self.cache_dir / f"tokens-{key}.bin"
         if path.exists():
             return path
@@ -246,8 +248,6 @@ class PretrainData(StageData):
                 docs += texts
                 reports.append(report)
             self._report("pretrain data", len(docs), reports)
-        else:
-            docs = synthetic.pretrain_corpus(seed=self.seed)
         dtype = np.uint16 if self.tokenizer.vocab_size < 2**16 else np.uint32
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -319,10 +319,10 @@ class SFTData(StageData):
         """One conversation -> a truncated example, or None (with the reason counted)."""
         try:
             example = self.template.encode(messages, self.tokenizer, loss_mask=self.loss_mask)
-        except ValueError:
+        except ValueError as error:
             if self.on_error == "raise":
                 raise
-            self.skipped["no_targets"] += 1
+            self.skipped["no_targets" if "no target tokens" in str(error) else "template_error"] += 1
             return None
         fitted = truncate(example, self.seq_len, self.truncation)
         if fitted is None:

@@ -61,7 +61,7 @@ def load_backbone_weights(model: Transformer, source: str | Path) -> None:
 class StageModule(L.LightningModule):
     def __init__(
         self,
-        model: ModelConfig | None = None,
+        model: ModelConfig | dict | None = None,
         preset: str = "tiny",
         vocab_size: int | None = None,
         init_from: str | None = None,
@@ -75,7 +75,7 @@ class StageModule(L.LightningModule):
     ) -> None:
         """
         Args:
-            model: the backbone's shape; None uses `preset`.
+            model: the backbone's shape (or its dict, as a checkpoint saves it); None uses `preset`.
             preset: a named `ModelConfig` preset (tiny, demo, small, 124m, qwen2-0.5b, 1b).
             vocab_size: overrides the config's; the CLI links it to the data's tokenizer.
             init_from: an llmstages `.ckpt` or a Hugging Face model folder to start from.
@@ -86,6 +86,11 @@ class StageModule(L.LightningModule):
         if normalize not in NORMALIZE_MODES:
             raise ValueError(f"unknown normalize {normalize!r}; choose one of: {', '.join(NORMALIZE_MODES)}")
         self.save_hyperparameters()
+        if isinstance(model, dict):
+            model = ModelConfig.from_dict(model)
+        if model is not None:
+            # plain data in the checkpoint: load_from_checkpoint's torch.load(weights_only=True) accepts it
+            self.hparams["model"] = model.to_dict()
         config = model if model is not None else ModelConfig.from_name(preset)
         if vocab_size is not None and vocab_size != config.vocab_size:
             config = ModelConfig.from_dict({**config.to_dict(), "vocab_size": vocab_size})
@@ -124,7 +129,7 @@ class StageModule(L.LightningModule):
             lr=hp.lr,
             betas=tuple(hp.betas),
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer is not None else 1
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
         warmup = min(hp.warmup_steps, total // 2)
 
         def schedule(step: int) -> float:
@@ -159,14 +164,14 @@ class StageModule(L.LightningModule):
         tokens = batch.get("num_step_tokens", torch.tensor(local_tokens))
         sequences = batch.get("num_step_sequences", torch.tensor(local_sequences))
         counts = torch.stack([torch.as_tensor(tokens), torch.as_tensor(sequences)]).to(self.device, torch.float64)
-        if self.trainer is not None and self.trainer.world_size > 1:
+        if self._trainer is not None and self._trainer.world_size > 1:
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
         return counts[0], counts[1]
 
     @property
     def grad_scale(self) -> float:
         """Undoes Lightning's division by accumulate_grad_batches and DDP/FSDP's mean over ranks."""
-        if self.trainer is None or not self.training:
+        if self._trainer is None or not self.training:
             return 1.0
         return float(self.trainer.accumulate_grad_batches * self.trainer.world_size)
 

@@ -1,0 +1,73 @@
+"""`llmstages masks`: see exactly which tokens carry a loss.
+
+Rows come from the configured data module's own batches (the same encode,
+truncation and packing path as training), so what you see is what trains.
+Labelled tokens are shown on green, document boundaries in packed rows as
+`│`, padding is left out. `--html` writes the same view as a page (rich's
+recorded console export).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from jsonargparse import ArgumentParser
+from rich.console import Console
+from rich.text import Text
+
+from llmstages.data.modules import StageData
+
+LABELLED = "black on green"
+PROMPT = "dim"
+
+
+def load_data_module(config_path: str | Path) -> StageData:
+    config = yaml.safe_load(Path(config_path).read_text())
+    if not isinstance(config, dict) or "data" not in config:
+        raise ValueError(f"{config_path}: no `data:` section")
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(StageData, "data")
+    namespace = parser.parse_object({"data": config["data"]})
+    return parser.instantiate_classes(namespace).data
+
+
+def render_row(tokenizer, input_ids, labels, document_ids=None) -> Text:
+    text = Text()
+    previous_doc = None
+    for t, (token, label) in enumerate(zip(input_ids, labels)):
+        doc = None if document_ids is None else int(document_ids[t])
+        if doc == -1:
+            break  # padding
+        if previous_doc is not None and doc != previous_doc:
+            text.append(" │ ", style="bold magenta")
+        previous_doc = doc
+        piece = tokenizer.decode([int(token)])
+        text.append(piece, style=LABELLED if int(label) != -100 else PROMPT)
+    return text
+
+
+def show_masks(config: str | Path, n: int = 3, split: str = "train", html: str | None = None) -> None:
+    data = load_data_module(config)
+    data.setup("fit")
+    dataset = data.train_set if split == "train" else data.val_set
+    console = Console(record=html is not None)
+    console.print(f"[bold]{config}[/] ({split}): [black on green]labelled[/] / [dim]not labelled[/]")
+    shown = 0
+    for i in range(len(dataset)):
+        if shown >= n:
+            break
+        item = dataset[i]
+        batch = data._collate([item])
+        sides = [k[: -len("input_ids")] for k in batch if k.endswith("input_ids")]
+        for prefix in sides:
+            ids, labels = batch[f"{prefix}input_ids"][0], batch[f"{prefix}labels"][0]
+            docs = batch.get(f"{prefix}document_ids")
+            labelled = int((labels != -100).sum())
+            console.rule(f"row {i}{' ' + prefix.rstrip('_') if prefix else ''}: {labelled} labelled of {len(ids)} tokens")
+            console.print(render_row(data.tokenizer, ids.tolist(), labels.tolist(), None if docs is None else docs[0].tolist()))
+        shown += 1
+    if html:
+        Path(html).parent.mkdir(parents=True, exist_ok=True)
+        console.save_html(html)
+        console.print(f"wrote {html}")
