@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -50,21 +51,44 @@ def answer_quality(model, data, n: int = 64, seed: int = 12345) -> dict[str, flo
 
 
 def run_stage(name: str, config: Path, out: Path, init_from: Path | None, steps: int, extra: list[str]):
+    """`llmstages fit --config <stage>.yaml --config <out>/<stage>/demo.yaml`: the second file
+    (written here, kept for you to read) points logs and checkpoints into `out`."""
+    import yaml
+
     from llmstages.cli import lightning_cli
 
     root = out / name
-    args = [
-        "fit", "--config", str(config),
-        "--trainer.max_steps", str(steps),
-        "--trainer.val_check_interval", str(max(1, steps // 2)),
-        "--trainer.default_root_dir", str(root),
-        "--trainer.logger.init_args.save_dir", str(root),
-        "--trainer.callbacks.init_args.dirpath", str(root / "checkpoints"),
-        "--data.init_args.cache_dir", str(out / "cache"),
-    ]
+    root.mkdir(parents=True, exist_ok=True)
+    base = yaml.safe_load(config.read_text())
+    callbacks = base["trainer"]["callbacks"]
+    for callback in callbacks:
+        if callback["class_path"].endswith("ModelCheckpoint"):
+            callback["init_args"]["dirpath"] = str(root / "checkpoints")
+            callback["init_args"]["every_n_train_steps"] = steps
+    logger = base["trainer"]["logger"]
+    logger["init_args"]["save_dir"] = str(root)
+    override = {
+        "trainer": {
+            "max_steps": steps,
+            "val_check_interval": max(1, steps // 2),
+            "default_root_dir": str(root),
+            "logger": logger,
+            "callbacks": callbacks,
+        },
+        "data": {"init_args": {"cache_dir": str(out / "cache")}},
+    }
     if init_from is not None:
-        args += ["--model.init_args.init_from", str(init_from)]
-    return lightning_cli(args + extra)
+        override["model"] = {"init_args": {"init_from": str(init_from)}}
+    fragment = root / "demo.yaml"
+    fragment.write_text(yaml.safe_dump(override, sort_keys=False))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        cli = lightning_cli(["fit", "--config", str(config), "--config", str(fragment), *extra])
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()  # one W&B run per stage; the next stage's logger would otherwise reuse this one
+    return cli
 
 
 def main(argv: list[str] | None = None) -> None:
