@@ -47,8 +47,9 @@ from llmstages.data.packing import (
     stack_rows,
     stream_row,
     truncate,
+    TRUNCATION_POLICIES,
 )
-from llmstages.data.templates import ChatTemplate
+from llmstages.data.templates import LOSS_MASKS, ChatTemplate
 from llmstages.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,13 @@ def default_tokenizer(cache_dir: str | Path, vocab_size: int = DEFAULT_VOCAB_SIZ
     else:
         tmp.replace(path)
     return Tokenizer.from_file(path)
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    """Options are checked when the module is built, not when training starts."""
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+    return value
 
 
 def load_tokenizer(spec: str | None, cache_dir: str | Path) -> Tokenizer:
@@ -231,7 +239,7 @@ class PretrainData(StageData):
 
     def token_cache(self) -> Path:
         """Encode the corpus once; later runs with the same inputs and tokenizer reuse the file."""
-        tok_json = self.tokenizer.to_json() if hasattr(self.tokenizer, "to_json") else str(self.tokenizer.vocab_size)
+        tok_json = self.tokenizer.to_json()
         if self.files:
             key = _file_digest(self.files, f"{self.text_mode}|{tok_json}")
         else:
@@ -300,10 +308,14 @@ class SFTData(StageData):
     ) -> None:
         super().__init__(**kwargs)
         self.files = [Path(f) for f in files] if files else None
-        self.format, self.loss_mask, self.truncation, self.on_error = format, loss_mask, truncation, on_error
+        self.format = format
+        self.loss_mask = check_choice("loss_mask", loss_mask, LOSS_MASKS)
+        self.truncation = check_choice("truncation", truncation, TRUNCATION_POLICIES)
+        self.on_error = check_choice("on_error", on_error, ("raise", "skip"))
         self.template = ChatTemplate.get(template)
         self.packing = check_packing(packing, ("none", "documents"))
         self.val_conversations: list[list[dict]] = []
+        self.truncated = 0
 
     def _conversations(self) -> tuple[list[list[dict]], list[LoadReport]]:
         if not self.files:
@@ -402,7 +414,8 @@ class PreferenceData(StageData):
     ) -> None:
         super().__init__(**kwargs)
         self.files = [Path(f) for f in files] if files else None
-        self.truncation, self.on_error = truncation, on_error
+        self.truncation = check_choice("truncation", truncation, TRUNCATION_POLICIES)
+        self.on_error = check_choice("on_error", on_error, ("raise", "skip"))
         self.template = ChatTemplate.get(template)
 
     def _pairs(self) -> tuple[list[dict], list[LoadReport]]:
@@ -416,17 +429,35 @@ class PreferenceData(StageData):
         return pairs, reports
 
     def encode(self, pair: dict) -> dict | None:
+        """A pair -> {"chosen": example, "rejected": example} sharing one prompt, or None (counted).
+
+        Truncation treats the pair as one: `left` cuts the same oldest prompt
+        tokens from both sides, so DPO always compares replies to the same context.
+        """
         prompt = self.template.encode_prompt(pair["prompt"], self.tokenizer)
-        sides = {}
+        replies = {}
         for side in ("chosen", "rejected"):
-            replies = pair[side]
-            if len(replies) != 1 or replies[0]["role"] != "assistant":
-                raise ValueError(f"a preference {side} must be exactly one assistant message, got {len(replies)}")
-            reply = self.template.encode_reply(replies[0]["content"], self.tokenizer)
+            messages = pair[side]
+            if len(messages) != 1 or messages[0]["role"] != "assistant":
+                raise ValueError(f"a preference {side} must be exactly one assistant message, got {len(messages)}")
+            replies[side] = self.template.encode_reply(messages[0]["content"], self.tokenizer)
+        longest = max(len(r["input_ids"]) for r in replies.values())
+        if len(prompt) + longest > self.seq_len:
+            if self.truncation == "drop":
+                self.skipped["too_long_dropped"] += 1
+                return None
+            if self.truncation == "left":
+                keep = self.seq_len - longest
+                if keep < 1:
+                    self.skipped["reply_truncated_away"] += 1
+                    return None
+                prompt = prompt[-keep:]
+        sides = {}
+        for side, reply in replies.items():
             example = {"input_ids": prompt + reply["input_ids"], "labels": [IGNORE_INDEX] * len(prompt) + reply["labels"]}
-            fitted = truncate(example, self.seq_len, self.truncation)
+            fitted = truncate(example, self.seq_len, "right")
             if fitted is None:
-                self.skipped["too_long_dropped" if self.truncation == "drop" else "reply_truncated_away"] += 1
+                self.skipped["reply_truncated_away"] += 1
                 return None
             sides[side] = fitted
         return sides
