@@ -29,5 +29,8 @@ class WeightedMeans(nn.Module):
         for key, metric in self.means.items():
             if metric.update_called:
                 out[key.replace("__", "/")] = metric.compute()
-            metric.reset()
+            # `trainer.validate` runs in inference mode; states reset there would be inference
+            # tensors that the validation inside a later `fit` (no inference mode) cannot update.
+            with torch.inference_mode(False):
+                metric.reset()
         return out

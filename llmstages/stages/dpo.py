@@ -78,7 +78,9 @@ class DPOModule(StageModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)  # init_from first: the reference copies the initial policy
         if not self.reference_free and self._reference is None and not self._ref_tables:
-            self._reference = copy.deepcopy(self.backbone).eval().requires_grad_(False)
+            reference = copy.deepcopy(self.backbone).eval().requires_grad_(False)
+            # nn.Module.__setattr__ would register it as a submodule (state_dict, DDP, eval-mode warnings)
+            object.__setattr__(self, "_reference", reference)
 
     def on_fit_start(self) -> None:
         self._move_reference()
@@ -144,7 +146,7 @@ class DPOModule(StageModule):
             length_alpha=hp.length_alpha, chosen_lengths=lengths["chosen"], rejected_lengths=lengths["rejected"],
         )
         step_tokens, step_pairs = self.step_counts(batch, int(lengths["chosen"].sum()), len(losses))
-        loss = losses.sum() * self.grad_scale / step_pairs
+        loss = losses.sum() * self.grad_scale / step_pairs.to(losses.dtype)  # counts are float64: keep the loss dtype
         if hp.sft_weight > 0:
             chosen_nll = -token_logps[: len(losses)]
             loss = loss + hp.sft_weight * reduce_token_loss(

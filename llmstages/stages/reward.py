@@ -47,7 +47,7 @@ class RewardModule(StageModule):
         r_chosen, r_rejected = self.pair_rewards(batch)
         losses = reward_loss(r_chosen, r_rejected, margin=self.hparams.margin, center_coef=self.hparams.center_coef)
         _, step_pairs = self.step_counts(batch, 0, len(losses))
-        loss = losses.sum() * self.grad_scale / step_pairs
+        loss = losses.sum() * self.grad_scale / step_pairs.to(losses.dtype)  # counts are float64: keep the loss dtype
         return loss, losses, r_chosen.detach(), r_rejected.detach()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
