@@ -23,4 +23,4 @@ def _deterministic():
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)  # the suite runs beside other work on 2 cores; oversubscribed OpenMP threads spin
