@@ -305,3 +305,17 @@ def test_state_dict_to_hf_names():
     assert all(t.is_contiguous() for t in tensors.values())
     with pytest.raises(ValueError, match="unexpected"):
         state_dict_to_hf({**model.state_dict(), "extra.weight": torch.zeros(1)}, model.config)
+
+
+def test_stage_init_from_hugging_face_folder(hf_checkpoint, tmp_path):
+    """`init_from: <HF folder>` starts a stage from the downloaded-checkpoint stand-in."""
+    from llmstages.stages import SFTModule
+
+    _, hf, path = hf_checkpoint
+    config = config_from_hf(json.loads((path / "config.json").read_text()))
+    stage = SFTModule(model=config, init_from=str(path), generate_samples=0)
+    ids = _ids(config.vocab_size)
+    before = stage.backbone.eval()(ids)
+    stage.setup("fit")
+    assert _max_diff(stage.backbone.eval(), hf, ids) < 1e-4
+    assert not torch.allclose(before, stage.backbone(ids))  # the weights really changed
