@@ -46,19 +46,16 @@ from llmstages.data.packing import (
     pad_examples,
     stack_rows,
     stream_row,
-    truncate,
     TRUNCATION_POLICIES,
+    truncate,
 )
 from llmstages.data.templates import LOSS_MASKS, ChatTemplate
 from llmstages.data.tokenizer import Tokenizer
+from llmstages.losses import count_sequences, count_targets
 
 log = logging.getLogger(__name__)
 
 DEFAULT_VOCAB_SIZE = 1024
-
-
-def _targets(labels: torch.Tensor) -> int:
-    return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
 def default_tokenizer(cache_dir: str | Path, vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
@@ -139,7 +136,7 @@ class StageData(L.LightningDataModule):
 
     def _count(self, batch: dict) -> tuple[int, int]:
         """(target tokens, sequences) in a micro-batch, for step-level normalisation."""
-        raise NotImplementedError
+        return count_targets(batch["labels"]), count_sequences(batch["labels"], batch.get("document_ids"))
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
@@ -286,11 +283,6 @@ class PretrainData(StageData):
     def _collate(self, items: list) -> dict[str, torch.Tensor]:
         return stack_rows(items)
 
-    def _count(self, batch: dict) -> tuple[int, int]:
-        from llmstages.losses import count_sequences
-
-        return _targets(batch["labels"]), count_sequences(batch["labels"], batch.get("document_ids"))
-
 
 class SFTData(StageData):
     """Conversations -> chat template -> masked examples -> padded or packed rows."""
@@ -375,11 +367,6 @@ class SFTData(StageData):
         if self.packing == "none":
             return pad_examples(items, self.tokenizer.pad_id)
         return stack_rows(items)
-
-    def _count(self, batch: dict) -> tuple[int, int]:
-        from llmstages.losses import count_sequences
-
-        return _targets(batch["labels"]), count_sequences(batch["labels"], batch.get("document_ids"))
 
     def generation_prompts(self, n: int) -> list[tuple[list[int], str]]:
         """(prompt ids ending in the assistant header, expected reply) from validation conversations."""
@@ -479,4 +466,4 @@ class PreferenceData(StageData):
 
     def _count(self, batch: dict) -> tuple[int, int]:
         # tokens of the chosen replies (what an SFT term trains on); sequences = pairs
-        return _targets(batch["chosen_labels"]), int(batch["chosen_labels"].shape[0])
+        return count_targets(batch["chosen_labels"]), int(batch["chosen_labels"].shape[0])
