@@ -359,16 +359,19 @@ def _expected_tokens(tok: Tokenizer, path: Path) -> np.ndarray:
 
 
 def _counting_encode(monkeypatch: pytest.MonkeyPatch, module: PretrainData, fail_after: int | None = None) -> list:
+    """Count the documents the module encodes; optionally die after `fail_after` of them."""
     calls: list[str] = []
-    real = module.tokenizer.encode
+    real = module.tokenizer.encode_batch
 
-    def encode(text: str) -> list[int]:
-        calls.append(text)
-        if fail_after is not None and len(calls) > fail_after:
-            raise KeyboardInterrupt("killed while writing the cache")
-        return real(text)
+    def encode_batch(texts: list[str]) -> list[list[int]]:
+        for text in texts:
+            calls.append(text)
+            if fail_after is not None and len(calls) > fail_after:
+                raise KeyboardInterrupt("killed while writing the cache")
+        return real(texts)
 
-    monkeypatch.setattr(module.tokenizer, "encode", encode)
+    monkeypatch.setattr(module.tokenizer, "encode_batch", encode_batch)
+    monkeypatch.setattr(module, "encode_chunk", 16)  # several chunks, so a kill leaves a partial file
     return calls
 
 

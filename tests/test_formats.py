@@ -526,3 +526,22 @@ def test_error_pickles_and_is_a_value_error() -> None:
         Path("data/x.json"), 4, "output", "empty_reply", "record",
     )
     assert str(back) == str(err) == "data/x.json: record 4 (0-based): field 'output': empty reply"
+
+
+def test_iter_text_streams_lazily_and_reports_at_the_end(tmp_path):
+    """Pretraining corpora larger than memory are read line by line: the first document comes
+    out before a bad byte further down the file is even read."""
+    from llmstages.data.formats import iter_text
+
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"first doc\nsecond doc\n\xff\xfe broken\nlast\n")
+    stream = iter_text(path)
+    docs = iter(stream)
+    assert next(docs) == "first doc" and next(docs) == "second doc"
+    with pytest.raises(DataFormatError) as info:
+        next(docs)
+    assert info.value.index == 3 and info.value.reason == "not_utf8"
+
+    skipping = iter_text(path, on_error="skip")
+    assert list(skipping) == ["first doc", "second doc", "last"]
+    assert skipping.report.kept == 3 and skipping.report.skipped["not_utf8"] == 1

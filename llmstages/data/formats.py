@@ -200,19 +200,23 @@ def _bad_bytes_detail(err: UnicodeDecodeError, line_start: int = 0) -> str:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str | DataFormatError]]:
-    """(1-based line number, decoded line or a not_utf8 error); line endings removed."""
-    raw = path.read_bytes()
-    for number, chunk in enumerate(raw.split(b"\n"), start=1):
-        if chunk.endswith(b"\r"):
-            chunk = chunk[:-1]
-        try:
-            line = chunk.decode("utf-8")
-        except UnicodeDecodeError as err:
-            yield number, DataFormatError(path, number, None, "not_utf8", _bad_bytes_detail(err))
-            continue
-        if number == 1 and line.startswith(_BOM):
-            line = line[1:]
-        yield number, line
+    """(1-based line number, decoded line or a not_utf8 error); line endings removed.
+
+    Streams the file, so a corpus larger than memory can be read line by line.
+    """
+    with open(path, "rb") as handle:
+        for number, chunk in enumerate(handle, start=1):
+            chunk = chunk.rstrip(b"\n")
+            if chunk.endswith(b"\r"):
+                chunk = chunk[:-1]
+            try:
+                line = chunk.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield number, DataFormatError(path, number, None, "not_utf8", _bad_bytes_detail(err))
+                continue
+            if number == 1 and line.startswith(_BOM):
+                line = line[1:]
+            yield number, line
 
 
 def _whole_text(path: Path) -> str:
@@ -284,7 +288,8 @@ class _Collector:
         if len(self.report.first_errors) < LoadReport.MAX_ERRORS:
             self.report.first_errors.append(str(err))
 
-    def run(self, records: Iterator[_Raw], parse: Callable[[Any], Any]) -> None:
+    def stream(self, records: Iterator[_Raw], parse: Callable[[Any], Any]) -> Iterator[Any]:
+        """Parsed items one at a time; bad records follow the on_error policy."""
         for index, kind, value in records:
             if isinstance(value, DataFormatError):
                 self.reject(value)
@@ -295,11 +300,19 @@ class _Collector:
                 err = DataFormatError(self.path, index, bad.field, bad.reason, bad.detail, index_kind=kind)
                 self.reject(err)
                 continue
-            self.items.append(item)
+            self.report.kept += 1
+            yield item
+
+    def run(self, records: Iterator[_Raw], parse: Callable[[Any], Any]) -> None:
+        self.items.extend(self.stream(records, parse))
 
     def finish(self) -> tuple[list[Any], LoadReport]:
         self.report.kept = len(self.items)
-        if not self.items:
+        self.check_not_empty()
+        return self.items, self.report
+
+    def check_not_empty(self) -> None:
+        if not self.report.kept:
             if self.report.skipped:
                 detail = self.report.summary()
                 if self.report.first_errors:
@@ -307,7 +320,6 @@ class _Collector:
             else:
                 detail = "the file holds no records"
             raise DataFormatError(self.path, None, None, "empty_dataset", detail)
-        return self.items, self.report
 
 
 def _check_policy(on_error: str) -> None:
@@ -618,43 +630,65 @@ def read_preference(
 def read_text(
     path: str | os.PathLike[str], *, mode: str = "line", field: str = "text", on_error: str = "raise"
 ) -> tuple[list[str], LoadReport]:
-    """Read text documents.
+    """Read text documents into a list; see `iter_text` for the rules."""
+    stream = iter_text(path, mode=mode, field=field, on_error=on_error)
+    return list(stream), stream.report
+
+
+class TextStream:
+    """Documents of one text file, read lazily; `report` is complete once iterated.
+
+    Iterating to the end raises `empty_dataset` when no document was kept.
+    """
+
+    def __init__(self, path: Path, mode: str, field: str, on_error: str) -> None:
+        _check_policy(on_error)
+        if mode not in ("line", "file"):
+            raise ValueError(f"mode must be 'line' or 'file', got {mode!r}")
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".json") and mode != "line":
+            raise ValueError("mode='file' applies to plain .txt files only")
+        if suffix not in (".txt", ".jsonl", ".json"):
+            raise DataFormatError(
+                path, None, None, "unsupported_extension", f"expected .txt, .jsonl or .json, got {path.suffix!r}"
+            )
+        self.path, self.mode, self.field = path, mode, field
+        self._collector = _Collector(path, on_error)
+        self.report = self._collector.report
+        self.report.format = "text"
+
+    def __iter__(self) -> Iterator[str]:
+        col, path = self._collector, self.path
+        if path.suffix.lower() in (".jsonl", ".json"):
+            field = self.field
+
+            def parse(value: Any) -> str:
+                text = _req_str(_as_object(value), field)
+                if not text.strip():
+                    raise _Invalid("empty_text", field)
+                return text
+
+            yield from col.stream(_json_records(path), parse)
+        elif self.mode == "file":
+            text = _whole_text(path)
+            if text.strip():
+                col.report.kept += 1
+                yield text
+        else:
+            lines = ((n, "line", line) for n, line in _lines(path))
+            yield from col.stream((r for r in lines if not isinstance(r[2], str) or r[2].strip()), lambda s: s)
+        col.check_not_empty()
+
+
+def iter_text(
+    path: str | os.PathLike[str], *, mode: str = "line", field: str = "text", on_error: str = "raise"
+) -> TextStream:
+    """Text documents, one at a time.
 
     `.txt`: `mode="line"` gives one document per non-empty line (whitespace-only
     lines are separators, not errors); `mode="file"` gives the whole file as one
     document. `.jsonl`/`.json`: one document per record, from the string field
     `field`; `mode` must stay "line" there. Documents are returned verbatim
-    (line endings removed in line mode).
+    (line endings removed in line mode). `.txt` and `.jsonl` are streamed.
     """
-    _check_policy(on_error)
-    if mode not in ("line", "file"):
-        raise ValueError(f"mode must be 'line' or 'file', got {mode!r}")
-    path = Path(path)
-    suffix = path.suffix.lower()
-    col = _Collector(path, on_error)
-    col.report.format = "text"
-
-    if suffix in (".jsonl", ".json"):
-        if mode != "line":
-            raise ValueError("mode='file' applies to plain .txt files only")
-
-        def parse(value: Any) -> str:
-            text = _req_str(_as_object(value), field)
-            if not text.strip():
-                raise _Invalid("empty_text", field)
-            return text
-
-        col.run(_json_records(path), parse)
-    elif suffix == ".txt":
-        if mode == "file":
-            text = _whole_text(path)
-            if text.strip():
-                col.items.append(text)
-        else:
-            lines = ((n, "line", line) for n, line in _lines(path))
-            col.run((r for r in lines if not isinstance(r[2], str) or r[2].strip()), lambda s: s)
-    else:
-        raise DataFormatError(
-            path, None, None, "unsupported_extension", f"expected .txt, .jsonl or .json, got {path.suffix!r}"
-        )
-    return col.finish()
+    return TextStream(Path(path), mode, field, on_error)

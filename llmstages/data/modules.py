@@ -31,11 +31,11 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from rich.progress import track
+from rich.progress import Progress, track
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from llmstages.data import synthetic
-from llmstages.data.formats import LoadReport, read_chat, read_preference, read_text
+from llmstages.data.formats import LoadReport, iter_text, read_chat, read_preference
 from llmstages.data.loader import StepLookaheadLoader
 from llmstages.data.packing import (
     IGNORE_INDEX,
@@ -202,6 +202,17 @@ def _file_digest(paths: list[Path], extra: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _chunks(items, size: int):
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 class _TokenRows(Dataset):
     def __init__(self, tokens: np.ndarray, rows: np.ndarray, seq_len: int, eos_id: int, packing: str) -> None:
         self.tokens, self.rows, self.seq_len, self.eos_id, self.packing = tokens, rows, seq_len, eos_id, packing
@@ -218,20 +229,25 @@ class PretrainData(StageData):
     """Text -> tokens (EOS after every document) -> rows of `seq_len`.
 
     Tokens are cached on disk as a memory-mapped array keyed by the inputs'
-    content and the tokenizer, so a corpus is encoded once and need not fit
-    in memory when training.
+    content and the tokenizer. Files are streamed line by line (`.txt`,
+    `.jsonl`) and encoded in chunks, so a corpus larger than memory is encoded
+    once and trained on from the memory map.
     """
+
+    encode_chunk = 1024  # documents per `encode_batch` call
 
     def __init__(
         self,
         files: list[str] | None = None,
         text_mode: str = "line",
         packing: str = "documents",
+        on_error: str = "raise",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.files = [Path(f) for f in files] if files else None
-        self.text_mode = text_mode
+        self.text_mode = check_choice("text_mode", text_mode, ("line", "file"))
+        self.on_error = check_choice("on_error", on_error, ("raise", "skip"))
         self.packing = check_packing(packing, ("documents", "concat"))
 
     def token_cache(self) -> Path:
@@ -246,21 +262,23 @@ class PretrainData(StageData):
         path = self.cache_dir / f"tokens-{key}.bin"
         if path.exists():
             return path
-        if self.files:
-            docs, reports = [], []
-            for file in self.files:
-                texts, report = read_text(file, mode=self.text_mode)
-                docs += texts
-                reports.append(report)
-            self._report("pretrain data", len(docs), reports)
         dtype = np.uint16 if self.tokenizer.vocab_size < 2**16 else np.uint32
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        eos = self.tokenizer.eos_id
-        with open(tmp, "wb") as out:
-            for doc in track(docs, description="tokenising", disable=len(docs) < 5000):
-                np.asarray(self.tokenizer.encode(doc) + [eos], dtype=dtype).tofile(out)
-        (path.with_suffix(".json")).write_text(json.dumps({"dtype": np.dtype(dtype).name, "documents": len(docs)}))
+        eos, n_docs = self.tokenizer.eos_id, 0
+        sources = [iter_text(f, mode=self.text_mode, on_error=self.on_error) for f in self.files] if self.files else [docs]
+        total = sum(f.stat().st_size for f in self.files) if self.files else sum(len(d) for d in docs)
+        with open(tmp, "wb") as out, Progress(disable=total < 10_000_000) as progress:
+            task = progress.add_task("tokenising", total=total)
+            for source in sources:
+                for chunk in _chunks(source, self.encode_chunk):
+                    for ids in self.tokenizer.encode_batch(chunk):
+                        np.asarray(ids + [eos], dtype=dtype).tofile(out)
+                    n_docs += len(chunk)
+                    progress.advance(task, sum(len(d) for d in chunk))
+        if self.files:
+            self._report("pretrain data", n_docs, [s.report for s in sources])
+        path.with_suffix(".json").write_text(json.dumps({"dtype": np.dtype(dtype).name, "documents": n_docs}))
         tmp.replace(path)  # atomic: a killed run never leaves a half-written cache behind
         return path
 
