@@ -19,6 +19,8 @@ import time
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from llmstages.losses import count_targets
+
 # dense bf16 peak FLOP/s
 _PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
 
@@ -37,7 +39,7 @@ def batch_tokens(batch: dict) -> tuple[int, int]:
         if key.endswith("input_ids"):
             total += value.numel()
         elif key.endswith("labels"):
-            labelled += int((value[:, 1:] != -100).sum())
+            labelled += count_targets(value)
     return total, labelled
 
 

@@ -88,24 +88,29 @@ def _export_command(argv: list[str]) -> None:
     checkpoint = torch.load(args.ckpt, map_location="cpu", weights_only=False)
     model = Transformer(_checkpoint_config(checkpoint))
     load_backbone_weights(model, args.ckpt)
-    out = to_hf(model, args.out)
+    ids = {}
     if args.tokenizer:
         from llmstages.data.tokenizer import Tokenizer
 
-        Tokenizer.from_file(args.tokenizer).save(out)
+        tokenizer = Tokenizer.from_file(args.tokenizer)
+        # so transformers' generate stops at the end of text and pads with the real pad id
+        ids = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    out = to_hf(model, args.out, **ids)
+    if args.tokenizer:
+        tokenizer.save(out)
     print(f"wrote {out}")
 
 
 def _checkpoint_config(checkpoint: dict):
-    from llmstages.model.config import ModelConfig
+    from llmstages.stages.base import resolve_config
 
     hp = checkpoint["hyper_parameters"]
-    config = hp.get("model") or ModelConfig.from_name(hp.get("preset", "tiny"))
-    if isinstance(config, dict):
-        config = ModelConfig.from_dict(config)
-    if hp.get("vocab_size"):
-        config = ModelConfig.from_dict({**config.to_dict(), "vocab_size": hp["vocab_size"]})
-    return config
+    model = hp.get("model")
+    if isinstance(model, dict):
+        from llmstages.model.config import ModelConfig
+
+        model = ModelConfig.from_dict(model)
+    return resolve_config(model, hp.get("preset", "tiny"), hp.get("vocab_size"), hp.get("init_from"))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -101,15 +101,18 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"configs folder not found at {CONFIGS}: run the demo from a checkout of llmstages")
     out = Path(args.out)
     console = Console()
-    results, quality, started = {}, {}, time.time()
+    results, quality, checkpoints, started = {}, {}, {}, time.time()
     for name, config, parent, steps in STAGES:
         if name not in args.stages:
             continue
-        init_from = out / parent / "checkpoints" / "last.ckpt" if parent else None
+        init_from = checkpoints.get(parent) if parent else None
+        if parent and init_from is None:
+            init_from = out / parent / "checkpoints" / "last.ckpt"  # from an earlier `demo --stages ...`
         if init_from is not None and not init_from.exists():
             raise SystemExit(f"{name} starts from {init_from}, which does not exist: run the {parent} stage first")
         console.rule(f"[bold]{name}[/]: {CONFIGS / config}")
         cli = run_stage(name, CONFIGS / config, out, init_from, max(2, int(steps * args.scale)), [])
+        checkpoints[name] = Path(cli.trainer.checkpoint_callback.last_model_path)
         results[name] = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
         if name in ("pretrain", "sft", "dpo"):
             quality[name] = answer_quality(cli.model.backbone, _chat_view(cli.datamodule))

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.text import Text
 
 from llmstages.data.modules import StageData
+from llmstages.losses import count_targets
 
 LABELLED = "black on green"
 PROMPT = "dim"
@@ -51,6 +52,8 @@ def show_masks(config: str | Path, n: int = 3, split: str = "train", html: str |
     data = load_data_module(config)
     data.setup("fit")
     dataset = data.train_set if split == "train" else data.val_set
+    if not dataset:
+        raise SystemExit(f"{config}: the {split} split is empty (val_fraction: {data.val_fraction})")
     console = Console(record=html is not None)
     console.print(f"[bold]{config}[/] ({split}): [black on green]labelled[/] / [dim]not labelled[/]")
     shown = 0
@@ -63,8 +66,8 @@ def show_masks(config: str | Path, n: int = 3, split: str = "train", html: str |
         for prefix in sides:
             ids, labels = batch[f"{prefix}input_ids"][0], batch[f"{prefix}labels"][0]
             docs = batch.get(f"{prefix}document_ids")
-            labelled = int((labels != -100).sum())
-            console.rule(f"row {i}{' ' + prefix.rstrip('_') if prefix else ''}: {labelled} labelled of {len(ids)} tokens")
+            targets = count_targets(labels[None])
+            console.rule(f"row {i}{' ' + prefix.rstrip('_') if prefix else ''}: {targets} target tokens of {len(ids)}")
             console.print(render_row(data.tokenizer, ids.tolist(), labels.tolist(), None if docs is None else docs[0].tolist()))
         shown += 1
     if html:

@@ -8,6 +8,8 @@ thousand-token one, so each is a torchmetrics `MeanMetric` updated with
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -25,10 +27,19 @@ class WeightedMeans(nn.Module):
             self.means[name.replace("/", "__")].update(value, weight)
 
     def compute_and_reset(self) -> dict[str, Tensor]:
+        """Synchronised means of everything updated on any rank.
+
+        Every metric is computed on every rank (compute() is a collective under
+        DDP, so skipping it on a rank that saw no update would hang the others);
+        a metric with zero total weight everywhere comes out NaN and is left out.
+        """
         out = {}
         for key, metric in self.means.items():
-            if metric.update_called:
-                out[key.replace("__", "/")] = metric.compute()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+                value = metric.compute()
+            if not torch.isnan(value):
+                out[key.replace("__", "/")] = value
             # `trainer.validate` runs in inference mode; states reset there would be inference
             # tensors that the validation inside a later `fit` (no inference mode) cannot update.
             with torch.inference_mode(False):

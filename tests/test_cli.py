@@ -95,7 +95,7 @@ def test_masks_command_prints_and_writes_html(tmp_path, cache, capsys):
     html = tmp_path / "masks.html"
     main(["masks", "--config", str(config), "-n", "2", "--html", str(html)])
     out = capsys.readouterr().out
-    assert "labelled of" in out
+    assert "target tokens of" in out
     page = html.read_text()
     assert "<html" in page.lower() and "im_end" in page
 

@@ -550,3 +550,25 @@ def test_unknown_options_fail_at_construction(tok_path: str, cache: Path) -> Non
         SFTData(tokenizer=tok_path, cache_dir=str(cache), loss_mask="assistants")
     with pytest.raises(ValueError, match="unknown truncation 'middle'"):
         PreferenceData(tokenizer=tok_path, cache_dir=str(cache), truncation="middle")
+
+
+def test_multi_turn_completions_label_only_their_assistant_turns(tmp_path: Path, tok_path: str, cache: Path) -> None:
+    """read_preference accepts chosen/rejected as assistant-user-assistant lists; the module
+    encodes them after the shared prompt, with only the completion's assistant turns labelled."""
+    turn = lambda role, text: {"role": role, "content": text}  # noqa: E731
+    record = {
+        "prompt": [turn("user", "add 2 and 3"), turn("assistant", "5"), turn("user", "and 4 more?")],
+        "chosen": [turn("assistant", "9"), turn("user", "sure?"), turn("assistant", "yes")],
+        "rejected": [turn("assistant", "8")],
+    }
+    path = _write(tmp_path / "pref.jsonl", [json.dumps(record)])
+    module = PreferenceData(files=[str(path)], tokenizer=tok_path, cache_dir=str(cache), seq_len=128, val_fraction=0.0)
+    module.setup()
+    chosen = module.train_set[0]["chosen"]
+    whole = module.template.encode(record["prompt"] + record["chosen"], module.tokenizer)
+    prompt_len = len(module.template.encode_prompt(record["prompt"], module.tokenizer))
+    assert chosen["input_ids"] == whole["input_ids"]
+    assert chosen["labels"] == [-100] * prompt_len + whole["labels"][prompt_len:]
+    labelled = [t for t, label in zip(chosen["input_ids"], chosen["labels"]) if label != -100]
+    text = module.tokenizer.decode(labelled, skip_special_tokens=True)
+    assert text == "9yes"  # the prompt's "5" is context, not completion

@@ -319,3 +319,24 @@ def test_stage_init_from_hugging_face_folder(hf_checkpoint, tmp_path):
     stage.setup("fit")
     assert _max_diff(stage.backbone.eval(), hf, ids) < 1e-4
     assert not torch.allclose(before, stage.backbone(ids))  # the weights really changed
+
+
+def test_init_from_hf_folder_takes_its_shape_and_grows_the_vocab_for_a_new_pad(hf_checkpoint):
+    """Through the CLI a stage gets only `init_from` and the tokenizer's vocab size (which may
+    add a pad token): the architecture comes from config.json, the extra row from the mean."""
+    from llmstages.stages import SFTModule
+
+    _, hf, path = hf_checkpoint
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    stage = SFTModule(init_from=str(path), vocab_size=vocab + 1, generate_samples=0)  # preset "tiny" ignored
+    stage.setup("fit")
+    assert stage.config.vocab_size == vocab + 1 and stage.config.d_model == hf.config.hidden_size
+    ids = _ids(vocab)
+    with torch.no_grad():
+        ours = stage.backbone.eval()(ids)
+        theirs = hf(ids).logits
+    assert (ours[..., :vocab] - theirs).abs().max() < 1e-4
+    embed = stage.backbone.embed.weight
+    torch.testing.assert_close(embed[vocab], embed[:vocab].mean(0))
+    smaller = SFTModule(init_from=str(path), vocab_size=vocab - 10, generate_samples=0)
+    assert smaller.config.vocab_size == vocab  # a padded checkpoint vocabulary is kept whole

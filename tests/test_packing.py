@@ -279,3 +279,15 @@ def test_step_lookahead_accumulate_one_and_bad_value() -> None:
         assert b["num_step_tokens"].item() == count_targets(b["labels"])
     with pytest.raises(ValueError, match="accumulate must be >= 1"):
         StepLookaheadLoader(batches, 0, _count)
+
+
+def test_lookahead_counts_stop_at_the_trainers_batch_limit():
+    """With limit_train_batches=5 and accumulate=4, Lightning's last step runs one micro-batch:
+    its count must cover that one batch, not four (else its gradient is ~4x too small)."""
+    from llmstages.data.loader import StepLookaheadLoader
+
+    batches = [{"labels": torch.tensor([[-100, 1, 2]])} for _ in range(8)]
+    loader = StepLookaheadLoader(batches, accumulate=4, count=lambda b: (2, 1), limit=5)
+    seen = list(loader)
+    assert len(loader) == 5 and len(seen) == 5
+    assert [int(b["num_step_tokens"]) for b in seen] == [8, 8, 8, 8, 2]

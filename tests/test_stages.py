@@ -554,3 +554,43 @@ def test_checkpoint_rebuilds_the_model_and_init_from_loads_it(cache_dir: str, tm
         assert torch.equal(reward.backbone.state_dict()[name], value), name
     with pytest.raises(ValueError, match="shape"):
         PretrainModule(init_from=str(path), model=module.config, vocab_size=module.config.vocab_size + 8).setup("fit")
+
+
+def test_loaded_checkpoint_wins_over_init_from_and_dpo_reference_stays_initial(cache_dir: str, tmp_path: Path) -> None:
+    """load_from_checkpoint then validate/fit must not reload `init_from` over the trained
+    weights; a DPO module's reference is the init_from policy, not the trained one."""
+    data = preference_data(cache_dir, batch_size=4)
+    start = SFTModule(preset="tiny", vocab_size=data.vocab_size, generate_samples=0)
+    start_path = tmp_path / "start.ckpt"
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in start.backbone.state_dict().items()}}, start_path)
+
+    dpo = DPOModule(preset="tiny", vocab_size=data.vocab_size, init_from=str(start_path), lr=1e-2)
+    trainer = make_trainer(max_steps=3, default_root_dir=tmp_path)
+    trainer.fit(dpo, data)
+    trained = tmp_path / "dpo.ckpt"
+    trainer.save_checkpoint(trained)
+
+    loaded = DPOModule.load_from_checkpoint(trained)
+    loaded.setup("validate")  # what trainer.validate(loaded, data) does first
+    for name, value in dpo.backbone.state_dict().items():
+        assert torch.equal(loaded.backbone.state_dict()[name], value), name  # trained weights kept
+        assert torch.equal(loaded._reference.state_dict()[name], start.backbone.state_dict()[name]), name
+
+
+def test_sequence_normalisation_validates_packed_rows(cache_dir: str) -> None:
+    """Validation batches carry no step counts: the local count must be per document, as the
+    loss counts them, or `normalize: sequence` with packing crashes on its first validation."""
+    data = sft_data(cache_dir, packing="documents", batch_size=4)
+    module = SFTModule(preset="tiny", vocab_size=data.vocab_size, normalize="sequence", generate_samples=0)
+    batch = data._collate([data.val_set[i] for i in range(2)])
+    loss, _ = module.next_token_loss(batch)
+    assert torch.isfinite(loss)
+
+
+def test_reward_model_freezes_an_untied_output_layer(cache_dir: str) -> None:
+    """The LM head gets no gradient in a reward model; left trainable, DDP fails waiting for it."""
+    config = ModelConfig.from_name("tiny", tie_embeddings=False)
+    module = RewardModule(model=config, vocab_size=preference_data(cache_dir).vocab_size)
+    assert not module.backbone.lm_head.weight.requires_grad
+    optimised = {id(p) for group in module.configure_optimizers()["optimizer"].param_groups for p in group["params"]}
+    assert id(module.backbone.lm_head.weight) not in optimised

@@ -11,6 +11,7 @@ Only counting happens here; the loss itself lives in `llmstages.losses`.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -19,17 +20,20 @@ Counter = Callable[[dict], tuple[int, int]]
 
 
 class StepLookaheadLoader:
-    def __init__(self, loader: Iterable[dict], accumulate: int, count: Counter) -> None:
+    def __init__(self, loader: Iterable[dict], accumulate: int, count: Counter, limit: int | None = None) -> None:
+        """`limit`: the epoch ends after this many micro-batches (the trainer's
+        `limit_train_batches`), so the last step's counts cover only the batches it runs."""
         if accumulate < 1:
             raise ValueError(f"accumulate must be >= 1, got {accumulate}")
-        self.loader, self.accumulate, self.count = loader, accumulate, count
+        self.loader, self.accumulate, self.count, self.limit = loader, accumulate, count, limit
 
     def __len__(self) -> int:
-        return len(self.loader)  # type: ignore[arg-type]
+        n = len(self.loader)  # type: ignore[arg-type]
+        return n if self.limit is None else min(n, self.limit)
 
     def __iter__(self) -> Iterator[dict]:
         buffer: list[dict] = []
-        for batch in self.loader:
+        for batch in itertools.islice(self.loader, self.limit):
             buffer.append(batch)
             if len(buffer) == self.accumulate:
                 yield from self._annotate(buffer)

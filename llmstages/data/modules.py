@@ -172,8 +172,9 @@ class StageData(L.LightningDataModule):
     def train_dataloader(self) -> StepLookaheadLoader:
         self.setup("fit")
         loader = self._loader(self.train_set, self.shuffle)
-        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
-        wrapped = StepLookaheadLoader(loader, accumulate, self._count)
+        trainer = self.trainer
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        wrapped = StepLookaheadLoader(loader, accumulate, self._count, _batch_limit(trainer, len(loader)))
         wrapped.sampler = loader.sampler  # Lightning calls sampler.set_epoch through this attribute
         return wrapped
 
@@ -190,6 +191,16 @@ class StageData(L.LightningDataModule):
         rank_zero_info(f"{name}: kept {kept} examples" + (f", skipped {sum(self.skipped.values())} ({parts})" if parts else ""))
         if kept == 0:
             raise ValueError(f"{name}: no usable examples left ({parts or 'empty input'})")
+
+
+def _batch_limit(trainer, available: int) -> int | None:
+    """The micro-batches Lightning will take from an epoch (`limit_train_batches`), None for all."""
+    limit = getattr(trainer, "limit_train_batches", None) if trainer is not None else None
+    if limit is None or (isinstance(limit, float) and limit >= 1.0):
+        return None
+    if isinstance(limit, float):
+        return int(available * limit)
+    return min(int(limit), available)
 
 
 def _file_digest(paths: list[Path], extra: str) -> str:
@@ -440,12 +451,7 @@ class PreferenceData(StageData):
         tokens from both sides, so DPO always compares replies to the same context.
         """
         prompt = self.template.encode_prompt(pair["prompt"], self.tokenizer)
-        replies = {}
-        for side in ("chosen", "rejected"):
-            messages = pair[side]
-            if len(messages) != 1 or messages[0]["role"] != "assistant":
-                raise ValueError(f"a preference {side} must be exactly one assistant message, got {len(messages)}")
-            replies[side] = self.template.encode_reply(messages[0]["content"], self.tokenizer)
+        replies = {side: self._completion(pair["prompt"], pair[side], len(prompt)) for side in ("chosen", "rejected")}
         longest = max(len(r["input_ids"]) for r in replies.values())
         if len(prompt) + longest > self.seq_len:
             if self.truncation == "drop":
@@ -466,6 +472,14 @@ class PreferenceData(StageData):
                 return None
             sides[side] = fitted
         return sides
+
+    def _completion(self, prompt: list[dict], messages: list[dict], prompt_len: int) -> dict:
+        """The tokens after the prompt: one reply, or a multi-turn completion (its assistant turns labelled)."""
+        if len(messages) == 1:
+            return self.template.encode_reply(messages[0]["content"], self.tokenizer)
+        full = self.template.encode(prompt + messages, self.tokenizer, loss_mask="assistant")
+        # the prompt's own assistant turns are context, not the completion being preferred
+        return {"input_ids": full["input_ids"][prompt_len:], "labels": full["labels"][prompt_len:]}
 
     def _build(self) -> None:
         pairs, reports = self._pairs()

@@ -21,12 +21,18 @@ def generate(
     stop_id: int | None = None,
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
+    fixed_steps: bool = False,
 ) -> tuple[list[int], bool]:
-    """Continue `prompt`; returns (new tokens without the stop token, whether it stopped)."""
+    """Continue `prompt`; returns (new tokens without the stop token, whether it stopped).
+
+    `fixed_steps` always runs `max_new_tokens` forward passes (results after the
+    stop are discarded): sharded (FSDP) models gather weights in every forward,
+    so all ranks must run the same number of them.
+    """
     device = model.output_weight.device
     ids = torch.tensor([prompt], device=device)
     new: list[int] = []
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         window = ids[:, -model.config.max_seq_len :]
         logits = model(window)[0, -1].float()
         if temperature > 0:
@@ -35,6 +41,8 @@ def generate(
         else:
             token = int(logits.argmax())
         if token == stop_id:
+            for _ in range(max_new_tokens - step - 1 if fixed_steps else 0):
+                model(ids[:, -model.config.max_seq_len :])
             return new, True
         new.append(token)
         ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)

@@ -19,6 +19,7 @@ Design choices:
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -45,6 +46,8 @@ def load_backbone_weights(model: Transformer, source: str | Path) -> None:
     else:
         raise FileNotFoundError(f"init_from: {source} is neither a Hugging Face folder nor a .ckpt file")
     expected = model.state_dict()
+    if source.is_dir():
+        state = _grow_vocab(state, expected)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -56,6 +59,41 @@ def load_backbone_weights(model: Transformer, source: str | Path) -> None:
                 f"{tuple(expected[name].shape)} (model config or vocab size differs)"
             )
     model.load_state_dict(state)
+
+
+def _grow_vocab(state: dict, expected: dict) -> dict:
+    """Give an imported checkpoint's embedding rows for tokens the tokenizer adds (a new pad).
+
+    New rows start at the mean embedding, so the added tokens predict and embed
+    like an average token rather than like noise.
+    """
+    for name in ("embed.weight", "lm_head.weight"):
+        if name in state and name in expected and state[name].shape[0] < expected[name].shape[0]:
+            old = state[name]
+            extra = old.mean(0, keepdim=True).expand(expected[name].shape[0] - old.shape[0], -1)
+            state[name] = torch.cat([old, extra])
+    return state
+
+
+def resolve_config(model: ModelConfig | None, preset: str, vocab_size: int | None, init_from: str | None) -> ModelConfig:
+    """The backbone's shape: explicit `model`, else a Hugging Face `init_from`'s config.json, else `preset`.
+
+    With a Hugging Face `init_from` the vocabulary is the larger of the checkpoint's
+    (which may be padded) and the tokenizer's (which may add a pad token).
+    """
+    hf_folder = init_from is not None and Path(init_from).is_dir()
+    if model is not None:
+        config = model
+    elif hf_folder:
+        from llmstages.model.hf import config_from_hf
+
+        config = config_from_hf(json.loads((Path(init_from) / "config.json").read_text()))
+    else:
+        config = ModelConfig.from_name(preset)
+    if vocab_size is not None and vocab_size != config.vocab_size:
+        vocab = max(vocab_size, config.vocab_size) if hf_folder else vocab_size
+        config = ModelConfig.from_dict({**config.to_dict(), "vocab_size": vocab})
+    return config
 
 
 class StageModule(L.LightningModule):
@@ -75,7 +113,8 @@ class StageModule(L.LightningModule):
     ) -> None:
         """
         Args:
-            model: the backbone's shape (or its dict, as a checkpoint saves it); None uses `preset`.
+            model: the backbone's shape (or its dict, as a checkpoint saves it); None takes it from a Hugging Face
+                `init_from` folder's config.json, else from `preset`.
             preset: a named `ModelConfig` preset (tiny, demo, small, 124m, qwen2-0.5b, 1b).
             vocab_size: overrides the config's; the CLI links it to the data's tokenizer.
             init_from: an llmstages `.ckpt` or a Hugging Face model folder to start from.
@@ -91,10 +130,7 @@ class StageModule(L.LightningModule):
         if model is not None:
             # plain data in the checkpoint: load_from_checkpoint's torch.load(weights_only=True) accepts it
             self.hparams["model"] = model.to_dict()
-        config = model if model is not None else ModelConfig.from_name(preset)
-        if vocab_size is not None and vocab_size != config.vocab_size:
-            config = ModelConfig.from_dict({**config.to_dict(), "vocab_size": vocab_size})
-        self.config = config
+        self.config = config = resolve_config(model, preset, vocab_size, init_from)
         self.backbone = Transformer(config)
         self._initialised = init_from is None
 
@@ -105,6 +141,10 @@ class StageModule(L.LightningModule):
             load_backbone_weights(self.backbone, self.hparams.init_from)
             self._initialised = True
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # the checkpoint's weights supersede init_from (load_from_checkpoint, then validate/fit)
+        self._initialised = True
+
     def configure_model(self) -> None:
         mesh = getattr(self, "device_mesh", None)
         if mesh is None or getattr(self, "_sharded", False):
@@ -112,6 +152,13 @@ class StageModule(L.LightningModule):
         from torch.distributed.fsdp import fully_shard
 
         dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        world = self.trainer.world_size
+        if dp_mesh.size() != world:
+            # a smaller data-parallel mesh would leave gradients unreduced while ranks see different data
+            raise ValueError(
+                f"FSDP2 needs every rank data-parallel: data-parallel mesh has {dp_mesh.size()} ranks, world size is "
+                f"{world}; use llmstages.strategies.FSDP2Strategy (configs/fragments/fsdp.yaml)"
+            )
         for block in self.backbone.blocks:
             fully_shard(block, mesh=dp_mesh)
         fully_shard(self.backbone, mesh=dp_mesh)

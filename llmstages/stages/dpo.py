@@ -12,13 +12,14 @@ Design choices:
 - `logp_reduction` defaults to `sum`; `ipo` and `simpo` default to `mean`,
   as their papers prescribe. The loss is averaged over the optimiser step's
   pairs (all micro-batches, all ranks); the optional SFT term (`sft_weight`,
-  RPO) is the chosen replies' token NLL with `normalize: token`.
+  RPO) is the chosen replies' token NLL, normalised by `normalize`.
 - Logged names follow TRL: rewards/chosen, rewards/rejected,
   rewards/accuracies, rewards/margins, logps/chosen, logps/rejected.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -77,6 +78,17 @@ class DPOModule(StageModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)  # init_from first: the reference copies the initial policy
+        self._copy_reference()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Called before the checkpoint's weights are loaded: the backbone still holds its initial
+        # weights (init_from when set up, or the constructor's), never the trained policy.
+        if not self._initialised and self.hparams.init_from is not None:
+            super().setup("fit")  # loads init_from
+        self._copy_reference()
+        super().on_load_checkpoint(checkpoint)
+
+    def _copy_reference(self) -> None:
         if not self.reference_free and self._reference is None and not self._ref_tables:
             reference = copy.deepcopy(self.backbone).eval().requires_grad_(False)
             # nn.Module.__setattr__ would register it as a submodule (state_dict, DDP, eval-mode warnings)
@@ -105,12 +117,17 @@ class DPOModule(StageModule):
             loader = torch.utils.data.DataLoader(dataset, batch_size=data.batch_size, collate_fn=data._collate)
             for batch in track(loader, description=f"reference log-probs ({split})", disable=len(loader) < 50):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                c, r = self.sequence_logps(batch, self._reference)
+                with self._precision_context():  # the same autocast as the live reference gets
+                    c, r = self.sequence_logps(batch, self._reference)
                 chosen[batch["index"].cpu()] = c.double().cpu()
                 rejected[batch["index"].cpu()] = r.double().cpu()
             self._ref_tables[f"{split}_chosen"], self._ref_tables[f"{split}_rejected"] = chosen, rejected
         self._reference = None
         rank_zero_info("reference log-probs precomputed; reference model freed")
+
+    def _precision_context(self):
+        trainer = self._trainer
+        return trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
 
     # ----------------------------------------------------------------- loss
 
@@ -150,8 +167,8 @@ class DPOModule(StageModule):
         if hp.sft_weight > 0:
             chosen_nll = -token_logps[: len(losses)]
             loss = loss + hp.sft_weight * reduce_token_loss(
-                chosen_nll, batch["chosen_labels"], normalize="token",
-                num_step_tokens=step_tokens, grad_scale=self.grad_scale,
+                chosen_nll, batch["chosen_labels"], normalize=hp.normalize,
+                num_step_tokens=step_tokens, num_step_sequences=step_pairs, grad_scale=self.grad_scale,
             )
         stats = {
             "loss": losses.mean().detach(),

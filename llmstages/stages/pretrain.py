@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from llmstages.losses import reduce_token_loss, target_mask
+from llmstages.losses import count_sequences, reduce_token_loss, target_mask
 from llmstages.metrics import WeightedMeans
 from llmstages.stages.base import StageModule
 
@@ -26,7 +26,8 @@ class PretrainModule(StageModule):
         )
         mask = target_mask(labels)
         local_tokens = mask.sum()
-        step_tokens, step_sequences = self.step_counts(batch, int(local_tokens), int(mask.any(1).sum()))
+        local_sequences = count_sequences(labels, batch.get("document_ids"))
+        step_tokens, step_sequences = self.step_counts(batch, int(local_tokens), local_sequences)
         loss = reduce_token_loss(
             -logps,
             labels,
@@ -45,9 +46,16 @@ class PretrainModule(StageModule):
         }
         return loss, stats
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.tokens_seen = checkpoint.get("tokens_seen", 0)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, stats = self.next_token_loss(batch)
-        self.tokens_seen += int(batch["input_ids"].numel())
+        self.tokens_seen += int(batch["input_ids"].numel()) * self.trainer.world_size
         self.log_scalars(
             {"train/loss": stats["nll_mean"], "train/token_acc": stats["token_acc"], "train/ppl": stats["nll_mean"].exp()},
             prog_bar=True,

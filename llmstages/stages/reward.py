@@ -28,6 +28,11 @@ class RewardModule(StageModule):
             center_coef: weight of the reward-centring term that keeps rewards near zero.
         """
         super().__init__(**kwargs)
+        if self.hparams.normalize != "token":
+            raise ValueError("RewardModule has no token loss: `normalize` does not apply (its loss is a mean over pairs)")
+        if self.backbone.lm_head is not None:
+            # never used by a reward model; frozen so DDP does not wait for its gradient
+            self.backbone.lm_head.requires_grad_(False)
         self.value_head = nn.Linear(self.config.d_model, 1, bias=False)
         nn.init.normal_(self.value_head.weight, std=1.0 / (self.config.d_model + 1) ** 0.5)
         self.val_means = WeightedMeans("val/loss", "val/accuracy", "val/margin", "val/reward")

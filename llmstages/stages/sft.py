@@ -51,7 +51,8 @@ class SFTModule(PretrainModule):
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         self.log_scalars(self.first_token.compute_and_reset())
-        if self.hparams.generate_samples > 0 and self.trainer is not None and self.trainer.is_global_zero:
+        if self.hparams.generate_samples > 0 and self._trainer is not None and not self.trainer.sanity_checking:
+            # every rank generates: under FSDP each forward all-gathers weights with all ranks
             self._generation_checks()
 
     def _generation_checks(self) -> None:
@@ -65,17 +66,20 @@ class SFTModule(PretrainModule):
         was_training = self.backbone.training
         self.backbone.eval()
         for prompt, reference in prompts:
-            new, did_stop = generate(self.backbone, prompt, self.hparams.max_new_tokens, stop_id=stop_id)
+            new, did_stop = generate(
+                self.backbone, prompt, self.hparams.max_new_tokens, stop_id=stop_id,
+                fixed_steps=self.trainer.world_size > 1,
+            )
             reply = data.tokenizer.decode(new, skip_special_tokens=True)
             stopped += did_stop
             exact += did_stop and reply.strip() == reference.strip()
             rows.append([data.tokenizer.decode(prompt), reply, reference, did_stop])
         self.backbone.train(was_training)
-        # generated on rank zero only: logged without cross-rank sync
+        # every rank generated the same prompts: logged without cross-rank sync
         self.log("val/stop_rate", stopped / len(prompts), rank_zero_only=True)
         self.log("val/exact_match", exact / len(prompts), rank_zero_only=True)
         for prompt_text, reply, reference, did_stop in rows[:3]:
             rank_zero_info(f"[sample] {reply!r} (reference {reference!r}, stopped={did_stop})")
         logger = self.logger
-        if logger is not None and hasattr(logger, "log_text"):
+        if self.trainer.is_global_zero and logger is not None and hasattr(logger, "log_text"):
             logger.log_text(key="val/samples", columns=["prompt", "reply", "reference", "stopped"], data=rows)
