@@ -289,7 +289,9 @@ class PretrainData(StageData):
                     progress.advance(task, sum(len(d) for d in chunk))
         if self.files:
             self._report("pretrain data", n_docs, [s.report for s in sources])
-        path.with_suffix(".json").write_text(json.dumps({"dtype": np.dtype(dtype).name, "documents": n_docs}))
+        meta = tmp.with_name(tmp.name + ".json")
+        meta.write_text(json.dumps({"dtype": np.dtype(dtype).name, "documents": n_docs}))
+        meta.replace(path.with_suffix(".json"))  # before the tokens: a visible cache always has its metadata
         tmp.replace(path)  # atomic: a killed run never leaves a half-written cache behind
         return path
 

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from llmstages.losses import IGNORE_INDEX
+
 PACKING_MODES = ("none", "documents", "concat")
 
 

@@ -40,8 +40,8 @@ from llmstages.data.tokenizer import (
     START_HEADER,
     Tokenizer,
 )
+from llmstages.losses import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 LOSS_MASKS: tuple[str, ...] = (
     "assistant",
