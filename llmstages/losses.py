@@ -29,6 +29,7 @@ Design choices:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,7 @@ __all__ = [
     "LOGP_REDUCTIONS",
     "DPO_LOSS_TYPES",
     "NoTargetTokensWarning",
+    "check_choice",
     "shift_labels",
     "target_mask",
     "count_targets",
@@ -65,9 +67,11 @@ class NoTargetTokensWarning(UserWarning):
     """A micro-batch or optimiser step had no target tokens; its loss is zero."""
 
 
-def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    """A named option's value, or a ValueError listing the valid names (used project-wide)."""
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+    return value
 
 
 def _check_2d(name: str, tensor: Tensor) -> None:
@@ -348,7 +352,7 @@ def reduce_token_loss(
     sequences when None). `sum`: sum * grad_scale. Pass `grad_scale =
     accumulate_grad_batches * world_size` with the step's global counts.
     """
-    _check_choice("normalize", normalize, NORMALIZE_MODES)
+    check_choice("normalize", normalize, NORMALIZE_MODES)
     if token_nll.shape != labels.shape:
         raise ValueError(f"token_nll {tuple(token_nll.shape)} must match labels {tuple(labels.shape)}")
     if grad_scale <= 0:
@@ -386,7 +390,7 @@ def sequence_logps(token_logps: Tensor, labels: Tensor, reduction: str = "sum") 
     `sum`; `mean` over the row's own targets (0 for a row without any);
     `legacy_mean_padded`: the sum divided by the padded row length T (minimind v2's bug).
     """
-    _check_choice("reduction", reduction, LOGP_REDUCTIONS)
+    check_choice("reduction", reduction, LOGP_REDUCTIONS)
     if token_logps.shape != labels.shape:
         raise ValueError(f"token_logps {tuple(token_logps.shape)} must match labels {tuple(labels.shape)}")
     mask = target_mask(labels)
@@ -423,7 +427,7 @@ def dpo_loss(
     hinge `relu(1 - z)`; simpo (reference-free, refs ignored) uses
     `z = beta (pi_c - pi_r) - gamma - l` with the sigmoid form.
     """
-    _check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
+    check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     if policy_chosen.shape != policy_rejected.shape or policy_chosen.dim() != 1:

@@ -72,7 +72,7 @@ class PreferencePair(TypedDict):
 
 
 CHAT_FORMATS = ("alpaca", "sharegpt", "messages")
-_ON_ERROR = ("raise", "skip")
+ON_ERROR = ("raise", "skip")
 
 # ShareGPT `from` values -> roles. Tool roles use LLaMA-Factory's semantics.
 _SHAREGPT_ROLES: dict[str, Role] = {
@@ -323,8 +323,8 @@ class _Collector:
 
 
 def _check_policy(on_error: str) -> None:
-    if on_error not in _ON_ERROR:
-        raise ValueError(f"on_error must be one of {_ON_ERROR}, got {on_error!r}")
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
 
 
 # --------------------------------------------------------------------------- field helpers

@@ -35,7 +35,7 @@ from rich.progress import Progress, track
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from llmstages.data import synthetic
-from llmstages.data.formats import LoadReport, iter_text, read_chat, read_preference
+from llmstages.data.formats import ON_ERROR, LoadReport, iter_text, read_chat, read_preference
 from llmstages.data.loader import StepLookaheadLoader
 from llmstages.data.packing import (
     IGNORE_INDEX,
@@ -51,7 +51,7 @@ from llmstages.data.packing import (
 )
 from llmstages.data.templates import LOSS_MASKS, ChatTemplate
 from llmstages.data.tokenizer import Tokenizer
-from llmstages.losses import count_sequences, count_targets
+from llmstages.losses import check_choice, count_sequences, count_targets
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,6 @@ def default_tokenizer(cache_dir: str | Path, vocab_size: int = DEFAULT_VOCAB_SIZ
     else:
         tmp.replace(path)
     return Tokenizer.from_file(path)
-
-
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    """Options are checked when the module is built, not when training starts."""
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
-    return value
 
 
 def load_tokenizer(spec: str | None, cache_dir: str | Path) -> Tokenizer:
@@ -258,7 +251,7 @@ class PretrainData(StageData):
         super().__init__(**kwargs)
         self.files = [Path(f) for f in files] if files else None
         self.text_mode = check_choice("text_mode", text_mode, ("line", "file"))
-        self.on_error = check_choice("on_error", on_error, ("raise", "skip"))
+        self.on_error = check_choice("on_error", on_error, ON_ERROR)
         self.packing = check_packing(packing, ("documents", "concat"))
 
     def token_cache(self) -> Path:
@@ -334,7 +327,7 @@ class SFTData(StageData):
         self.format = format
         self.loss_mask = check_choice("loss_mask", loss_mask, LOSS_MASKS)
         self.truncation = check_choice("truncation", truncation, TRUNCATION_POLICIES)
-        self.on_error = check_choice("on_error", on_error, ("raise", "skip"))
+        self.on_error = check_choice("on_error", on_error, ON_ERROR)
         self.template = ChatTemplate.get(template)
         self.packing = check_packing(packing, ("none", "documents"))
         self.val_conversations: list[list[dict]] = []
@@ -433,7 +426,7 @@ class PreferenceData(StageData):
         super().__init__(**kwargs)
         self.files = [Path(f) for f in files] if files else None
         self.truncation = check_choice("truncation", truncation, TRUNCATION_POLICIES)
-        self.on_error = check_choice("on_error", on_error, ("raise", "skip"))
+        self.on_error = check_choice("on_error", on_error, ON_ERROR)
         self.template = ChatTemplate.get(template)
 
     def _pairs(self) -> tuple[list[dict], list[LoadReport]]:

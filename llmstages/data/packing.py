@@ -21,15 +21,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from llmstages.losses import IGNORE_INDEX
+from llmstages.losses import IGNORE_INDEX, check_choice
 
 PACKING_MODES = ("none", "documents", "concat")
 
 
 def check_packing(packing: str, allowed: Sequence[str] = PACKING_MODES) -> str:
-    if packing not in allowed:
-        raise ValueError(f"unknown packing {packing!r}; choose one of: {', '.join(allowed)}")
-    return packing
+    return check_choice("packing", packing, allowed)
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -137,8 +135,7 @@ def truncate(example: dict, max_len: int, policy: str) -> dict | None:
     drops the example. An example left without target tokens is dropped:
     training on it would teach nothing and contribute a 0/0 loss.
     """
-    if policy not in TRUNCATION_POLICIES:
-        raise ValueError(f"unknown truncation {policy!r}; choose one of: {', '.join(TRUNCATION_POLICIES)}")
+    check_choice("truncation", policy, TRUNCATION_POLICIES)
     ids, labels = example["input_ids"], example["labels"]
     if len(ids) <= max_len:
         return example

@@ -27,7 +27,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from llmstages.losses import NORMALIZE_MODES, token_logps
+from llmstages.losses import NORMALIZE_MODES, check_choice, token_logps
 from llmstages.model.config import ModelConfig
 from llmstages.model.transformer import Transformer
 
@@ -122,8 +122,7 @@ class StageModule(L.LightningModule):
             chunk_size: positions per chunk when scoring targets (bounds the logits' memory).
         """
         super().__init__()
-        if normalize not in NORMALIZE_MODES:
-            raise ValueError(f"unknown normalize {normalize!r}; choose one of: {', '.join(NORMALIZE_MODES)}")
+        check_choice("normalize", normalize, NORMALIZE_MODES)
         self.save_hyperparameters()
         if isinstance(model, dict):
             model = ModelConfig.from_dict(model)

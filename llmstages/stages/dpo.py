@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from rich.progress import track
 
-from llmstages.losses import DPO_LOSS_TYPES, LOGP_REDUCTIONS, dpo_loss, reduce_token_loss, sequence_logps, target_mask
+from llmstages.losses import DPO_LOSS_TYPES, LOGP_REDUCTIONS, check_choice, dpo_loss, reduce_token_loss, sequence_logps, target_mask
 from llmstages.metrics import WeightedMeans
 from llmstages.stages.base import StageModule
 
@@ -59,15 +59,11 @@ class DPOModule(StageModule):
             reference: live (a frozen copy runs each step) or precompute (one pass before training).
         """
         super().__init__(**kwargs)
-        if loss_type not in DPO_LOSS_TYPES:
-            raise ValueError(f"unknown loss_type {loss_type!r}; choose one of: {', '.join(DPO_LOSS_TYPES)}")
-        if reference not in ("live", "precompute"):
-            raise ValueError(f"unknown reference {reference!r}; choose live or precompute")
+        check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
+        check_choice("reference", reference, ("live", "precompute"))
         if logp_reduction is None:
             logp_reduction = "mean" if loss_type in ("ipo", "simpo") else "sum"
-        if logp_reduction not in LOGP_REDUCTIONS:
-            raise ValueError(f"unknown logp_reduction {logp_reduction!r}; choose one of: {', '.join(LOGP_REDUCTIONS)}")
-        self.logp_reduction = logp_reduction
+        self.logp_reduction = check_choice("logp_reduction", logp_reduction, LOGP_REDUCTIONS)
         self.reference_free = loss_type == "simpo"
         self._reference = None
         self._ref_tables: dict[str, torch.Tensor] = {}
