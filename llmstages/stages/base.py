@@ -96,6 +96,11 @@ def resolve_config(model: ModelConfig | None, preset: str, vocab_size: int | Non
     return config
 
 
+def concat_pairs(batch: dict) -> dict[str, Tensor]:
+    """Chosen rows then rejected rows as one batch, for a single forward pass over both sides."""
+    return {k: torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in ("input_ids", "labels", "position_ids")}
+
+
 class StageModule(L.LightningModule):
     def __init__(
         self,

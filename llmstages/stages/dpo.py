@@ -28,10 +28,9 @@ from rich.progress import track
 
 from llmstages.losses import DPO_LOSS_TYPES, LOGP_REDUCTIONS, check_choice, dpo_loss, reduce_token_loss, sequence_logps, target_mask
 from llmstages.metrics import WeightedMeans
-from llmstages.stages.base import StageModule
+from llmstages.stages.base import StageModule, concat_pairs
 
 _SIDES = ("chosen", "rejected")
-_KEYS = ("input_ids", "labels", "position_ids")
 
 
 class DPOModule(StageModule):
@@ -128,7 +127,7 @@ class DPOModule(StageModule):
     # ----------------------------------------------------------------- loss
 
     def sequence_logps(self, batch: dict, model=None) -> tuple[torch.Tensor, torch.Tensor]:
-        both = {k: torch.cat([batch[f"{side}_{k}"] for side in _SIDES]) for k in _KEYS}
+        both = concat_pairs(batch)
         logps = self.token_logps(both["input_ids"], both["labels"], both["position_ids"], model=model)
         seq = sequence_logps(logps, both["labels"], self.logp_reduction)
         self._last_token_logps = logps

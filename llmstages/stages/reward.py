@@ -17,7 +17,7 @@ from torch import nn
 
 from llmstages.losses import last_target_positions, reward_loss
 from llmstages.metrics import WeightedMeans
-from llmstages.stages.base import StageModule
+from llmstages.stages.base import StageModule, concat_pairs
 
 
 class RewardModule(StageModule):
@@ -44,7 +44,7 @@ class RewardModule(StageModule):
         return self.backbone(input_ids, position_ids=position_ids, document_ids=document_ids, head=head)
 
     def pair_rewards(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        both = {k: torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in ("input_ids", "labels", "position_ids")}
+        both = concat_pairs(batch)
         r = self.rewards(both["input_ids"], both["labels"], both["position_ids"])
         return r.chunk(2)
 
