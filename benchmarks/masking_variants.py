@@ -29,7 +29,7 @@ import lightning as L
 import torch
 
 from llmstages.data import synthetic
-from llmstages.data.modules import PretrainData, SFTData
+from llmstages.data import PretrainData, SFTData
 from llmstages.data.templates import LOSS_MASKS
 from llmstages.model.generate import generate
 from llmstages.stages import PretrainModule, SFTModule

@@ -1,134 +1,54 @@
-"""The `llmstages` command.
+"""The `llmstages` command: LightningCLI's `fit`/`validate`, and the tool commands beside them.
 
-`llmstages fit|validate|test --config configs/sft.yaml` is Lightning's own
-`LightningCLI`: every stage's and data module's typed `__init__` signature is
-its CLI and its YAML schema; the data's tokenizer size is linked into the
-model's `vocab_size`. A few tool commands sit beside it:
-
-- `llmstages tokenizer train --files ... --vocab-size 8192 --out DIR`
-- `llmstages masks --config CONFIG [-n 3] [--html FILE]`: see which tokens train
-- `llmstages export --ckpt CKPT --out DIR`: a Hugging Face folder from a checkpoint
-- `llmstages demo`: the four stages, end to end, on the embedded data
+`llmstages fit --config configs/sft.yaml` is `llmstages.trainer_cli` (Lightning's
+own LightningCLI). Every other command is a module of `llmstages.tools` with a
+one-line `HELP` and a `main(argv)`, listed once, in `TOOLS`, which is also what
+`llmstages --help` prints.
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import sys
-from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+from llmstages.trainer_cli import lightning_cli
 
-from llmstages.data.modules import StageData
-from llmstages.loggers import LoggedConfig
-from llmstages.stages.base import StageModule
-
-TOOLS = ("tokenizer", "masks", "export", "demo")
-
-
-class StagesCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
-
-
-def lightning_cli(args: list[str] | None = None, run: bool = True) -> StagesCLI:
-    return StagesCLI(
-        StageModule,
-        StageData,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_callback=LoggedConfig,
-        args=args,
-        run=run,
-    )
+TRAINING = {
+    "fit": "train a stage: llmstages fit --config configs/<stage>.yaml [--config fragment.yaml] [--key value ...]",
+    "validate": "evaluate a checkpoint: llmstages validate --config configs/<stage>.yaml --ckpt_path CKPT",
+}
+TOOLS = {  # command -> module under llmstages.tools
+    "export": "export",
+    "tokenizer": "tokenizer",
+    "masks": "show_masks",
+    "demo": "demo",
+}
 
 
-def _tokenizer_command(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="llmstages tokenizer", description="train a byte-level BPE tokenizer")
-    sub = parser.add_subparsers(dest="action", required=True)
-    train = sub.add_parser("train")
-    train.add_argument("--files", nargs="+", required=True, help="text files, one or more")
-    train.add_argument("--vocab-size", type=int, default=8192)
-    train.add_argument("--min-frequency", type=int, default=2)
-    train.add_argument("--out", required=True, help="folder for tokenizer.json and tokenizer_config.json")
-    args = parser.parse_args(argv)
-    from llmstages.data.tokenizer import Tokenizer
-
-    missing = [f for f in args.files if not Path(f).is_file()]
-    if missing:
-        parser.error(f"no such file: {', '.join(missing)}")
-    tokenizer = Tokenizer.train_from_files(args.files, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
-    path = tokenizer.save(args.out)
-    print(f"saved a {tokenizer.vocab_size}-token tokenizer to {path}")
+def _tool(name: str):
+    return importlib.import_module(f"llmstages.tools.{TOOLS[name]}")
 
 
-def _masks_command(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="llmstages masks", description="show which tokens carry a loss")
-    parser.add_argument("--config", required=True, help="a stage config with a `data:` section")
-    parser.add_argument("-n", type=int, default=3, help="how many rows to show")
-    parser.add_argument("--split", choices=("train", "val"), default="train")
-    parser.add_argument("--html", help="also write the rows to this HTML file")
-    args = parser.parse_args(argv)
-    from llmstages.masks import show_masks
-
-    show_masks(args.config, n=args.n, split=args.split, html=args.html)
-
-
-def _export_command(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="llmstages export", description="checkpoint -> Hugging Face folder")
-    parser.add_argument("--ckpt", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--tokenizer", help="tokenizer.json or folder to copy beside the weights")
-    args = parser.parse_args(argv)
-    from llmstages.model.hf import to_hf
-    from llmstages.model.transformer import Transformer
-    from llmstages.stages.base import load_backbone_weights
-    import torch
-
-    checkpoint = torch.load(args.ckpt, map_location="cpu", weights_only=False)
-    model = Transformer(_checkpoint_config(checkpoint))
-    load_backbone_weights(model, args.ckpt)
-    ids = {}
-    if args.tokenizer:
-        from llmstages.data.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.from_file(args.tokenizer)
-        # so transformers' generate stops at the end of text and pads with the real pad id
-        ids = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
-    out = to_hf(model, args.out, **ids)
-    if args.tokenizer:
-        tokenizer.save(out)
-    print(f"wrote {out}")
-
-
-def _checkpoint_config(checkpoint: dict):
-    from llmstages.stages.base import resolve_config
-
-    hp = checkpoint["hyper_parameters"]
-    model = hp.get("model")
-    if isinstance(model, dict):
-        from llmstages.model.config import ModelConfig
-
-        model = ModelConfig.from_dict(model)
-    return resolve_config(model, hp.get("preset", "tiny"), hp.get("vocab_size"), hp.get("init_from"))
+def usage() -> str:
+    lines = ["usage: llmstages COMMAND [options]   (llmstages COMMAND --help for a command's options)", "", "commands:"]
+    width = max(map(len, [*TRAINING, *TOOLS]))
+    lines += [f"  {name:<{width}}  {text}" for name, text in TRAINING.items()]
+    lines += [f"  {name:<{width}}  {_tool(name).HELP}" for name in TOOLS]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in TOOLS:
-        command, rest = argv[0], argv[1:]
-        if command == "tokenizer":
-            _tokenizer_command(rest)
-        elif command == "masks":
-            _masks_command(rest)
-        elif command == "export":
-            _export_command(rest)
-        else:
-            from llmstages.demo import main as demo_main
-
-            demo_main(rest)
+    given = argv is not None
+    argv = list(argv if given else sys.argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
         return
-    lightning_cli(argv)
+    if argv[0] in TOOLS:
+        _tool(argv[0]).main(argv[1:])
+        return
+    if argv[0] not in TRAINING and not argv[0].startswith("-"):
+        raise SystemExit(f"llmstages: unknown command {argv[0]!r}\n\n{usage()}")
+    lightning_cli(argv if given else None)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llmstages.callbacks import ThroughputMonitor, batch_tokens
-from llmstages.data.modules import SFTData
+from llmstages.data import SFTData
 from llmstages.stages import SFTModule
 
 

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from llmstages.data import modules as modules_mod
+from llmstages.data import sft as sft_module
 from llmstages.data import synthetic
 from llmstages.data.formats import DataFormatError
-from llmstages.data.modules import PreferenceData, PretrainData, SFTData, default_tokenizer
+from llmstages.data import PreferenceData, PretrainData, SFTData
+from llmstages.data.base import default_tokenizer
 from llmstages.data.packing import IGNORE_INDEX, truncate
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.losses import count_sequences, count_targets
@@ -311,7 +312,7 @@ def test_step_counts_with_accumulation(sft_docs: SFTData, monkeypatch: pytest.Mo
 
 def test_sft_alpaca_packing(shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     messages: list[str] = []
-    monkeypatch.setattr(modules_mod, "rank_zero_info", messages.append)
+    monkeypatch.setattr(sft_module, "rank_zero_info", messages.append)
     common = dict(
         files=[str(shared_data / "llamafactory" / "alpaca_en_demo.json")],
         tokenizer=str(shared_data / "minimind" / "tokenizer.json"),

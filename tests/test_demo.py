@@ -1,6 +1,6 @@
 """The README's main job, shrunk: all four stages chained through the real CLI and configs."""
 
-from llmstages.demo import main
+from llmstages.tools.demo import main
 
 
 def test_demo_runs_all_four_stages_and_reports(tmp_path, capsys):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmstages.data.modules import SFTData
+from llmstages.data import SFTData
 from llmstages.stages import SFTModule
 
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp2_fit.py"

@@ -36,7 +36,8 @@ from torch import nn
 from llmstages import callbacks as callbacks_mod
 from llmstages.callbacks import ThroughputMonitor
 from llmstages.data import synthetic
-from llmstages.data.modules import PreferenceData, PretrainData, SFTData, default_tokenizer
+from llmstages.data import PreferenceData, PretrainData, SFTData
+from llmstages.data.base import default_tokenizer
 from llmstages.data.templates import IGNORE_INDEX, ChatTemplate
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.losses import count_targets

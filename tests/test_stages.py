@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from llmstages.data import synthetic
-from llmstages.data.modules import PreferenceData, PretrainData, SFTData
+from llmstages.data import PreferenceData, PretrainData, SFTData
 from llmstages.data.packing import IGNORE_INDEX, pack_examples, pad_examples, stack_rows
 from llmstages.losses import NoTargetTokensWarning, count_targets, target_mask
 from llmstages.model.config import ModelConfig

@@ -1,0 +1,12 @@
+"""Tokens in, batches out: one LightningDataModule per stage family.
+
+`llmstages.data.SFTData` in a config is the class in `data/sft.py`; the batch
+contract every module yields is documented in `data/batch.py`.
+"""
+
+from llmstages.data.base import StageData
+from llmstages.data.preference import PreferenceData
+from llmstages.data.pretrain import PretrainData
+from llmstages.data.sft import SFTData
+
+__all__ = ["StageData", "PretrainData", "SFTData", "PreferenceData"]

@@ -10,7 +10,7 @@ import sys
 import lightning as L
 import torch
 
-from llmstages.data.modules import SFTData
+from llmstages.data import SFTData
 from llmstages.stages import SFTModule
 from llmstages.strategies import FSDP2Strategy
 

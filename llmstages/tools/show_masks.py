@@ -1,4 +1,4 @@
-"""`llmstages masks`: see exactly which tokens carry a loss.
+"""`llmstages masks`: a viewer of exactly which tokens carry a loss.
 
 Rows come from the configured data module's own batches (the same encode,
 truncation and packing path as training), so what you see is what trains.
@@ -9,6 +9,7 @@ recorded console export).
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import yaml
@@ -16,8 +17,10 @@ from jsonargparse import ArgumentParser
 from rich.console import Console
 from rich.text import Text
 
-from llmstages.data.modules import StageData
-from llmstages.losses import count_targets
+from llmstages.data import StageData
+from llmstages.losses import IGNORE_INDEX, count_targets
+
+HELP = "show which tokens of a config's data carry a loss (terminal or --html)"
 
 LABELLED = "black on green"
 PROMPT = "dim"
@@ -44,7 +47,7 @@ def render_row(tokenizer, input_ids, labels, document_ids=None) -> Text:
             text.append(" │ ", style="bold magenta")
         previous_doc = doc
         piece = tokenizer.decode([int(token)])
-        text.append(piece, style=LABELLED if int(label) != -100 else PROMPT)
+        text.append(piece, style=LABELLED if int(label) != IGNORE_INDEX else PROMPT)
     return text
 
 
@@ -74,3 +77,13 @@ def show_masks(config: str | Path, n: int = 3, split: str = "train", html: str |
         Path(html).parent.mkdir(parents=True, exist_ok=True)
         console.save_html(html)
         console.print(f"wrote {html}")
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="llmstages masks", description=HELP)
+    parser.add_argument("--config", required=True, help="a stage config with a `data:` section")
+    parser.add_argument("-n", type=int, default=3, help="how many rows to show")
+    parser.add_argument("--split", choices=("train", "val"), default="train")
+    parser.add_argument("--html", help="also write the rows to this HTML file")
+    args = parser.parse_args(argv)
+    show_masks(args.config, n=args.n, split=args.split, html=args.html)

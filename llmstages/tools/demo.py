@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -23,7 +22,8 @@ from rich.table import Table
 from llmstages.data import synthetic
 from llmstages.model.generate import generate
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+HELP = "train pretrain -> SFT -> reward model -> DPO on the embedded data and report what each learned"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 STAGES = (  # name, config, init_from stage, default steps
     ("pretrain", "pretrain.yaml", None, 400),
     ("sft", "sft.yaml", "pretrain", 300),
@@ -55,7 +55,7 @@ def run_stage(name: str, config: Path, out: Path, init_from: Path | None, steps:
     (written here, kept for you to read) points logs and checkpoints into `out`."""
     import yaml
 
-    from llmstages.cli import lightning_cli
+    from llmstages.trainer_cli import lightning_cli
 
     root = out / name
     root.mkdir(parents=True, exist_ok=True)
@@ -81,9 +81,7 @@ def run_stage(name: str, config: Path, out: Path, init_from: Path | None, steps:
         override["model"] = {"init_args": {"init_from": str(init_from)}}
     fragment = root / "demo.yaml"
     fragment.write_text(yaml.safe_dump(override, sort_keys=False))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
-        cli = lightning_cli(["fit", "--config", str(config), "--config", str(fragment), *extra])
+    cli = lightning_cli(["fit", "--config", str(config), "--config", str(fragment), *extra])
     import wandb
 
     if wandb.run is not None:

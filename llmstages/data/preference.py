@@ -1,0 +1,122 @@
+"""PreferenceData: prompt + chosen/rejected replies -> two masked sequences sharing the prompt's tokens.
+
+Design choices:
+- Both sides share the prompt's tokens exactly; truncation treats the pair as
+  one (`left` cuts the same prompt tokens from both sides), so a preference
+  loss always compares replies to the same context.
+- Both sides are right-padded to one length so a stage can run them in one
+  forward pass; `index` identifies the pair for precomputed reference log-probs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from rich.progress import track
+
+from llmstages.data import synthetic
+from llmstages.data.base import StageData, _ListDataset
+from llmstages.data.formats import LoadReport, read_preference
+from llmstages.data.packing import pad_examples, truncate
+from llmstages.data.templates import ChatTemplate
+from llmstages.losses import IGNORE_INDEX, count_targets
+from llmstages.options import OnError, TemplateName, Truncation, check_choice, choices
+
+
+class PreferenceData(StageData):
+    """Prompt + chosen/rejected replies -> two masked sequences sharing the prompt's tokens.
+
+    Batches: `chosen_{input_ids,labels,position_ids}`, `rejected_{...}` (both
+    right-padded to one length so a stage can run them in one forward pass)
+    and `index` (the pair's position in its split, for precomputed reference
+    log-probabilities).
+    """
+
+    def __init__(
+        self,
+        files: list[str] | None = None,
+        template: TemplateName = "chatml",
+        truncation: Truncation = "right",
+        on_error: OnError = "raise",
+        **kwargs,
+    ) -> None:
+        """
+        Args:
+            files: preference files (sharegpt conversations + chosen + rejected, or prompt/chosen/rejected);
+                null: the embedded synthetic pairs.
+            template: the chat template that renders prompt and replies into tokens.
+            truncation: right (cut the replies' ends), left (cut the oldest prompt tokens) or drop an over-long pair.
+            on_error: raise (stop at the first bad record, naming file, line and field) or skip (count and go on).
+        """
+        super().__init__(**kwargs)
+        self.files = [Path(f) for f in files] if files else None
+        self.truncation = check_choice("truncation", truncation, choices(Truncation))
+        self.on_error = check_choice("on_error", on_error, choices(OnError))
+        self.template = ChatTemplate.get(template)
+
+    def _pairs(self) -> tuple[list[dict], list[LoadReport]]:
+        if not self.files:
+            return synthetic.preference_pairs(seed=self.seed), []
+        pairs, reports = [], []
+        for file in self.files:
+            records, report = read_preference(file, on_error=self.on_error)
+            pairs += records
+            reports.append(report)
+        return pairs, reports
+
+    def encode(self, pair: dict) -> dict | None:
+        """A pair -> {"chosen": example, "rejected": example} sharing one prompt, or None (counted).
+
+        Truncation treats the pair as one: `left` cuts the same oldest prompt
+        tokens from both sides, so DPO always compares replies to the same context.
+        """
+        prompt = self.template.encode_prompt(pair["prompt"], self.tokenizer)
+        replies = {side: self._completion(pair["prompt"], pair[side], len(prompt)) for side in ("chosen", "rejected")}
+        longest = max(len(r["input_ids"]) for r in replies.values())
+        if len(prompt) + longest > self.seq_len:
+            if self.truncation == "drop":
+                self.skipped["too_long_dropped"] += 1
+                return None
+            if self.truncation == "left":
+                keep = self.seq_len - longest
+                if keep < 1:
+                    self.skipped["reply_truncated_away"] += 1
+                    return None
+                prompt = prompt[-keep:]
+        sides = {}
+        for side, reply in replies.items():
+            example = {"input_ids": prompt + reply["input_ids"], "labels": [IGNORE_INDEX] * len(prompt) + reply["labels"]}
+            fitted = truncate(example, self.seq_len, "right")
+            if fitted is None:
+                self.skipped["reply_truncated_away"] += 1
+                return None
+            sides[side] = fitted
+        return sides
+
+    def _completion(self, prompt: list[dict], messages: list[dict], prompt_len: int) -> dict:
+        """The tokens after the prompt: one reply, or a multi-turn completion (its assistant turns labelled)."""
+        if len(messages) == 1:
+            return self.template.encode_reply(messages[0]["content"], self.tokenizer)
+        full = self.template.encode(prompt + messages, self.tokenizer, loss_mask="assistant")
+        # the prompt's own assistant turns are context, not the completion being preferred
+        return {"input_ids": full["input_ids"][prompt_len:], "labels": full["labels"][prompt_len:]}
+
+    def _build(self) -> None:
+        pairs, reports = self._pairs()
+        encoded = [e for e in (self.encode(p) for p in track(pairs, description="encoding", disable=len(pairs) < 5000)) if e]
+        self._report("preference data", len(encoded), reports)
+        train, val = self._split(encoded)
+        self.train_set = _ListDataset([{**e, "index": i} for i, e in enumerate(train)])
+        self.val_set = _ListDataset([{**e, "index": i} for i, e in enumerate(val)]) if val else None
+
+    def _collate(self, items: list) -> dict[str, torch.Tensor]:
+        length = max(len(item[side]["input_ids"]) for item in items for side in ("chosen", "rejected"))
+        batch = {"index": torch.tensor([item["index"] for item in items])}
+        for side in ("chosen", "rejected"):
+            batch.update(pad_examples([item[side] for item in items], self.tokenizer.pad_id, length, prefix=f"{side}_"))
+        return batch
+
+    def _count(self, batch: dict) -> tuple[int, int]:
+        # tokens of the chosen replies (what an SFT term trains on); sequences = pairs
+        return count_targets(batch["chosen_labels"]), int(batch["chosen_labels"].shape[0])

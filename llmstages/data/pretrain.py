@@ -1,0 +1,123 @@
+"""PretrainData: text -> tokens (EOS after every document) -> rows of `seq_len`.
+
+Design choices:
+- Tokens are cached on disk as a memory-mapped array keyed by the inputs'
+  content and the tokenizer, written atomically.
+- Files are streamed line by line (`.txt`, `.jsonl`) and encoded in chunks,
+  so a corpus larger than memory is encoded once and trained on from the
+  memory map.
+- `packing: documents` keeps attention inside each document (`document_ids`);
+  `concat` is the classic shortcut where attention crosses documents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from rich.progress import Progress
+from torch.utils.data import Dataset
+
+from llmstages.data import synthetic
+from llmstages.data.base import StageData, _chunks, _file_digest
+from llmstages.data.formats import iter_text
+from llmstages.data.packing import check_packing, stack_rows, stream_row
+from llmstages.options import OnError, TextMode, check_choice, choices
+
+
+class _TokenRows(Dataset):
+    def __init__(self, tokens: np.ndarray, rows: np.ndarray, seq_len: int, eos_id: int, packing: str) -> None:
+        self.tokens, self.rows, self.seq_len, self.eos_id, self.packing = tokens, rows, seq_len, eos_id, packing
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        start = int(self.rows[i]) * self.seq_len
+        return stream_row(self.tokens[start : start + self.seq_len], self.seq_len, self.eos_id, self.packing)
+
+
+class PretrainData(StageData):
+    """Text -> tokens (EOS after every document) -> rows of `seq_len`."""
+
+    encode_chunk = 1024  # documents per `encode_batch` call
+
+    def __init__(
+        self,
+        files: list[str] | None = None,
+        text_mode: TextMode = "line",
+        packing: Literal["documents", "concat"] = "documents",
+        on_error: OnError = "raise",
+        **kwargs,
+    ) -> None:
+        """
+        Args:
+            files: `.txt` or `.jsonl` (a `text` field) corpora; null: the embedded synthetic corpus.
+            text_mode: line (a document per line) or file (a document per file).
+            packing: documents (attention and positions isolated per document) or concat (attention crosses documents).
+            on_error: raise (stop at the first bad record, naming file, line and field) or skip (count and go on).
+        """
+        super().__init__(**kwargs)
+        self.files = [Path(f) for f in files] if files else None
+        self.text_mode = check_choice("text_mode", text_mode, choices(TextMode))
+        self.on_error = check_choice("on_error", on_error, choices(OnError))
+        self.packing = check_packing(packing, ("documents", "concat"))
+
+    def token_cache(self) -> Path:
+        """Encode the corpus once; later runs with the same inputs and tokenizer reuse the file."""
+        tok_json = self.tokenizer.to_json()
+        if self.files:
+            key = _file_digest(self.files, f"{self.text_mode}|{tok_json}")
+        else:
+            # keyed on the generated text itself: a new seed or generator version is a new cache
+            docs = synthetic.pretrain_corpus(seed=self.seed)
+            key = hashlib.sha256("\n".join(["embedded", tok_json, *docs]).encode()).hexdigest()[:16]
+        path = self.cache_dir / f"tokens-{key}.bin"
+        if path.exists():
+            return path
+        dtype = np.uint16 if self.tokenizer.vocab_size < 2**16 else np.uint32
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        eos, n_docs = self.tokenizer.eos_id, 0
+        sources = [iter_text(f, mode=self.text_mode, on_error=self.on_error) for f in self.files] if self.files else [docs]
+        total = sum(f.stat().st_size for f in self.files) if self.files else sum(len(d) for d in docs)
+        with open(tmp, "wb") as out, Progress(disable=total < 10_000_000) as progress:
+            task = progress.add_task("tokenising", total=total)
+            for source in sources:
+                for chunk in _chunks(source, self.encode_chunk):
+                    for ids in self.tokenizer.encode_batch(chunk):
+                        np.asarray(ids + [eos], dtype=dtype).tofile(out)
+                    n_docs += len(chunk)
+                    progress.advance(task, sum(len(d) for d in chunk))
+        if self.files:
+            self._report("pretrain data", n_docs, [s.report for s in sources])
+        meta = tmp.with_name(tmp.name + ".json")
+        meta.write_text(json.dumps({"dtype": np.dtype(dtype).name, "documents": n_docs}))
+        meta.replace(path.with_suffix(".json"))  # before the tokens: a visible cache always has its metadata
+        tmp.replace(path)  # atomic: a killed run never leaves a half-written cache behind
+        return path
+
+    def _build(self) -> None:
+        path = self.token_cache()
+        dtype = json.loads(path.with_suffix(".json").read_text())["dtype"]
+        tokens = np.memmap(path, dtype=dtype, mode="r")
+        n_rows = len(tokens) // self.seq_len
+        if n_rows < 2:
+            raise ValueError(f"the corpus has {len(tokens)} tokens: not even two rows of seq_len={self.seq_len}")
+        train_rows, val_rows = self._split(list(range(n_rows)))
+        eos = self.tokenizer.eos_id
+        self.train_set = _TokenRows(tokens, np.asarray(train_rows), self.seq_len, eos, self.packing)
+        self.val_set = _TokenRows(tokens, np.asarray(val_rows), self.seq_len, eos, self.packing)
+        rank_zero_info(
+            f"pretrain data: {len(tokens):,} tokens, {len(train_rows)} training and {len(val_rows)} validation rows "
+            f"of {self.seq_len} ({self.packing})"
+        )
+
+    def _collate(self, items: list) -> dict[str, torch.Tensor]:
+        return stack_rows(items)

@@ -1,0 +1,72 @@
+"""Every named option of llmstages, as a typed choice, and the one validator.
+
+Design choices:
+- Each option is a `typing.Literal`. Stage and data `__init__`s are annotated
+  with these types, so LightningCLI/jsonargparse list the values in `--help`
+  and reject a typo at parse time; `check_choice` repeats the check for
+  Python callers, with one message format project-wide.
+- The tuples of values (`choices(Normalize)`, ...) are derived from the
+  Literals, never written twice.
+- What each value means is documented where it is implemented (the loss
+  masks in `data/templates.py`, normalisation and reductions in `losses.py`,
+  packing in `data/packing.py`) and summarised in `docs/design.md`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, get_args
+
+__all__ = [
+    "LossMask",
+    "Normalize",
+    "LogpReduction",
+    "Packing",
+    "Truncation",
+    "DPOLossType",
+    "Reference",
+    "OnError",
+    "TemplateName",
+    "ChatFormat",
+    "TextMode",
+    "NonFinite",
+    "choices",
+    "check_choice",
+]
+
+# SFT: which tokens of a conversation carry a loss (data/templates.py)
+LossMask = Literal["assistant", "last_assistant", "all", "assistant_no_eos", "legacy_drop_first", "legacy_minimind"]
+# how summed token losses are divided (losses.reduce_token_loss)
+Normalize = Literal["token", "micro_batch", "sequence", "sum"]
+# a sequence's log-probability from its token log-probs (losses.sequence_logps)
+LogpReduction = Literal["sum", "mean", "legacy_mean_padded"]
+# how examples become rows (data/packing.py)
+Packing = Literal["none", "documents", "concat"]
+# what happens to an example longer than seq_len (data/packing.truncate)
+Truncation = Literal["right", "left", "drop"]
+# the preference loss (losses.dpo_loss)
+DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust", "simpo"]
+# where DPO's reference log-probs come from (stages/dpo.py)
+Reference = Literal["live", "precompute"]
+# a bad record in a data file (data/formats.py)
+OnError = Literal["raise", "skip"]
+# chat templates (data/templates.py)
+TemplateName = Literal["chatml", "llama3", "plain"]
+# chat data file formats (data/formats.py)
+ChatFormat = Literal["auto", "alpaca", "sharegpt", "messages"]
+# a pretraining text file: one document per line, or the whole file
+TextMode = Literal["line", "file"]
+# what a non-finite loss or gradient norm does (callbacks.NonFiniteGuard)
+NonFinite = Literal["stop", "skip_step"]
+
+
+def choices(option) -> tuple[str, ...]:
+    """The values of a Literal option, in declaration order (the first is the default)."""
+    return get_args(option)
+
+
+def check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
+    """`value` if it is one of `allowed`, else a ValueError naming the option and listing the values."""
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")
+    return value

@@ -1,0 +1,1 @@
+"""The `llmstages` tool commands beside fit/validate: one module each, with `HELP` and `main(argv)`."""
