@@ -31,7 +31,7 @@ import torch
 from llmstages.data import synthetic
 from llmstages.data import PretrainData, SFTData
 from llmstages.data.templates import LOSS_MASKS
-from llmstages.model.generate import generate
+from llmstages.evaluation import evaluate_replies
 from llmstages.stages import PretrainModule, SFTModule
 
 RESULTS = Path(__file__).parent / "results"
@@ -57,20 +57,13 @@ def pretrain(cache: Path, steps: int, preset: str) -> Path:
     return path
 
 
-@torch.no_grad()
 def score(model, data: SFTData, n: int) -> dict[str, float]:
-    model.eval()
-    first = stopped = exact = 0
-    prompts = synthetic.prompt_answer_pairs(n, seed=4242)
-    stop_id = data.template.stop_token_id(data.tokenizer)
-    for messages, answer, task in prompts:
-        prompt = data.template.encode_prompt(messages, data.tokenizer)
-        reference = data.template.encode_reply(answer, data.tokenizer)["input_ids"]
-        new, did_stop = generate(model, prompt, max_new_tokens=24, stop_id=stop_id)
-        first += bool(new) and new[0] == reference[0]
-        stopped += did_stop
-        exact += did_stop and synthetic.score_reply(task, data.tokenizer.decode(new, skip_special_tokens=True), answer)
-    return {"first_token_acc": first / n, "stop_rate": stopped / n, "exact_match": exact / n}
+    items = synthetic.prompt_answer_pairs(n, seed=4242)
+    prompts = [data.template.encode_prompt(messages, data.tokenizer) for messages, _, _ in items]
+    answers = [answer for _, answer, _ in items]
+    ref_ids = [data.template.encode_reply(answer, data.tokenizer)["input_ids"] for answer in answers]
+    quality = evaluate_replies(model, prompts, answers, data.stop_token_id, data.tokenizer, 24, reference_ids=ref_ids)
+    return {k: quality[k] for k in ("first_token_acc", "stop_rate", "exact_match")}
 
 
 def run_variant(variant: str, seed: int, init: Path, cache: Path, steps: int, preset: str, n_eval: int) -> dict:

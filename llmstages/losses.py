@@ -29,12 +29,13 @@ Design choices:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from llmstages.options import DPOLossType, LogpReduction, Normalize, check_choice, choices
 
 __all__ = [
     "IGNORE_INDEX",
@@ -42,7 +43,6 @@ __all__ = [
     "LOGP_REDUCTIONS",
     "DPO_LOSS_TYPES",
     "NoTargetTokensWarning",
-    "check_choice",
     "shift_labels",
     "target_mask",
     "count_targets",
@@ -50,6 +50,7 @@ __all__ = [
     "token_logps",
     "token_logps_from_logits",
     "reduce_token_loss",
+    "reduce_pair_loss",
     "sequence_logps",
     "dpo_loss",
     "reward_loss",
@@ -58,20 +59,13 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
-NORMALIZE_MODES = ("token", "micro_batch", "sequence", "sum")
-LOGP_REDUCTIONS = ("sum", "mean", "legacy_mean_padded")
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo")
+NORMALIZE_MODES = choices(Normalize)
+LOGP_REDUCTIONS = choices(LogpReduction)
+DPO_LOSS_TYPES = choices(DPOLossType)
 
 
 class NoTargetTokensWarning(UserWarning):
     """A micro-batch or optimiser step had no target tokens; its loss is zero."""
-
-
-def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
-    """A named option's value, or a ValueError listing the valid names (used project-wide)."""
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
-    return value
 
 
 def _check_2d(name: str, tensor: Tensor) -> None:
@@ -382,6 +376,21 @@ def reduce_token_loss(
         return per_sequence / num_sequences
     step_sequences = _step_count(num_step_sequences, "num_step_sequences", num_sequences)
     return per_sequence * grad_scale / step_sequences
+
+
+def reduce_pair_loss(losses: Tensor, num_step_pairs: int | Tensor | None = None, grad_scale: float = 1.0) -> Tensor:
+    """Mean of per-pair (or per-example) losses over the optimiser step: sum * grad_scale / num_step_pairs.
+
+    The pairwise twin of `normalize: token`: with the step's pair count summed
+    over micro-batches and ranks, one step's gradient does not depend on how
+    its pairs are split. `num_step_pairs` None: this micro-batch is the step.
+    """
+    if losses.dim() != 1:
+        raise ValueError(f"losses must be [B], got shape {tuple(losses.shape)}")
+    if num_step_pairs is None:
+        return losses.mean()
+    step_pairs = _step_count(num_step_pairs, "num_step_pairs", len(losses))
+    return losses.sum() * grad_scale / step_pairs
 
 
 def sequence_logps(token_logps: Tensor, labels: Tensor, reduction: str = "sum") -> Tensor:

@@ -130,8 +130,8 @@ def test_stages_score_every_reply_from_the_position_before_it(minimind: str, cac
     sharpen(module)
     with torch.no_grad():
         expected = textbook_logps(module.backbone(ids, position_ids=pos), labels)
-        got = module.token_logps(ids, labels, pos)
-        loss, _ = module.next_token_loss(batch)
+        got = module.target_logps(ids, labels, pos)
+        loss, _, _ = module.compute_loss(batch)
     assert torch.equal(got != 0, expected != 0)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss, -expected.sum() / count_targets(labels), rtol=1e-5, atol=1e-6)
@@ -146,7 +146,7 @@ def test_stages_score_every_reply_from_the_position_before_it(minimind: str, cac
     dpo = DPOModule(model=ModelConfig.from_name("tiny", vocab_size=pref.vocab_size, n_layer=1))
     sharpen(dpo)
     with torch.no_grad():
-        chosen, rejected = dpo.sequence_logps(pbatch)
+        chosen, rejected, _ = dpo.pair_logps(pbatch)
         for side, seq in (("chosen", chosen), ("rejected", rejected)):
             logits = dpo.backbone(pbatch[f"{side}_input_ids"], position_ids=pbatch[f"{side}_position_ids"])
             reference = textbook_logps(logits, pbatch[f"{side}_labels"]).sum(1)

@@ -147,7 +147,7 @@ def hand_grads(module: SFTModule, examples: list[dict], pad_id: int) -> dict[str
     """Reference for `normalize: token`: grad of (summed token NLL of all examples) / (their target count)."""
     module.zero_grad(set_to_none=True)
     batch = pad_examples(examples, pad_id)
-    logps = module.token_logps(batch["input_ids"], batch["labels"], batch["position_ids"])
+    logps = module.target_logps(batch["input_ids"], batch["labels"], batch["position_ids"])
     (-logps.sum() / count_targets(batch["labels"])).backward()
     grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
     module.zero_grad(set_to_none=True)
@@ -178,7 +178,7 @@ def test_packed_and_unpacked_sft_give_same_losses_and_gradients(cache_dir: str) 
 
     def nll_and_grads(batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         module.zero_grad(set_to_none=True)
-        logps = module.token_logps(
+        logps = module.target_logps(
             batch["input_ids"], batch["labels"], batch["position_ids"], batch.get("document_ids")
         )
         per_example = -torch.stack(targets_per_document(logps, batch["labels"], batch.get("document_ids")))
@@ -199,7 +199,7 @@ def test_packed_and_unpacked_sft_give_same_losses_and_gradients(cache_dir: str) 
     # Negative control: the same rows without document isolation (attention and positions run
     # across documents) must give different losses, or the comparison above proves nothing.
     leaky = {k: v for k, v in packed.items() if k not in ("document_ids", "position_ids")}
-    logps = module.token_logps(leaky["input_ids"], leaky["labels"])
+    logps = module.target_logps(leaky["input_ids"], leaky["labels"])
     nll_leaky = -torch.stack(targets_per_document(logps, packed["labels"], packed["document_ids"])).detach()
     assert (nll_leaky - nll_u).abs().max() > 1e-2
 
@@ -284,11 +284,11 @@ def test_dpo_at_initialisation_loss_is_log2_and_rewards_zero(cache_dir: str) -> 
     sharpen(module)  # before setup: the reference copies these weights
     module.setup("fit")
     batch = data._collate([data.train_set[i] for i in range(8)])
-    loss, stats, n = module._loss(batch)
+    loss, stats, n = module.compute_loss(batch)
     assert n == 8 and loss.dtype == torch.float32  # float64 step counts must not promote the loss
     torch.testing.assert_close(loss, torch.tensor(math.log(2.0)), rtol=0, atol=1e-6)
-    ref_c, ref_r = module.sequence_logps(batch, module._reference)
-    pol_c, pol_r = module.sequence_logps(batch)
+    ref_c, ref_r, _ = module.pair_logps(batch, module._reference)
+    pol_c, pol_r, _ = module.pair_logps(batch)
     assert torch.equal(pol_c, ref_c) and torch.equal(pol_r, ref_r)  # so every pair's rewards are 0
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert float(stats[key]) == 0.0, key
@@ -316,8 +316,8 @@ def test_dpo_precomputed_reference_equals_live_reference(cache_dir: str) -> None
         pre.train(training)
         # rows 3..9 padded to a different length than in precompute's own batches
         batch = data._collate([dataset[i] for i in range(3, 9)])
-        loss_live, stats_live, _ = live._loss(batch)
-        loss_pre, stats_pre, _ = pre._loss(batch)
+        loss_live, stats_live, _ = live.compute_loss(batch)
+        loss_pre, stats_pre, _ = pre.compute_loss(batch)
         assert abs(float(loss_live.detach()) - math.log(2.0)) > 1e-3, split  # the comparison is not trivial
         torch.testing.assert_close(loss_pre, loss_live, rtol=1e-5, atol=1e-5)
         for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
@@ -336,9 +336,9 @@ def test_dpo_mean_reduction_ignores_padding_but_legacy_mean_padded_does_not(cach
     legacy = DPOModule(preset="tiny", vocab_size=data.vocab_size, logp_reduction="legacy_mean_padded")
     legacy.load_state_dict(mean.state_dict())
 
-    for a, b in zip(mean.sequence_logps(batch), mean.sequence_logps(padded)):
+    for a, b in zip(mean.pair_logps(batch)[:2], mean.pair_logps(padded)[:2]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-    for a, b in zip(legacy.sequence_logps(batch), legacy.sequence_logps(padded)):
+    for a, b in zip(legacy.pair_logps(batch)[:2], legacy.pair_logps(padded)[:2]):
         # the sum is unchanged, the divisor is the padded length: a rescaled beta, not a mean
         torch.testing.assert_close(b, a * length / (length + extra), rtol=1e-5, atol=1e-6)
         assert (b - a).abs().min() > 1e-3
@@ -350,10 +350,10 @@ def test_simpo_trains_without_a_reference(cache_dir: str) -> None:
     module.setup("fit")
     assert module._reference is None and module.logp_reduction == "mean"
     batch = data._collate([data.train_set[i] for i in range(4)])
-    loss, stats, _ = module._loss(batch)
+    loss, stats, _ = module.compute_loss(batch)
     # policies at init are nearly uniform and pi_c ~ pi_r, so the loss is about -logsigmoid(-gamma)
     assert torch.isfinite(loss)
-    pol_c, pol_r = module.sequence_logps(batch)
+    pol_c, pol_r, _ = module.pair_logps(batch)
     expected = -torch.nn.functional.logsigmoid(2.0 * (pol_c - pol_r) - 0.5).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     loss.backward()
@@ -450,13 +450,13 @@ def test_zero_target_micro_batch_gives_zero_loss_and_zero_gradients(cache_dir: s
     batch = data._collate([data.train_set[i] for i in range(4)])
     batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)  # e.g. everything truncated away
     with pytest.warns(NoTargetTokensWarning):
-        loss, stats = module.next_token_loss(batch)
-    assert float(loss.detach()) == 0.0 and int(stats["tokens"]) == 0
+        loss, stats, tokens = module.compute_loss(batch)
+    assert float(loss.detach()) == 0.0 and int(tokens) == 0
     loss.backward()
     grads = [p.grad for p in module.parameters()]
     assert all(g is not None for g in grads)  # backward ran through the model
     assert all(torch.isfinite(g).all() and (g == 0).all() for g in grads)
-    assert torch.isfinite(stats["nll_mean"]) and torch.isfinite(stats["token_acc"])
+    assert torch.isfinite(stats["loss"]) and torch.isfinite(stats["token_acc"])
 
 
 # --------------------------------------------------------------------------- 8. every stage learns
@@ -583,7 +583,7 @@ def test_sequence_normalisation_validates_packed_rows(cache_dir: str) -> None:
     data = sft_data(cache_dir, packing="documents", batch_size=4)
     module = SFTModule(preset="tiny", vocab_size=data.vocab_size, normalize="sequence", generate_samples=0)
     batch = data._collate([data.val_set[i] for i in range(2)])
-    loss, _ = module.next_token_loss(batch)
+    loss, _, _ = module.compute_loss(batch)
     assert torch.isfinite(loss)
 
 

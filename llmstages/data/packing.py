@@ -1,7 +1,7 @@
 """Packing: examples in, rows of the batch contract out.
 
 Design choices:
-- Three layouts, named as in DESIGN.md: `none` (one example per row, right
+- Three layouts, named as in docs/design.md: `none` (one example per row, right
   padding to the batch's longest), `documents` (several examples per row;
   `document_ids` isolate attention, `position_ids` restart, the first token of
   every document is unlabelled so no target crosses a document boundary) and
@@ -21,9 +21,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from llmstages.losses import IGNORE_INDEX, check_choice
+from llmstages.data.batch import LMBatch
+from llmstages.losses import IGNORE_INDEX
+from llmstages.options import Packing, Truncation, check_choice, choices
 
-PACKING_MODES = ("none", "documents", "concat")
+PACKING_MODES = choices(Packing)
 
 
 def check_packing(packing: str, allowed: Sequence[str] = PACKING_MODES) -> str:
@@ -93,7 +95,7 @@ def pad_examples(examples: Sequence[dict], pad_id: int, length: int | None = Non
     return {f"{prefix}input_ids": input_ids, f"{prefix}labels": labels, f"{prefix}position_ids": positions}
 
 
-def stack_rows(rows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def stack_rows(rows: Sequence[dict[str, torch.Tensor]]) -> LMBatch:
     return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
 
 
@@ -124,7 +126,7 @@ def fill_ratio(rows: Sequence[Sequence[int]], lengths: Sequence[int], seq_len: i
     return sum(lengths[i] for row in rows for i in row) / (len(rows) * seq_len) if rows else 0.0
 
 
-TRUNCATION_POLICIES = ("right", "left", "drop")
+TRUNCATION_POLICIES = choices(Truncation)
 
 
 def truncate(example: dict, max_len: int, policy: str) -> dict | None:

@@ -16,6 +16,7 @@ import torch
 from rich.progress import track
 
 from llmstages.data import synthetic
+from llmstages.data.batch import PreferenceBatch
 from llmstages.data.base import StageData, _ListDataset
 from llmstages.data.formats import LoadReport, read_preference
 from llmstages.data.packing import pad_examples, truncate
@@ -110,7 +111,7 @@ class PreferenceData(StageData):
         self.train_set = _ListDataset([{**e, "index": i} for i, e in enumerate(train)])
         self.val_set = _ListDataset([{**e, "index": i} for i, e in enumerate(val)]) if val else None
 
-    def _collate(self, items: list) -> dict[str, torch.Tensor]:
+    def _collate(self, items: list) -> PreferenceBatch:
         length = max(len(item[side]["input_ids"]) for item in items for side in ("chosen", "rejected"))
         batch = {"index": torch.tensor([item["index"] for item in items])}
         for side in ("chosen", "rejected"):

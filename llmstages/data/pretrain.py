@@ -25,6 +25,7 @@ from rich.progress import Progress
 from torch.utils.data import Dataset
 
 from llmstages.data import synthetic
+from llmstages.data.batch import LMBatch
 from llmstages.data.base import StageData, _chunks, _file_digest
 from llmstages.data.formats import iter_text
 from llmstages.data.packing import check_packing, stack_rows, stream_row
@@ -119,5 +120,5 @@ class PretrainData(StageData):
             f"of {self.seq_len} ({self.packing})"
         )
 
-    def _collate(self, items: list) -> dict[str, torch.Tensor]:
+    def _collate(self, items: list) -> LMBatch:
         return stack_rows(items)

@@ -20,6 +20,7 @@ from rich.progress import track
 from torch.utils.data import Dataset
 
 from llmstages.data import synthetic
+from llmstages.data.batch import LMBatch
 from llmstages.data.base import StageData, _ListDataset
 from llmstages.data.formats import LoadReport, read_chat
 from llmstages.data.packing import best_fit_decreasing, check_packing, fill_ratio, pack_examples, pad_examples, stack_rows, truncate
@@ -117,7 +118,7 @@ class SFTData(StageData):
         self.fill_ratio = fill_ratio(bins, lengths, self.seq_len) if name == "train" else getattr(self, "fill_ratio", 0.0)
         return _ListDataset(rows)
 
-    def _collate(self, items: list) -> dict[str, torch.Tensor]:
+    def _collate(self, items: list) -> LMBatch:
         if self.packing == "none":
             return pad_examples(items, self.tokenizer.pad_id)
         return stack_rows(items)

@@ -22,7 +22,7 @@ Design choices:
   training stream by construction, for every pair of seeds. Individual
   problems can still coincide (the word list is finite): the streams, not
   the facts, are disjoint.
-- Plain data only (strings, lists, dicts) in the DESIGN.md messages schema;
+- Plain data only (strings, lists, dicts) in the messages schema of `data/batch.py` and `docs/design.md`;
   `write_default_data` writes the standard text / jsonl formats so users can
   read and edit what the defaults train on.
 """

@@ -12,9 +12,17 @@ Design choices:
   single-device runs leave the model alone.
 - AdamW without weight decay on norms, biases and embeddings; linear warm-up
   then cosine decay to `min_lr_ratio * lr` over the trainer's stepping batches.
-- Loss normalisation: `normalization()` turns the data's per-step counts
-  (summed across ranks here) and the trainer's accumulation and world size
-  into the arguments `llmstages.losses.reduce_token_loss` expects.
+- One loss method per stage: `compute_loss(batch) -> (loss, stats, weight)`.
+  `loss` is what backward sees (already normalised for the whole optimiser
+  step); `stats` are detached means over this micro-batch's `weight` units
+  (tokens, pairs), logged as `train/<name>` every step and as weighted means
+  `val/<name>` per validation epoch (names declared in `METRICS`, so every
+  rank syncs the same metrics). A stat with its own weight is a `Weighted`.
+  `training_step`, `validation_step` and the epoch-end logging live here only.
+- Loss normalisation: `step_counts` sums the data's per-step counts across
+  ranks and `grad_scale` undoes Lightning's and DDP's averaging; together
+  they are the arguments `llmstages.losses.reduce_token_loss` and
+  `reduce_pair_loss` expect.
 """
 
 from __future__ import annotations
@@ -22,14 +30,24 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import ClassVar, NamedTuple
 
 import lightning as L
 import torch
 from torch import Tensor
 
-from llmstages.losses import NORMALIZE_MODES, check_choice, token_logps
+from llmstages.losses import NORMALIZE_MODES, token_logps
+from llmstages.metrics import WeightedMeans
 from llmstages.model.config import ModelConfig
 from llmstages.model.transformer import Transformer
+from llmstages.options import Normalize, check_choice
+
+
+class Weighted(NamedTuple):
+    """A stat that is a mean over its own count (e.g. reply starts), not over the batch's `weight`."""
+
+    value: Tensor
+    weight: Tensor | float
 
 
 def load_backbone_weights(model: Transformer, source: str | Path) -> None:
@@ -102,6 +120,9 @@ def concat_pairs(batch: dict) -> dict[str, Tensor]:
 
 
 class StageModule(L.LightningModule):
+    METRICS: ClassVar[tuple[str, ...]] = ("loss",)  # stats of compute_loss averaged over validation
+    PROGRESS_BAR: ClassVar[tuple[str, ...]] = ("loss",)  # shown in the progress bar while training
+
     def __init__(
         self,
         model: ModelConfig | dict | None = None,
@@ -113,8 +134,6 @@ class StageModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 20,
         min_lr_ratio: float = 0.1,
-        normalize: str = "token",
-        chunk_size: int = 1024,
     ) -> None:
         """
         Args:
@@ -123,11 +142,13 @@ class StageModule(L.LightningModule):
             preset: a named `ModelConfig` preset (tiny, demo, small, 124m, qwen2-0.5b, 1b).
             vocab_size: overrides the config's; the CLI links it to the data's tokenizer.
             init_from: an llmstages `.ckpt` or a Hugging Face model folder to start from.
-            normalize: how token losses are normalised: token (default), micro_batch, sequence, sum.
-            chunk_size: positions per chunk when scoring targets (bounds the logits' memory).
+            lr: peak learning rate (AdamW), reached after `warmup_steps`.
+            weight_decay: AdamW decay on matrices (never on norms, biases, embeddings).
+            betas: AdamW's betas.
+            warmup_steps: linear warm-up steps, then cosine decay.
+            min_lr_ratio: the cosine's floor as a fraction of `lr`.
         """
         super().__init__()
-        check_choice("normalize", normalize, NORMALIZE_MODES)
         self.save_hyperparameters()
         if isinstance(model, dict):
             model = ModelConfig.from_dict(model)
@@ -137,6 +158,7 @@ class StageModule(L.LightningModule):
         self.config = config = resolve_config(model, preset, vocab_size, init_from)
         self.backbone = Transformer(config)
         self._initialised = init_from is None
+        self.val_means = WeightedMeans(*(f"val/{name}" for name in self.METRICS))
 
     # ----------------------------------------------------------------- set-up
 
@@ -192,18 +214,37 @@ class StageModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ----------------------------------------------------------------- helpers for the stages
+    # ----------------------------------------------------------------- the shared steps
 
-    def token_logps(
-        self, input_ids: Tensor, labels: Tensor, position_ids: Tensor | None = None,
-        document_ids: Tensor | None = None, return_correct: bool = False, model: Transformer | None = None,
-    ):
-        """Per-position log-probabilities of the (shifted) targets, chunked through the output layer."""
-        model = self.backbone if model is None else model
-        head = lambda hidden, weight: token_logps(  # noqa: E731
-            hidden, weight, labels, chunk_size=self.hparams.chunk_size, return_correct=return_correct
-        )
-        return model(input_ids, position_ids=position_ids, document_ids=document_ids, head=head)
+    def compute_loss(self, batch: dict) -> tuple[Tensor, dict[str, Tensor | Weighted], Tensor | int]:
+        """(loss for backward, detached stats of this micro-batch, the count they are means over)."""
+        raise NotImplementedError
+
+    def derived_metrics(self, means: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Metrics computed from the (averaged) stats, e.g. perplexity from the mean loss."""
+        return {}
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss, stats, _ = self.compute_loss(batch)
+        values = {name: (s.value if isinstance(s, Weighted) else s) for name, s in stats.items()}
+        values.update(self.derived_metrics(values))
+        for name, value in values.items():
+            self.log(f"train/{name}", value, prog_bar=name in self.PROGRESS_BAR, sync_dist=False)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        _, stats, weight = self.compute_loss(batch)
+        for name, stat in stats.items():
+            if name in self.METRICS:
+                value, w = stat if isinstance(stat, Weighted) else (stat, weight)
+                self.val_means.update(f"val/{name}", value, w)
+
+    def on_validation_epoch_end(self) -> None:
+        means = self.val_means.compute_and_reset()
+        means.update({f"val/{k}": v for k, v in self.derived_metrics({k[4:]: v for k, v in means.items()}).items()})
+        self.log_scalars(means, prog_bar=True)
+
+    # ----------------------------------------------------------------- helpers for the stages
 
     def step_counts(self, batch: dict, local_tokens: int, local_sequences: int) -> tuple[Tensor, Tensor]:
         """The optimiser step's target-token and sequence counts, summed over ranks.
@@ -230,3 +271,31 @@ class StageModule(L.LightningModule):
         kwargs.setdefault("sync_dist", False)
         for name, value in values.items():
             self.log(name, value, **kwargs)
+
+
+class LMStage(StageModule):
+    """A stage whose loss scores tokens through the output layer (pretrain, SFT, DPO, GRPO)."""
+
+    def __init__(self, normalize: Normalize = "token", chunk_size: int = 1024, **kwargs) -> None:
+        """
+        Args:
+            normalize: how token losses are normalised: token (sum / target tokens of the whole optimiser step,
+                across accumulation and ranks), micro_batch (mean per micro-batch: the pre-fix HF behaviour),
+                sequence (mean of per-sequence means), sum.
+            chunk_size: positions per chunk when scoring targets (bounds the logits' memory).
+        """
+        check_choice("normalize", normalize, NORMALIZE_MODES)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        super().__init__(**kwargs)
+
+    def target_logps(
+        self, input_ids: Tensor, labels: Tensor, position_ids: Tensor | None = None,
+        document_ids: Tensor | None = None, return_correct: bool = False, model: Transformer | None = None,
+    ):
+        """Per-position log-probabilities of the (shifted) targets, chunked through the output layer."""
+        model = self.backbone if model is None else model
+        head = lambda hidden, weight: token_logps(  # noqa: E731
+            hidden, weight, labels, chunk_size=self.hparams.chunk_size, return_correct=return_correct
+        )
+        return model(input_ids, position_ids=position_ids, document_ids=document_ids, head=head)

@@ -8,7 +8,9 @@ Design choices:
 - `reference: precompute` scores every training and validation pair with the
   reference once before training, keeps two numbers per pair and frees the
   reference model.
-- Chosen and rejected run in one concatenated forward pass.
+- Chosen and rejected run in one concatenated forward pass; `pair_logps`
+  returns both sequence log-probs and the token log-probs they came from
+  (the SFT term needs those), never through state on `self`.
 - `logp_reduction` defaults to `sum`; `ipo` and `simpo` default to `mean`,
   as their papers prescribe. The loss is averaged over the optimiser step's
   pairs (all micro-batches, all ranks); the optional SFT term (`sft_weight`,
@@ -21,29 +23,51 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from typing import NamedTuple
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from rich.progress import track
+from torch import Tensor
 
-from llmstages.losses import DPO_LOSS_TYPES, LOGP_REDUCTIONS, check_choice, dpo_loss, reduce_token_loss, sequence_logps, target_mask
-from llmstages.metrics import WeightedMeans
-from llmstages.stages.base import StageModule, concat_pairs
+from llmstages.losses import (
+    DPO_LOSS_TYPES,
+    LOGP_REDUCTIONS,
+    dpo_loss,
+    reduce_pair_loss,
+    reduce_token_loss,
+    sequence_logps,
+    target_mask,
+)
+from llmstages.options import DPOLossType, LogpReduction, Reference, check_choice, choices
+from llmstages.stages.base import LMStage, concat_pairs
 
 _SIDES = ("chosen", "rejected")
 
 
-class DPOModule(StageModule):
+class PairLogps(NamedTuple):
+    """Sequence log-probs of both sides `[B]`, and the token log-probs `[2B, T]` (chosen rows first)."""
+
+    chosen: Tensor
+    rejected: Tensor
+    token_logps: Tensor
+
+
+class DPOModule(LMStage):
+    METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+               "logps/chosen", "logps/rejected")
+    PROGRESS_BAR = ("rewards/accuracies",)
+
     def __init__(
         self,
-        loss_type: str = "sigmoid",
+        loss_type: DPOLossType = "sigmoid",
         beta: float = 0.1,
         label_smoothing: float = 0.0,
         gamma: float = 0.0,
         length_alpha: float = 0.0,
         sft_weight: float = 0.0,
-        logp_reduction: str | None = None,
-        reference: str = "live",
+        logp_reduction: LogpReduction | None = None,
+        reference: Reference = "live",
         **kwargs,
     ) -> None:
         """
@@ -59,15 +83,13 @@ class DPOModule(StageModule):
         """
         super().__init__(**kwargs)
         check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
-        check_choice("reference", reference, ("live", "precompute"))
+        check_choice("reference", reference, choices(Reference))
         if logp_reduction is None:
             logp_reduction = "mean" if loss_type in ("ipo", "simpo") else "sum"
         self.logp_reduction = check_choice("logp_reduction", logp_reduction, LOGP_REDUCTIONS)
         self.reference_free = loss_type == "simpo"
         self._reference = None
         self._ref_tables: dict[str, torch.Tensor] = {}
-        names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"]
-        self.val_means = WeightedMeans(*(f"val/{n}" for n in names))
 
     # ----------------------------------------------------------------- reference
 
@@ -113,7 +135,7 @@ class DPOModule(StageModule):
             for batch in track(loader, description=f"reference log-probs ({split})", disable=len(loader) < 50):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 with self._precision_context():  # the same autocast as the live reference gets
-                    c, r = self.sequence_logps(batch, self._reference)
+                    c, r, _ = self.pair_logps(batch, self._reference)
                 chosen[batch["index"].cpu()] = c.double().cpu()
                 rejected[batch["index"].cpu()] = r.double().cpu()
             self._ref_tables[f"{split}_chosen"], self._ref_tables[f"{split}_rejected"] = chosen, rejected
@@ -126,14 +148,14 @@ class DPOModule(StageModule):
 
     # ----------------------------------------------------------------- loss
 
-    def sequence_logps(self, batch: dict, model=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair_logps(self, batch: dict, model=None) -> PairLogps:
+        """Both sides' sequence log-probs under `model` (the policy by default), reduced by `logp_reduction`."""
         both = concat_pairs(batch)
-        logps = self.token_logps(both["input_ids"], both["labels"], both["position_ids"], model=model)
-        seq = sequence_logps(logps, both["labels"], self.logp_reduction)
-        self._last_token_logps = logps
-        return seq.chunk(2)
+        logps = self.target_logps(both["input_ids"], both["labels"], both["position_ids"], model=model)
+        chosen, rejected = sequence_logps(logps, both["labels"], self.logp_reduction).chunk(2)
+        return PairLogps(chosen, rejected, logps)
 
-    def _reference_logps(self, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _reference_logps(self, batch: dict) -> tuple[Tensor | None, Tensor | None]:
         if self.reference_free:
             return None, None
         if self._ref_tables:
@@ -144,12 +166,12 @@ class DPOModule(StageModule):
                 self._ref_tables[f"{split}_rejected"][index].to(self.device, torch.float32),
             )
         with torch.no_grad():
-            return self.sequence_logps(batch, self._reference)
+            chosen, rejected, _ = self.pair_logps(batch, self._reference)
+            return chosen, rejected
 
-    def _loss(self, batch: dict):
+    def compute_loss(self, batch: dict):
         ref_c, ref_r = self._reference_logps(batch)
-        pol_c, pol_r = self.sequence_logps(batch)
-        token_logps = self._last_token_logps
+        pol_c, pol_r, token_logps = self.pair_logps(batch)
         hp = self.hparams
         lengths = {side: target_mask(batch[f"{side}_labels"]).sum(1) for side in _SIDES}
         losses, rew_c, rew_r = dpo_loss(
@@ -158,8 +180,9 @@ class DPOModule(StageModule):
             length_alpha=hp.length_alpha, chosen_lengths=lengths["chosen"], rejected_lengths=lengths["rejected"],
         )
         step_tokens, step_pairs = self.step_counts(batch, int(lengths["chosen"].sum()), len(losses))
-        loss = losses.sum() * self.grad_scale / step_pairs.to(losses.dtype)  # counts are float64: keep the loss dtype
+        loss = reduce_pair_loss(losses, step_pairs, self.grad_scale)
         if hp.sft_weight > 0:
+            # the SFT term trains the chosen replies' tokens; the data counts those per step (num_step_tokens)
             chosen_nll = -token_logps[: len(losses)]
             loss = loss + hp.sft_weight * reduce_token_loss(
                 chosen_nll, batch["chosen_labels"], normalize=hp.normalize,
@@ -175,17 +198,3 @@ class DPOModule(StageModule):
             "logps/rejected": pol_r.detach().mean(),
         }
         return loss, stats, len(losses)
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, stats, _ = self._loss(batch)
-        self.log_scalars({f"train/{k}": v for k, v in stats.items()}, prog_bar=False)
-        self.log("train/accuracy", stats["rewards/accuracies"], prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        _, stats, n = self._loss(batch)
-        for name, value in stats.items():
-            self.val_means.update(f"val/{name}", value, n)
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_scalars(self.val_means.compute_and_reset())

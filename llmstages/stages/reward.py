@@ -7,7 +7,9 @@ Design choices:
 - Chosen and rejected run in one forward pass (concatenated along the batch).
 - Loss: `-logsigmoid(r_c - r_r - margin)` with optional reward centring
   (`center_coef * (r_c + r_r)^2`), averaged over the optimiser step's pairs
-  (all micro-batches, all ranks), like `normalize: token` averages tokens.
+  (all micro-batches, all ranks; `losses.reduce_pair_loss`), like
+  `normalize: token` averages tokens. There is no token loss, so the stage
+  takes neither `normalize` nor `chunk_size`.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmstages.losses import last_target_positions, reward_loss
-from llmstages.metrics import WeightedMeans
+from llmstages.losses import last_target_positions, reduce_pair_loss, reward_loss
 from llmstages.stages.base import StageModule, concat_pairs
 
 
 class RewardModule(StageModule):
+    METRICS = ("loss", "accuracy", "margin", "reward")
+    PROGRESS_BAR = ("loss", "accuracy", "margin")
+
     def __init__(self, margin: float = 0.0, center_coef: float = 0.0, **kwargs) -> None:
         """
         Args:
@@ -28,14 +32,11 @@ class RewardModule(StageModule):
             center_coef: weight of the reward-centring term that keeps rewards near zero.
         """
         super().__init__(**kwargs)
-        if self.hparams.normalize != "token":
-            raise ValueError("RewardModule has no token loss: `normalize` does not apply (its loss is a mean over pairs)")
         if self.backbone.lm_head is not None:
             # never used by a reward model; frozen so DDP does not wait for its gradient
             self.backbone.lm_head.requires_grad_(False)
         self.value_head = nn.Linear(self.config.d_model, 1, bias=False)
         nn.init.normal_(self.value_head.weight, std=1.0 / (self.config.d_model + 1) ** 0.5)
-        self.val_means = WeightedMeans("val/loss", "val/accuracy", "val/margin", "val/reward")
 
     def rewards(self, input_ids, labels, position_ids=None, document_ids=None) -> torch.Tensor:
         """One scalar per sequence (per document for packed rows)."""
@@ -48,31 +49,19 @@ class RewardModule(StageModule):
         r = self.rewards(both["input_ids"], both["labels"], both["position_ids"])
         return r.chunk(2)
 
-    def _loss(self, batch: dict):
+    def compute_loss(self, batch: dict):
         r_chosen, r_rejected = self.pair_rewards(batch)
         losses = reward_loss(r_chosen, r_rejected, margin=self.hparams.margin, center_coef=self.hparams.center_coef)
         _, step_pairs = self.step_counts(batch, 0, len(losses))
-        loss = losses.sum() * self.grad_scale / step_pairs.to(losses.dtype)  # counts are float64: keep the loss dtype
-        return loss, losses, r_chosen.detach(), r_rejected.detach()
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, losses, rc, rr = self._loss(batch)
-        self.log_scalars(
-            {"train/loss": losses.mean(), "train/accuracy": (rc > rr).float().mean(), "train/margin": (rc - rr).mean()},
-            prog_bar=True,
-        )
-        return loss
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        _, losses, rc, rr = self._loss(batch)
-        n = len(losses)
-        self.val_means.update("val/loss", losses.mean(), n)
-        self.val_means.update("val/accuracy", (rc > rr).float().mean(), n)
-        self.val_means.update("val/margin", (rc - rr).mean(), n)
-        self.val_means.update("val/reward", torch.cat([rc, rr]).mean(), 2 * n)
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_scalars(self.val_means.compute_and_reset(), prog_bar=True)
+        loss = reduce_pair_loss(losses, step_pairs, self.grad_scale)
+        rc, rr = r_chosen.detach(), r_rejected.detach()
+        stats = {
+            "loss": losses.detach().mean(),
+            "accuracy": (rc > rr).float().mean(),
+            "margin": (rc - rr).mean(),
+            "reward": torch.cat([rc, rr]).mean(),
+        }
+        return loss, stats, len(losses)
 
     def configure_model(self) -> None:
         super().configure_model()

@@ -16,8 +16,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from llmstages.losses import target_mask
-from llmstages.metrics import WeightedMeans
-from llmstages.model.generate import generate
+from llmstages.evaluation import evaluate_replies
+from llmstages.stages.base import Weighted
 from llmstages.stages.pretrain import PretrainModule
 
 
@@ -30,6 +30,8 @@ def reply_starts(labels: torch.Tensor) -> torch.Tensor:
 
 
 class SFTModule(PretrainModule):
+    METRICS = ("loss", "token_acc", "first_reply_token_acc")
+
     def __init__(self, generate_samples: int = 8, max_new_tokens: int = 32, **kwargs) -> None:
         """
         Args:
@@ -37,20 +39,17 @@ class SFTModule(PretrainModule):
             max_new_tokens: generation budget per prompt.
         """
         super().__init__(**kwargs)
-        self.first_token = WeightedMeans("val/first_reply_token_acc")
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        _, stats = self.next_token_loss(batch)
-        self.val_means.update("val/loss", stats["nll_mean"], stats["tokens"])
-        self.val_means.update("val/token_acc", stats["token_acc"], stats["tokens"])
-        starts = reply_starts(batch["labels"])
-        n = starts.sum()
-        if n > 0:
-            self.first_token.update("val/first_reply_token_acc", (stats["correct"] & starts).sum() / n, n)
+    def compute_loss(self, batch: dict):
+        loss, stats, tokens, correct = self.lm_loss(batch)
+        if not self.training:
+            starts = reply_starts(batch["labels"])
+            n = starts.sum()
+            stats["first_reply_token_acc"] = Weighted((correct & starts).sum() / n.clamp(min=1), n)
+        return loss, stats, tokens
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        self.log_scalars(self.first_token.compute_and_reset())
         if self.hparams.generate_samples > 0 and self._trainer is not None and not self.trainer.sanity_checking:
             # every rank generates: under FSDP each forward all-gathers weights with all ranks
             self._generation_checks()
@@ -59,27 +58,20 @@ class SFTModule(PretrainModule):
         data = getattr(self.trainer, "datamodule", None)
         if data is None or not hasattr(data, "generation_prompts"):
             return
-        prompts = data.generation_prompts(self.hparams.generate_samples)
-        if not prompts:
+        cases = data.generation_prompts(self.hparams.generate_samples)
+        if not cases:
             return
-        stop_id, stopped, exact, rows = data.stop_token_id, 0, 0, []
-        was_training = self.backbone.training
-        self.backbone.eval()
-        for prompt, reference in prompts:
-            new, did_stop = generate(
-                self.backbone, prompt, self.hparams.max_new_tokens, stop_id=stop_id,
-                fixed_steps=self.trainer.world_size > 1,
-            )
-            reply = data.tokenizer.decode(new, skip_special_tokens=True)
-            stopped += did_stop
-            exact += did_stop and reply.strip() == reference.strip()
-            rows.append([data.tokenizer.decode(prompt), reply, reference, did_stop])
-        self.backbone.train(was_training)
+        quality = evaluate_replies(
+            self.backbone, [p for p, _ in cases], [r for _, r in cases], data.stop_token_id, data.tokenizer,
+            self.hparams.max_new_tokens, fixed_steps=self.trainer.world_size > 1,
+        )
         # every rank generated the same prompts: logged without cross-rank sync
-        self.log("val/stop_rate", stopped / len(prompts), rank_zero_only=True)
-        self.log("val/exact_match", exact / len(prompts), rank_zero_only=True)
-        for prompt_text, reply, reference, did_stop in rows[:3]:
-            rank_zero_info(f"[sample] {reply!r} (reference {reference!r}, stopped={did_stop})")
+        self.log("val/stop_rate", quality["stop_rate"], rank_zero_only=True)
+        self.log("val/exact_match", quality["exact_match"], rank_zero_only=True)
+        samples = quality["samples"]
+        for sample in samples[:3]:
+            rank_zero_info(f"[sample] {sample['reply']!r} (reference {sample['reference']!r}, stopped={sample['stopped']})")
         logger = self.logger
         if self.trainer.is_global_zero and logger is not None and hasattr(logger, "log_text"):
-            logger.log_text(key="val/samples", columns=["prompt", "reply", "reference", "stopped"], data=rows)
+            columns = ["prompt", "reply", "reference", "stopped"]
+            logger.log_text(key="val/samples", columns=columns, data=[[s[c] for c in columns] for s in samples])

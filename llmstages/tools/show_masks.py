@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.text import Text
 
 from llmstages.data import StageData
+from llmstages.data.batch import sequence_prefixes
 from llmstages.losses import IGNORE_INDEX, count_targets
 
 HELP = "show which tokens of a config's data carry a loss (terminal or --html)"
@@ -65,8 +66,7 @@ def show_masks(config: str | Path, n: int = 3, split: str = "train", html: str |
             break
         item = dataset[i]
         batch = data._collate([item])
-        sides = [k[: -len("input_ids")] for k in batch if k.endswith("input_ids")]
-        for prefix in sides:
+        for prefix in sequence_prefixes(batch):
             ids, labels = batch[f"{prefix}input_ids"][0], batch[f"{prefix}labels"][0]
             docs = batch.get(f"{prefix}document_ids")
             targets = count_targets(labels[None])
