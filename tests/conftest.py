@@ -15,6 +15,21 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache folder for the session: the embedded data's default tokenizer (trained once) and token caches."""
+    from llmstages.data.base import default_tokenizer
+
+    folder = tmp_path_factory.mktemp("llmstages-cache")
+    default_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cache_dir(cache: Path) -> str:
+    return str(cache)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -22,7 +22,6 @@ from llmstages.data import sft as sft_module
 from llmstages.data import synthetic
 from llmstages.data.formats import DataFormatError
 from llmstages.data import PreferenceData, PretrainData, SFTData
-from llmstages.data.base import default_tokenizer
 from llmstages.data.packing import IGNORE_INDEX, truncate
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.losses import count_sequences, count_targets
@@ -33,13 +32,6 @@ STEP_KEYS = {"num_step_tokens", "num_step_sequences"}
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("llmstages-cache")
-    default_tokenizer(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")

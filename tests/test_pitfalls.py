@@ -37,7 +37,6 @@ from llmstages import callbacks as callbacks_mod
 from llmstages.callbacks import ThroughputMonitor
 from llmstages.data import synthetic
 from llmstages.data import PreferenceData, PretrainData, SFTData
-from llmstages.data.base import default_tokenizer
 from llmstages.data.templates import IGNORE_INDEX, ChatTemplate
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.losses import count_targets
@@ -60,13 +59,6 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def minimind(shared_data: Path) -> str:
     return str(shared_data / "minimind")
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("pitfalls-cache")
-    default_tokenizer(folder)
-    return folder
 
 
 def runs(labels: list[int]) -> list[tuple[int, int]]:

@@ -50,12 +50,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One default tokenizer and token cache for the whole session."""
-    return str(tmp_path_factory.mktemp("llmstages-cache"))
-
-
 def sft_data(cache_dir: str, **kwargs) -> SFTData:
     kwargs = {"packing": "none", "batch_size": 8, "shuffle": False, "seq_len": 256, **kwargs}
     data = SFTData(cache_dir=cache_dir, **kwargs)
