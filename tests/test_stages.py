@@ -314,8 +314,47 @@ def test_dpo_precomputed_reference_equals_live_reference(cache_dir: str) -> None
         loss_pre, stats_pre, _ = pre.compute_loss(batch)
         assert abs(float(loss_live.detach()) - math.log(2.0)) > 1e-3, split  # the comparison is not trivial
         torch.testing.assert_close(loss_pre, loss_live, rtol=1e-5, atol=1e-5)
-        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps_reduced/chosen", "rewards_reduced/margins"):
             torch.testing.assert_close(stats_pre[key], stats_live[key], rtol=1e-4, atol=1e-5)
+
+
+def test_dpo_rewards_keep_trl_meaning_under_any_logp_reduction(cache_dir: str) -> None:
+    """rewards/* and logps/* come from summed log-probs (TRL's meaning) even when the loss uses means (ipo);
+    logps_reduced/* and rewards_reduced/* are what the loss compared."""
+    data = preference_data(cache_dir)
+    module = DPOModule(preset="tiny", vocab_size=data.vocab_size, loss_type="ipo", beta=0.5)
+    sharpen(module)
+    module.setup("fit")
+    module.backbone.load_state_dict({k: v + 0.05 * torch.randn_like(v) for k, v in module.backbone.state_dict().items()})
+    batch = data._collate([data.train_set[i] for i in range(8)])
+    _, stats, _ = module.compute_loss(batch)
+
+    def side_logps(model, side: str) -> tuple[torch.Tensor, torch.Tensor]:  # (sum, mean) by a plain loop
+        labels = batch[f"{side}_labels"]
+        logits = model(batch[f"{side}_input_ids"], position_ids=batch[f"{side}_position_ids"])
+        logp = torch.log_softmax(logits.float(), -1)
+        sums, means = [], []
+        for row in range(len(labels)):
+            picked = [logp[row, t, labels[row, t + 1]] for t in range(labels.shape[1] - 1) if labels[row, t + 1] != IGNORE_INDEX]
+            sums.append(torch.stack(picked).sum())
+            means.append(torch.stack(picked).mean())
+        return torch.stack(sums).detach(), torch.stack(means).detach()
+
+    (pc_sum, pc_mean), (pr_sum, pr_mean) = side_logps(module.backbone, "chosen"), side_logps(module.backbone, "rejected")
+    (rc_sum, rc_mean), (rr_sum, rr_mean) = side_logps(module._reference, "chosen"), side_logps(module._reference, "rejected")
+    rew_c, rew_r = 0.5 * (pc_sum - rc_sum), 0.5 * (pr_sum - rr_sum)
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # noqa: E731
+    close(stats["logps/chosen"], pc_sum.mean())
+    close(stats["logps_reduced/chosen"], pc_mean.mean())
+    close(stats["rewards/margins"], (rew_c - rew_r).mean())
+    assert float(stats["rewards/accuracies"]) == float((rew_c > rew_r).float().mean())
+    loss_c, loss_r = 0.5 * (pc_mean - rc_mean), 0.5 * (pr_mean - rr_mean)
+    close(stats["rewards_reduced/margins"], (loss_c - loss_r).mean())
+    assert float(stats["rewards_reduced/accuracies"]) == float((loss_c > loss_r).float().mean())
+    # the two accuracies are different numbers on this batch: the metric names are not aliases
+    assert float(stats["rewards/accuracies"]) != float(stats["rewards_reduced/accuracies"]) or not torch.allclose(
+        stats["rewards/margins"], stats["rewards_reduced/margins"]
+    )
 
 
 def test_dpo_mean_reduction_ignores_padding_but_legacy_mean_padded_does_not(cache_dir: str) -> None:

@@ -15,8 +15,11 @@ Design choices:
   as their papers prescribe. The loss is averaged over the optimiser step's
   pairs (all micro-batches, all ranks); the optional SFT term (`sft_weight`,
   RPO) is the chosen replies' token NLL, normalised by `normalize`.
-- Logged names follow TRL: rewards/chosen, rewards/rejected,
-  rewards/accuracies, rewards/margins, logps/chosen, logps/rejected.
+- Logged names keep TRL's meanings: rewards/chosen, rewards/rejected,
+  rewards/accuracies, rewards/margins (beta * summed policy - reference
+  log-probs), logps/chosen, logps/rejected (summed), whatever
+  `logp_reduction` trains with; what the loss actually compared logs as
+  logps_reduced/* and rewards_reduced/* (the same numbers under `sum`).
 """
 
 from __future__ import annotations
@@ -53,9 +56,17 @@ class PairLogps(NamedTuple):
     token_logps: Tensor
 
 
+def summed_logps(token_logps: Tensor, batch: dict) -> tuple[Tensor, Tensor]:
+    """Chosen and rejected summed log-probs `[B]` from `pair_logps`'s token log-probs."""
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    chosen, rejected = sequence_logps(token_logps, labels, "sum").chunk(2)
+    return chosen, rejected
+
+
 class DPOModule(LMStage):
     METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-               "logps/chosen", "logps/rejected")
+               "logps/chosen", "logps/rejected", "logps_reduced/chosen", "logps_reduced/rejected",
+               "rewards_reduced/accuracies", "rewards_reduced/margins")
     PROGRESS_BAR = ("rewards/accuracies",)
 
     def __init__(
@@ -125,20 +136,21 @@ class DPOModule(LMStage):
 
     @torch.no_grad()
     def precompute_reference(self, data) -> None:
-        """Score every train/validation pair with the reference once, then free the reference."""
+        """Score every train/validation pair with the reference once, then free the reference.
+
+        Each pair keeps four numbers: chosen/rejected log-probs as the loss reduces them
+        and as sums (what the logged rewards use).
+        """
         for split, dataset in (("train", data.train_set), ("val", data.val_set)):
             if not dataset:
                 continue
-            chosen = torch.zeros(len(dataset), dtype=torch.float64)
-            rejected = torch.zeros(len(dataset), dtype=torch.float64)
+            table = torch.zeros(len(dataset), 4, dtype=torch.float64)
             loader = torch.utils.data.DataLoader(dataset, batch_size=data.batch_size, collate_fn=data._collate)
             for batch in track(loader, description=f"reference log-probs ({split})", disable=len(loader) < 50):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 with self._precision_context():  # the same autocast as the live reference gets
-                    c, r, _ = self.pair_logps(batch, self._reference)
-                chosen[batch["index"].cpu()] = c.double().cpu()
-                rejected[batch["index"].cpu()] = r.double().cpu()
-            self._ref_tables[f"{split}_chosen"], self._ref_tables[f"{split}_rejected"] = chosen, rejected
+                    table[batch["index"].cpu()] = self._reference_columns(batch).double().cpu()
+            self._ref_tables[split] = table
         self._reference = None
         rank_zero_info("reference log-probs precomputed; reference model freed")
 
@@ -155,26 +167,27 @@ class DPOModule(LMStage):
         chosen, rejected = sequence_logps(logps, both["labels"], self.logp_reduction).chunk(2)
         return PairLogps(chosen, rejected, logps)
 
-    def _reference_logps(self, batch: dict) -> tuple[Tensor | None, Tensor | None]:
+    def _reference_columns(self, batch: dict) -> Tensor:
+        """`[B, 4]`: the reference's reduced chosen, reduced rejected, summed chosen, summed rejected log-probs."""
+        chosen, rejected, token_logps = self.pair_logps(batch, self._reference)
+        return torch.stack([chosen, rejected, *summed_logps(token_logps, batch)], dim=1)
+
+    def _reference_logps(self, batch: dict) -> Tensor | None:
         if self.reference_free:
-            return None, None
+            return None
         if self._ref_tables:
-            split = "train" if self.training else "val"
-            index = batch["index"].cpu()
-            return (
-                self._ref_tables[f"{split}_chosen"][index].to(self.device, torch.float32),
-                self._ref_tables[f"{split}_rejected"][index].to(self.device, torch.float32),
-            )
+            table = self._ref_tables["train" if self.training else "val"]
+            return table[batch["index"].cpu()].to(self.device, torch.float32)
         with torch.no_grad():
-            chosen, rejected, _ = self.pair_logps(batch, self._reference)
-            return chosen, rejected
+            return self._reference_columns(batch)
 
     def compute_loss(self, batch: dict):
-        ref_c, ref_r = self._reference_logps(batch)
+        ref = self._reference_logps(batch)
+        ref_c, ref_r = (None, None) if ref is None else (ref[:, 0], ref[:, 1])
         pol_c, pol_r, token_logps = self.pair_logps(batch)
         hp = self.hparams
         lengths = {side: target_mask(batch[f"{side}_labels"]).sum(1) for side in _SIDES}
-        losses, rew_c, rew_r = dpo_loss(
+        losses, loss_rew_c, loss_rew_r = dpo_loss(
             pol_c, pol_r, ref_c, ref_r,
             loss_type=hp.loss_type, beta=hp.beta, label_smoothing=hp.label_smoothing, gamma=hp.gamma,
             length_alpha=hp.length_alpha, chosen_lengths=lengths["chosen"], rejected_lengths=lengths["rejected"],
@@ -188,13 +201,22 @@ class DPOModule(LMStage):
                 chosen_nll, batch["chosen_labels"], normalize=hp.normalize,
                 num_step_tokens=step_tokens, num_step_sequences=step_pairs, grad_scale=self.grad_scale,
             )
+        # TRL's metric meanings: rewards and logps from summed log-probs, whatever the loss reduces with
+        sum_c, sum_r = (x.detach() for x in summed_logps(token_logps, batch))
+        ref_sum_c, ref_sum_r = (0.0, 0.0) if ref is None else (ref[:, 2], ref[:, 3])
+        rew_c, rew_r = hp.beta * (sum_c - ref_sum_c), hp.beta * (sum_r - ref_sum_r)
         stats = {
             "loss": losses.mean().detach(),
             "rewards/chosen": rew_c.mean(),
             "rewards/rejected": rew_r.mean(),
             "rewards/accuracies": (rew_c > rew_r).float().mean(),
             "rewards/margins": (rew_c - rew_r).mean(),
-            "logps/chosen": pol_c.detach().mean(),
-            "logps/rejected": pol_r.detach().mean(),
+            "logps/chosen": sum_c.mean(),
+            "logps/rejected": sum_r.mean(),
+            # what the loss compared: `logp_reduction`'s log-probs and their implicit rewards
+            "logps_reduced/chosen": pol_c.detach().mean(),
+            "logps_reduced/rejected": pol_r.detach().mean(),
+            "rewards_reduced/accuracies": (loss_rew_c > loss_rew_r).float().mean(),
+            "rewards_reduced/margins": (loss_rew_c - loss_rew_r).mean(),
         }
         return loss, stats, len(losses)
