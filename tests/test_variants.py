@@ -1,0 +1,70 @@
+"""The variant benchmark's metric functions against hand-computed cases, and its --quick run end to end."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmstages.losses import IGNORE_INDEX as X
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "variants.py"
+
+
+@pytest.fixture(scope="module")
+def variants():
+    spec = importlib.util.spec_from_file_location("variants", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(SCRIPT.parent))
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gradient_cosine_and_relative_error(variants) -> None:
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    assert variants.cosine(a, b) == pytest.approx(0.0)
+    assert variants.cosine(a, 3 * a) == pytest.approx(1.0)
+    assert variants.relative_error(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 0.0])) == pytest.approx(4.0 / 3.0)
+    assert variants.relative_error(b, b) == 0.0
+
+
+def test_length_drift(variants) -> None:
+    assert variants.length_drift([4, 6], [5, 5]) == pytest.approx(1.0)
+    assert variants.length_drift([10, 10], [5, 5]) == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        variants.length_drift([1], [1, 2])
+
+
+def test_token_weights_show_the_length_bias(variants) -> None:
+    """Two micro-batches: one example of 1 target token, one of 3. token weighs every token 1/N (N = 4);
+    micro_batch gives the short example's token 1/(2*1) and the long one's 1/(2*3); sequence 1/(2*len)."""
+    short = {"labels": torch.tensor([[X, 5]])}
+    long = {"labels": torch.tensor([[X, 5, 6, 7]])}
+    micro = [short, long]
+    assert variants._token_weights(micro, "token") == pytest.approx((1.0, 1.0))
+    # relative to token's 1/4: micro_batch short 1/2 -> 2.0, long 1/6 -> 4/6
+    assert variants._token_weights(micro, "micro_batch") == pytest.approx((2.0, 4.0 / 6.0))
+    assert variants._token_weights(micro, "sequence") == pytest.approx((2.0, 4.0 / 6.0))
+    assert variants._token_weights(micro, "sum") == pytest.approx((4.0, 4.0))
+
+
+def test_summary_sentence_names_best_and_worst(variants) -> None:
+    results = {"a": [{"exact_match": 0.5}, {"exact_match": 0.7}], "b": [{"exact_match": 0.1}, {"exact_match": 0.1}]}
+    text = variants.summary_sentence("loss_mask", results)
+    assert "`a` is best (0.600)" in text and "`b` worst (0.100)" in text and "2 seeds" in text
+
+
+@pytest.mark.slow
+def test_quick_run_writes_reports(tmp_path: Path) -> None:
+    out = tmp_path / "reports"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--seeds", "0", "--out", str(out), "--cache", str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for family in ("loss_mask", "normalize", "packing", "dpo"):
+        text = (out / f"{family}.md").read_text()
+        assert "Mean ± standard deviation" in text and "command:" in text
+        assert (out / f"{family}_metrics.png").stat().st_size > 0
