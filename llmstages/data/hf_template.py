@@ -180,6 +180,25 @@ class HFChatTemplate:
     def __repr__(self) -> str:
         return f"HFChatTemplate(name={self.name!r}, date_string={self.date_string!r})"
 
+    @property
+    def jinja(self) -> str:
+        """The Jinja source (what an export writes as the model's chat template)."""
+        return self.source
+
+    # The compiled template and the per-tokenizer cache are rebuilt, not pickled.
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "name": self.name,
+            "date_string": self.date_string,
+            "dropped_system": self.dropped_system,
+            "template_kwargs": self.template_kwargs,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        source = state.pop("source")
+        self.__init__(source, **state)  # type: ignore[misc]
+
     # ----------------------------------------------------------- rendering
     def _strftime_now(self, fmt: str) -> str:
         return (self._date or datetime.now()).strftime(fmt)
@@ -258,7 +277,10 @@ class HFChatTemplate:
         text = self.render(probe, tokenizer)
         at = text.find(_PROBE_REPLY)
         if at < 0:
-            raise ValueError(f"chat template {self.name!r} does not render an assistant reply as written")
+            raise ValueError(
+                f"chat template {self.name!r} does not render an assistant reply as written "
+                f"(probe reply {_PROBE_REPLY!r} is not in its rendering), so no loss mask can be derived from it"
+            )
         end = at + len(_PROBE_REPLY)
         eot = _special_at(text, end, specials)
         if eot is None:
@@ -304,24 +326,25 @@ class HFChatTemplate:
     def _skip_context(text: str, role: str, content: str, cursor: int, markers: _Markers) -> int | None:
         """The cursor past a user/system message, so a reply never matches inside it.
 
-        A match is the first occurrence from the cursor, so the cursor never
-        passes the message's true place; a user message the template does not
-        render as written (or trimmed) is None (an error: its reply could be
-        mistaken for it).
+        A match is the first occurrence from the cursor (preferably followed by
+        a marker), so the cursor never passes the message's true place; a user
+        message the template does not render as written (or trimmed) is None
+        (an error: its reply could be mistaken for it). A system message the
+        rendering lacks leaves the cursor (`_check_system` reports it).
         """
-        for form in dict.fromkeys((content, content.strip())):
-            if not form:
-                continue
+        forms = [f for f in dict.fromkeys((content, content.strip())) if f]
+        for form in forms:  # ended by a marker, as turns usually are
             at = text.find(form, cursor)
             while at >= 0:
                 special = _special_at(text, at + len(form), markers.specials)
                 if special is not None:
                     return at + len(form) + len(special)
                 at = text.find(form, at + 1)
-        if role == "system" or not content.strip():
-            at = text.find(content.strip(), cursor) if content.strip() else -1
-            return at + len(content.strip()) if at >= 0 else cursor
-        return None
+        for form in forms:  # templates whose turns end in plain text (e.g. "User: ...\n\n")
+            at = text.find(form, cursor)
+            if at >= 0:
+                return at + len(form)
+        return cursor if role == "system" or not forms else None
 
     @staticmethod
     def _locate_reply(text: str, content: str, cursor: int, markers: _Markers) -> tuple[int, int] | None:

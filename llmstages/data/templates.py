@@ -28,6 +28,7 @@ Design choices:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -230,6 +231,34 @@ class ChatTemplate:
                 n = len(prompt_ids)
                 out[side] = {"input_ids": full["input_ids"][n:], "labels": full["labels"][n:]}
         return prompt_ids, out
+
+    @property
+    def jinja(self) -> str:
+        """This layout as a Jinja chat template (for an exported model's
+        `chat_template`): rendered like `transformers` does, it writes exactly
+        `render`'s text, with the tokenizer's `eos_token` where `eot` is None."""
+
+        def literal(pieces: Sequence[Piece]) -> str:
+            text = "".join(p.token if isinstance(p, Special) else p for p in pieces)
+            return "{{ " + json.dumps(text) + " }}" if text else ""
+
+        eot = "{{ eos_token }}" if self.eot is None else literal((self.eot,))
+        roles = "[" + ", ".join(json.dumps(r) for r in sorted(self.eot_roles)) + "]"
+        branches = "".join(
+            ("{% if " if k == 0 else "{% elif ") + f"message['role'] == {json.dumps(role)} %}}" + literal(header)
+            for k, (role, header) in enumerate(self.headers)
+        )
+        return (
+            literal(self.prefix)
+            + "{% for message in messages %}"
+            + branches
+            + "{% else %}{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
+            + "{{ message['content'] }}"
+            + f"{{% if message['role'] in {roles} %}}{eot}{{% endif %}}"
+            + literal((self.separator,))
+            + "{% endfor %}"
+            + "{% if add_generation_prompt %}" + literal(self._header("assistant")) + "{% endif %}"
+        )
 
     def render(
         self,
