@@ -496,3 +496,17 @@ def test_real_conversations_every_reply_exact(base: Tokenizer, shared_data: Path
         assert _labelled_texts(tok, out) == expected
         encoded += 1
     assert encoded >= 40
+
+
+def test_folder_written_by_transformers_is_read_whole(base: Tokenizer, shared_data: Path, tmp_path: Path, fixed_today: None) -> None:
+    """`save_pretrained` (chat_template.jinja beside tokenizer_config.json) -> from_file -> template: auto."""
+    stem = "Qwen-Qwen3-0.6B"
+    tok, hf = _model(base, shared_data, stem)
+    hf.save_pretrained(str(tmp_path))
+    assert (tmp_path / "chat_template.jinja").is_file()
+    loaded = Tokenizer.from_file(tmp_path)
+    assert loaded.chat_template == tok.chat_template and loaded.eos_token == "<|im_end|>"
+    template = resolve_template("auto", loaded)
+    for msgs in CONVERSATIONS.values():
+        assert template.encode(msgs, loaded)["input_ids"] == hf.apply_chat_template(msgs, tokenize=True, return_dict=False)
+    assert loaded.decode([template.stop_token_id(loaded)]) == "<|im_end|>"

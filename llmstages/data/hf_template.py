@@ -2,10 +2,12 @@
 
 Design choices:
 
-- Rendering matches `transformers`' `apply_chat_template` (same sandboxed
-  Jinja environment: `trim_blocks`, `lstrip_blocks`, loop controls,
-  `raise_exception`, `strftime_now`, a `tojson` that does not escape HTML;
-  the named special tokens as variables) without importing `transformers`.
+- Rendering matches `transformers`' `apply_chat_template` (an immutable
+  sandboxed Jinja environment configured like its own: `trim_blocks`,
+  `lstrip_blocks`, loop controls, `raise_exception`, `strftime_now`, a
+  `tojson` that does not escape HTML; the named special tokens, `messages`,
+  `add_generation_prompt`, `tools=None`, `documents=None` as variables)
+  without importing `transformers`; tests compare ids with it.
   The rendered text is tokenised whole, special strings as markers, so the
   ids are the ones the model was trained with (a named template tokenises
   segment by segment; both agree wherever BPE merges do not cross a
