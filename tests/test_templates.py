@@ -305,3 +305,31 @@ def test_registry_and_unknown_names(trained: Tokenizer) -> None:
         ChatTemplate.get("chatml").encode(msgs, trained, "assistant_only")
     with pytest.raises(ValueError, match="unknown loss_mask"):
         ChatTemplate.get("chatml").encode_reply("x", trained, "nope")
+
+
+# ------------------------------------------------------------------ preference pairs and template names
+@pytest.mark.parametrize("name", ChatTemplate.names())
+def test_encode_pair_is_prompt_plus_completion(trained: Tokenizer, name: str) -> None:
+    tpl = ChatTemplate.get(name)
+    prompt = MSGS[:2]
+    one = [{"role": "assistant", "content": "Hello!"}]
+    multi = [MSGS[2], {"role": "user", "content": "More?"}, {"role": "assistant", "content": "No."}]
+    prompt_ids, sides = tpl.encode_pair(prompt, {"chosen": one, "rejected": multi}, trained)
+    assert prompt_ids == tpl.encode_prompt(prompt, trained)
+    assert sides["chosen"] == tpl.encode_reply("Hello!", trained)
+    full = tpl.encode(prompt + multi, trained)
+    assert prompt_ids + sides["rejected"]["input_ids"] == full["input_ids"]
+    assert [I] * len(prompt_ids) + sides["rejected"]["labels"] == full["labels"]
+
+
+def test_resolve_template_named_and_auto(trained: Tokenizer) -> None:
+    from llmstages.data.templates import TEMPLATE_NAMES, resolve_template
+
+    assert set(ChatTemplate.names()) < set(TEMPLATE_NAMES)
+    assert resolve_template("llama3", trained) is ChatTemplate.get("llama3")
+    with pytest.raises(ValueError, match="template: auto renders the model's own chat template, but this tokenizer has none"):
+        resolve_template("auto", trained)
+    with pytest.raises(ValueError, match="takes no options"):
+        resolve_template("chatml", trained, date_string="26 Jul 2024")
+    with pytest.raises(ValueError, match="unknown chat template 'zephyr'; available: chatml, llama3, plain, auto, hf"):
+        resolve_template("zephyr", trained)

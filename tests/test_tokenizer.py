@@ -278,3 +278,84 @@ def test_train_from_files_and_options(shakespeare: str, tmp_path: Path) -> None:
         Tokenizer.train(["abc"], 100, show_progress=False)
     with pytest.raises(FileNotFoundError):
         Tokenizer.train_from_files([tmp_path / "missing.txt"], 400)
+
+
+# ------------------------------------------------------------------ model folders: special tokens and chat template
+def test_model_folder_keeps_named_tokens_and_chat_template(minimind: Tokenizer, shared_data: Path, tmp_path: Path) -> None:
+    config = json.loads((shared_data / "minimind" / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert minimind.chat_template == config["chat_template"]
+    assert (minimind.bos_token, minimind.eos_token, minimind.unk_token) == ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+    assert minimind.special_tokens_map == {
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>", "pad_token": PAD_TOKEN,
+    }
+    copy = Tokenizer.from_file(minimind.save(tmp_path / "saved"))
+    assert (copy.chat_template, copy.bos_token, copy.unk_token) == (minimind.chat_template, "<|im_start|>", "<|endoftext|>")
+    assert pickle.loads(pickle.dumps(minimind)).chat_template == minimind.chat_template
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+    assert hf.chat_template == minimind.chat_template and hf.bos_token == "<|im_start|>"
+
+
+def test_trained_tokenizer_has_no_template_and_saves_none(trained: Tokenizer, tmp_path: Path) -> None:
+    assert (trained.chat_template, trained.bos_token, trained.unk_token) == (None, None, None)
+    config = json.loads((trained.save(tmp_path) / "tokenizer_config.json").read_text())
+    assert "chat_template" not in config and "bos_token" not in config
+
+
+def test_chat_template_sources_in_transformers_order(trained: Tokenizer, tmp_path: Path) -> None:
+    trained.save(tmp_path)
+    config_file = tmp_path / "tokenizer_config.json"
+    base = json.loads(config_file.read_text())
+
+    def write(**extra: object) -> None:
+        config_file.write_text(json.dumps({**base, **extra}))
+
+    write(chat_template="from config")
+    assert Tokenizer.from_file(tmp_path).chat_template == "from config"
+    write(chat_template=[{"name": "tool_use", "template": "tools"}, {"name": "default", "template": "default one"}])
+    assert Tokenizer.from_file(tmp_path).chat_template == "default one"
+    write(chat_template=[{"name": "tool_use", "template": "tools"}])
+    with pytest.raises(ValueError, match="tokenizer_config.json: chat_template: a list of templates without a 'default'"):
+        Tokenizer.from_file(tmp_path)
+    write(chat_template=7)
+    with pytest.raises(ValueError, match="chat_template: expected a string"):
+        Tokenizer.from_file(tmp_path)
+    write()
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "legacy processor file"}))
+    assert Tokenizer.from_file(tmp_path).chat_template == "legacy processor file"
+    write(chat_template="from config")
+    (tmp_path / "chat_template.jinja").write_text("from the jinja file", encoding="utf-8")
+    assert Tokenizer.from_file(tmp_path).chat_template == "from the jinja file"
+    config_file.write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer_config.json: not valid JSON"):
+        Tokenizer.from_file(tmp_path)
+
+
+def test_special_tokens_map_fills_named_tokens(shakespeare: str, tmp_path: Path) -> None:
+    specials = [EOS_TOKEN, "<s>", "</s>", "<unk>", "<pad>"]
+    (tmp_path / "tokenizer.json").write_text(_foreign_tokenizer_json(shakespeare[:20_000], specials))
+    token_map = tmp_path / "special_tokens_map.json"
+    token_map.write_text(json.dumps({"bos_token": {"content": "<s>"}, "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}))
+    config = tmp_path / "tokenizer_config.json"
+    # A legacy config (no added_tokens_decoder): the map wins, as in transformers.
+    config.write_text(json.dumps({"eos_token": EOS_TOKEN}))
+    t = Tokenizer.from_file(tmp_path)
+    assert (t.bos_token, t.eos_token, t.unk_token, t.pad_token) == ("<s>", "</s>", "<unk>", "<pad>")
+    # A config with added_tokens_decoder wins; the map only fills what it lacks.
+    config.write_text(json.dumps({"eos_token": EOS_TOKEN, "added_tokens_decoder": {}}))
+    t = Tokenizer.from_file(tmp_path)
+    assert (t.bos_token, t.eos_token, t.unk_token) == ("<s>", EOS_TOKEN, "<unk>")
+    # A named token the vocabulary lacks is ignored, not invented.
+    token_map.write_text(json.dumps({"bos_token": "<nope>"}))
+    assert Tokenizer.from_file(tmp_path).bos_token is None
+
+
+def test_encode_rendered_matches_markers_and_gives_offsets(minimind: Tokenizer) -> None:
+    text = "<|im_start|>user\n你好<|im_end|>\n"
+    ids, offsets = minimind.encode_rendered(text)
+    assert ids[0] == minimind.token_to_id("<|im_start|>") and minimind.token_to_id("<|im_end|>") in ids
+    assert offsets[0] == (0, len("<|im_start|>")) and offsets[-1] == (len(text) - 1, len(text))
+    assert minimind.decode(ids) == text
+    # encode keeps the same string as text
+    assert minimind.token_to_id("<|im_start|>") not in minimind.encode(text)
+    assert "<|im_end|>" in minimind.special_tokens and "<think>" not in minimind.special_tokens

@@ -19,6 +19,8 @@ Design choices:
   `legacy_minimind` labels exactly what `assistant` does there), and `plain`
   (no markers: "User: ...\\n\\n", "Assistant: ...<eos>\\n\\n", "System: ...\\n\\n";
   the end-of-turn token is the tokenizer's EOS, after assistant replies only).
+- The model's own Jinja template (`template: auto` or `hf`) lives in
+  `hf_template.py` with the same interface; `resolve_template` picks either.
 - An example with no labelled token raises `ValueError("no target tokens")`,
   and so does an empty assistant reply whose end-of-turn token the chosen
   mask leaves unlabelled: a mask can never be silently all zeros.
@@ -26,6 +28,7 @@ Design choices:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -209,6 +212,54 @@ class ChatTemplate:
         _require_targets(labels, loss_mask)
         return {"input_ids": ids, "labels": labels}
 
+    def encode_pair(
+        self, prompt: Sequence[Message], completions: Mapping[str, Sequence[Message]], tokenizer: Tokenizer
+    ) -> tuple[list[int], dict[str, dict[str, list[int]]]]:
+        """The prompt's ids and, per completion (e.g. chosen/rejected), the tokens after it.
+
+        A one-message completion is `encode_reply` of its content; a longer one
+        is the whole conversation's tail, its assistant turns labelled (the
+        prompt's own turns stay context).
+        """
+        prompt_ids = self.encode_prompt(prompt, tokenizer)
+        out = {}
+        for side, messages in completions.items():
+            if len(messages) == 1:
+                out[side] = self.encode_reply(messages[0]["content"], tokenizer)
+            else:
+                full = self.encode([*prompt, *messages], tokenizer, loss_mask="assistant")
+                n = len(prompt_ids)
+                out[side] = {"input_ids": full["input_ids"][n:], "labels": full["labels"][n:]}
+        return prompt_ids, out
+
+    @property
+    def jinja(self) -> str:
+        """This layout as a Jinja chat template (for an exported model's
+        `chat_template`): rendered like `transformers` does, it writes exactly
+        `render`'s text, with the tokenizer's `eos_token` where `eot` is None."""
+
+        def literal(pieces: Sequence[Piece]) -> str:
+            text = "".join(p.token if isinstance(p, Special) else p for p in pieces)
+            return "{{ " + json.dumps(text) + " }}" if text else ""
+
+        eot = "{{ eos_token }}" if self.eot is None else literal((self.eot,))
+        roles = "[" + ", ".join(json.dumps(r) for r in sorted(self.eot_roles)) + "]"
+        branches = "".join(
+            ("{% if " if k == 0 else "{% elif ") + f"message['role'] == {json.dumps(role)} %}}" + literal(header)
+            for k, (role, header) in enumerate(self.headers)
+        )
+        return (
+            literal(self.prefix)
+            + "{% for message in messages %}"
+            + branches
+            + "{% else %}{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
+            + "{{ message['content'] }}"
+            + f"{{% if message['role'] in {roles} %}}{eot}{{% endif %}}"
+            + literal((self.separator,))
+            + "{% endfor %}"
+            + "{% if add_generation_prompt %}" + literal(self._header("assistant")) + "{% endif %}"
+        )
+
     def render(
         self,
         messages: Sequence[Message],
@@ -233,6 +284,31 @@ class ChatTemplate:
         if add_generation_prompt:
             out.append(text(self._header("assistant")))
         return "".join(out)
+
+
+#: Names `template:` accepts: the named layouts plus the model's own Jinja template.
+TEMPLATE_NAMES: tuple[str, ...] = ("chatml", "llama3", "plain", "auto", "hf")
+
+
+def resolve_template(name: str, tokenizer: Tokenizer, **options: Any) -> Any:
+    """The template a data module uses: a named `ChatTemplate`, or for `auto`/`hf`
+    the tokenizer's own Jinja `chat_template` (`HFChatTemplate`; `options` go to it:
+    `date_string`, `dropped_system`, `template_kwargs`)."""
+    if name in ("auto", "hf"):
+        from llmstages.data.hf_template import HFChatTemplate  # imports this module
+
+        if tokenizer.chat_template is None:
+            raise ValueError(
+                f"template: {name} renders the model's own chat template, but this tokenizer has none "
+                "(no chat_template in tokenizer_config.json, no chat_template.jinja); set template to "
+                f"one of {', '.join(ChatTemplate.names())}, or use a tokenizer folder that has a template"
+            )
+        return HFChatTemplate(tokenizer.chat_template, name=name, **options)
+    if options:
+        raise ValueError(f"template {name!r} takes no options, got {sorted(options)}")
+    if name not in ChatTemplate._registry:
+        raise ValueError(f"unknown chat template {name!r}; available: {', '.join(TEMPLATE_NAMES)}")
+    return ChatTemplate.get(name)
 
 
 def _check_loss_mask(loss_mask: str) -> None:

@@ -69,6 +69,9 @@ ADD_PREFIX_SPACE = False
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+LEGACY_CHAT_TEMPLATE_FILE = "chat_template.json"
 
 
 def _token_content(value: Any) -> str | None:
@@ -78,6 +81,36 @@ def _token_content(value: Any) -> str | None:
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
     return None
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _chat_template_of(folder: Path, config: dict[str, Any]) -> str | None:
+    """The folder's default Jinja chat template, looked up in `transformers`' order."""
+    jinja = folder / CHAT_TEMPLATE_FILE
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    value = config.get("chat_template")
+    source = f"{folder / CONFIG_FILE}: chat_template"
+    if value is None and (folder / LEGACY_CHAT_TEMPLATE_FILE).is_file():
+        value = _read_json(folder / LEGACY_CHAT_TEMPLATE_FILE).get("chat_template")
+        source = f"{folder / LEGACY_CHAT_TEMPLATE_FILE}: chat_template"
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):  # [{"name": ..., "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        if isinstance(named.get("default"), str):
+            return named["default"]
+        raise ValueError(f"{source}: a list of templates without a 'default' one (names: {sorted(map(str, named))})")
+    raise ValueError(f"{source}: expected a string, got {type(value).__name__}")
 
 
 class Tokenizer:
@@ -94,9 +127,23 @@ class Tokenizer:
         *,
         eos_token: str = EOS_TOKEN,
         pad_token: str = PAD_TOKEN,
+        bos_token: str | None = None,
+        unk_token: str | None = None,
+        chat_template: str | None = None,
     ) -> None:
         self._backend = backend
         self._backend.encode_special_tokens = True
+        for name, token in (("bos", bos_token), ("unk", unk_token)):
+            if token is not None and backend.token_to_id(token) is None:
+                raise ValueError(f"{name} token {token!r} is not in the tokenizer's vocabulary")
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise ValueError(f"chat_template must be a str, got {type(chat_template).__name__}")
+        #: Named special tokens besides eos/pad (None: the tokenizer has none); templates read them.
+        self.bos_token = bos_token
+        self.unk_token = unk_token
+        #: The model's own Jinja chat template (None: none was given); `template: auto` renders it.
+        self.chat_template = chat_template
+        self._rendered_backend: tokenizers.Tokenizer | None = None
         eos_id = backend.token_to_id(eos_token)
         pad_id = backend.token_to_id(pad_token)
         if eos_id is None:
@@ -201,10 +248,12 @@ class Tokenizer:
     def from_file(cls, path: str | Path) -> Tokenizer:
         """Load a `tokenizer.json` (or a directory holding one) unchanged.
 
-        A `tokenizer_config.json` beside it may name `eos_token` and
-        `pad_token`. eos: the config's, else `<|endoftext|>` if present, else
-        an error. pad: the config's if it is a dedicated token, else
-        `<|pad|>` (appended as a new special token when absent).
+        A `tokenizer_config.json` beside it (and `special_tokens_map.json`)
+        may name `eos_token`, `pad_token`, `bos_token` and `unk_token`. eos:
+        the config's, else `<|endoftext|>` if present, else an error. pad: the
+        config's if it is a dedicated token, else `<|pad|>` (appended as a new
+        special token when absent). bos/unk: kept when they are in the
+        vocabulary. The chat template: see the module docstring.
         """
         path = Path(path)
         file = path / TOKENIZER_FILE if path.is_dir() else path
@@ -215,7 +264,15 @@ class Tokenizer:
         config: dict[str, Any] = {}
         config_file = file.parent / CONFIG_FILE
         if config_file.is_file():
-            config = json.loads(config_file.read_text(encoding="utf-8"))
+            config = _read_json(config_file)
+        map_file = file.parent / SPECIAL_TOKENS_MAP_FILE
+        if map_file.is_file():
+            token_map = _read_json(map_file)
+            legacy = "added_tokens_decoder" not in config
+            for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+                if key in token_map and (legacy or config.get(key) is None):
+                    config[key] = token_map[key]
+        chat_template = _chat_template_of(file.parent, config)
 
         eos = _token_content(config.get("eos_token"))
         if eos is None:
@@ -247,10 +304,18 @@ class Tokenizer:
                     PAD_TOKEN,
                     backend.token_to_id(PAD_TOKEN),
                 )
-        return cls(backend, eos_token=eos, pad_token=pad)
+        named = {}
+        for key in ("bos_token", "unk_token"):
+            token = _token_content(config.get(key))
+            if token is not None and backend.token_to_id(token) is None:
+                log.warning("%s: %s %r is not in %s; ignored", config_file, key, token, file.name)
+                token = None
+            named[key] = token
+        return cls(backend, eos_token=eos, pad_token=pad, chat_template=chat_template, **named)
 
     def save(self, directory: str | Path) -> Path:
-        """Write `tokenizer.json` and a small `tokenizer_config.json`; return the directory."""
+        """Write `tokenizer.json` and a small `tokenizer_config.json` (with the chat
+        template, if any); return the directory."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self._backend.save(str(directory / TOKENIZER_FILE))
@@ -259,12 +324,15 @@ class Tokenizer:
             "tokenizer_class": "PreTrainedTokenizerFast",
             "eos_token": self.eos_token,
             "pad_token": self.pad_token,
+            **{k: v for k, v in (("bos_token", self.bos_token), ("unk_token", self.unk_token)) if v is not None},
             "additional_special_tokens": chat,
             "add_bos_token": False,
             "add_eos_token": False,
             # transformers' default clean-up would break exact round trips.
             "clean_up_tokenization_spaces": False,
         }
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         return directory
 
@@ -278,6 +346,32 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; no special tokens added, special strings stay text."""
         return self._backend.encode(text, add_special_tokens=False).ids
+
+    def encode_rendered(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and character offsets of a rendered chat template, whose special-token
+        strings are markers (they become their special ids); nothing is added.
+
+        Only for text a template produced: message contents must be checked for
+        special strings before rendering (see `special_tokens`).
+        """
+        if self._rendered_backend is None:
+            # A second backend that matches special strings; the main one never does.
+            self._rendered_backend = tokenizers.Tokenizer.from_str(self._backend.to_str())
+            self._rendered_backend.encode_special_tokens = False
+        encoding = self._rendered_backend.encode(text, add_special_tokens=False)
+        return encoding.ids, [tuple(o) for o in encoding.offsets]
+
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        """The strings of all special added tokens, longest first."""
+        added = self._backend.get_added_tokens_decoder()
+        return tuple(sorted({t.content for t in added.values() if t.special}, key=lambda t: (-len(t), t)))
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """Named special tokens as `transformers` passes them to a chat template."""
+        named = {"bos_token": self.bos_token, "eos_token": self.eos_token, "unk_token": self.unk_token, "pad_token": self.pad_token}
+        return {k: v for k, v in named.items() if v is not None}
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode` for many texts at once (parallel in the Rust backend)."""
@@ -325,11 +419,25 @@ class Tokenizer:
 
     # Pickling goes through the JSON form, which drops encode_special_tokens.
     def __getstate__(self) -> dict[str, Any]:
-        return {"json": self._backend.to_str(), "eos": self.eos_token, "pad": self.pad_token}
+        return {
+            "json": self._backend.to_str(),
+            "eos": self.eos_token,
+            "pad": self.pad_token,
+            "bos": self.bos_token,
+            "unk": self.unk_token,
+            "chat_template": self.chat_template,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         backend = tokenizers.Tokenizer.from_str(state["json"])
-        self.__init__(backend, eos_token=state["eos"], pad_token=state["pad"])  # type: ignore[misc]
+        self.__init__(  # type: ignore[misc]
+            backend,
+            eos_token=state["eos"],
+            pad_token=state["pad"],
+            bos_token=state.get("bos"),
+            unk_token=state.get("unk"),
+            chat_template=state.get("chat_template"),
+        )
 
 
 def _align_decoder(backend: tokenizers.Tokenizer) -> tokenizers.Tokenizer:

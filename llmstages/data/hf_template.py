@@ -1,0 +1,501 @@
+"""The model's own chat template (`template: auto`, alias `hf`): Jinja rendering, exact loss mask.
+
+Design choices:
+
+- Rendering matches `transformers`' `apply_chat_template` (an immutable
+  sandboxed Jinja environment configured like its own: `trim_blocks`,
+  `lstrip_blocks`, loop controls, `raise_exception`, `strftime_now`, a
+  `tojson` that does not escape HTML; the named special tokens, `messages`,
+  `add_generation_prompt`, `tools=None`, `documents=None` as variables)
+  without importing `transformers`; tests compare ids with it.
+  The rendered text is tokenised whole, special strings as markers, so the
+  ids are the ones the model was trained with (a named template tokenises
+  segment by segment; both agree wherever BPE merges do not cross a
+  segment boundary).
+- Reproducible renders: `date_string` is pinned (default `DEFAULT_DATE_STRING`)
+  and `strftime_now` formats that date, so Llama-3.x's "Today Date" and
+  Granite's date do not change daily. `date_string=None` uses today.
+- The mask comes from one full rendering (`add_generation_prompt=False`),
+  never from rendering prefixes and diffing them (Qwen3, QwQ and Phi-3.5 are
+  not prefix-stable). Each message is located in the rendered text in order:
+  a reply is the template's rendering of its content (as is, trimmed,
+  newline-stripped, or with `<think>` dropped, as templates do) followed
+  directly by the end-of-turn marker. Tokens overlapping that span (by
+  character offsets) plus the end-of-turn token are the reply's targets; a
+  token straddling the span's start is labelled (it carries reply text).
+- Only what the template renders can carry loss: reasoning a template drops
+  from history is not trained; reasoning it keeps (even reformatted, Qwen3's
+  final turn) is. Scaffolding the model did not write, such as the empty
+  `<think>\\n\\n</think>\\n\\n` Qwen3/minimind/SmolLM3 insert between header and
+  reply, is never labelled, so a model is not taught to emit it. A reply the
+  template rewrites beyond these forms is an error, not a guess.
+- The end-of-turn marker is the special token the template writes right
+  after a reply (found by rendering a probe conversation): `<|im_end|>`,
+  `<|eot_id|>`, `<｜end▁of▁sentence｜>`, `<end_of_turn>`, `<|end|>`, `</s>`...
+  Markers come from the tokenizer's special tokens, never guessed strings.
+  It is also the stop id for generation.
+- `legacy_minimind` adds the whitespace tokens after the end-of-turn token
+  (ChatML's newline), as the named templates add their separator.
+- Refusals are loud: a template exception (gemma-2 on a system role) is a
+  `ValueError` naming the template; a system message the rendering does not
+  contain (Mistral-Nemo drops it unless the conversation ends on a user turn)
+  is an error (or a one-time warning with `dropped_system="warn"`); a special
+  token string inside a message is an error (the model's template would make
+  it a control token; the named templates keep it as text); an example with
+  no labelled token is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from llmstages.data.templates import (
+    Message,
+    _check_loss_mask,
+    _require_targets,
+    _validate,
+)
+from llmstages.data.tokenizer import Tokenizer
+from llmstages.losses import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+#: The date Llama-3.x's own template falls back to; pinned so renders are reproducible.
+DEFAULT_DATE_STRING = "26 Jul 2024"
+DATE_STRING_FORMAT = "%d %b %Y"
+DROPPED_SYSTEM = ("error", "warn")
+
+_PROBE_USER = "llmstages probe question"
+_PROBE_REPLY = "llmstages probe reply"
+
+
+# ---------------------------------------------------------------- jinja
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False) -> str:
+    # Jinja's own tojson escapes HTML characters; chat templates expect plain JSON.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@lru_cache(maxsize=32)
+def compile_template(source: str) -> jinja2.Template:
+    """A chat template compiled in an environment configured like `transformers`'."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ValueError(f"chat template does not compile (line {e.lineno}): {e.message}") from None
+
+
+# ---------------------------------------------------------------- per-tokenizer facts
+@dataclass(frozen=True)
+class _Markers:
+    specials: tuple[str, ...]  # special token strings, longest first
+    eot: str
+    eot_id: int
+
+
+@dataclass(frozen=True)
+class _Reply:
+    message: int  # index in the conversation
+    start: int  # character span of the rendered reply
+    end: int
+
+
+def _special_at(text: str, pos: int, specials: Sequence[str]) -> str | None:
+    for token in specials:  # longest first, so a marker never matches by its prefix
+        if text.startswith(token, pos):
+            return token
+    return None
+
+
+def _reply_forms(content: str) -> tuple[list[str], bool]:
+    """How templates render a reply (as is, trimmed, think dropped), and whether one form is empty."""
+    forms = [content, content.strip(), content.lstrip("\n"), content.strip("\n"), content.rstrip()]
+    if "</think>" in content:
+        answer = content.split("</think>")[-1]
+        forms += [answer, answer.lstrip("\n"), answer.strip(), answer.lstrip()]
+    unique = list(dict.fromkeys(forms))
+    return [f for f in unique if f], "" in unique
+
+
+def _reasoning(content: str) -> str:
+    """The reasoning the model wrote before `</think>` (empty when none)."""
+    if "</think>" not in content:
+        return ""
+    return content.split("</think>")[0].split("<think>")[-1].strip()
+
+
+class HFChatTemplate:
+    """A chat template rendered from Jinja source, with the `ChatTemplate` interface.
+
+    `source` is usually `tokenizer.chat_template`; `date_string` pins the date
+    templates print (None: today); `dropped_system` says what a system message
+    the rendering loses does (`error` or `warn`); `template_kwargs` are extra
+    variables for the template (e.g. `{"enable_thinking": False}`).
+    """
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        name: str = "auto",
+        date_string: str | None = DEFAULT_DATE_STRING,
+        dropped_system: str = "error",
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(source, str) or not source.strip():
+            raise ValueError("chat template source must be a non-empty Jinja string")
+        if dropped_system not in DROPPED_SYSTEM:
+            raise ValueError(f"unknown dropped_system {dropped_system!r}; available: {', '.join(DROPPED_SYSTEM)}")
+        if date_string is not None:
+            try:
+                self._date = datetime.strptime(date_string, DATE_STRING_FORMAT)
+            except ValueError:
+                raise ValueError(f"date_string {date_string!r} is not in the form '26 Jul 2024'") from None
+        else:
+            self._date = None
+        self.name = name
+        self.source = source
+        self.date_string = date_string
+        self.dropped_system = dropped_system
+        self.template_kwargs = dict(template_kwargs or {})
+        self._compiled = compile_template(source)
+        self._markers: weakref.WeakKeyDictionary[Tokenizer, _Markers] = weakref.WeakKeyDictionary()
+        self._warned_system = False
+
+    def __repr__(self) -> str:
+        return f"HFChatTemplate(name={self.name!r}, date_string={self.date_string!r})"
+
+    @property
+    def jinja(self) -> str:
+        """The Jinja source (what an export writes as the model's chat template)."""
+        return self.source
+
+    # The compiled template and the per-tokenizer cache are rebuilt, not pickled.
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "name": self.name,
+            "date_string": self.date_string,
+            "dropped_system": self.dropped_system,
+            "template_kwargs": self.template_kwargs,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        source = state.pop("source")
+        self.__init__(source, **state)  # type: ignore[misc]
+
+    # ----------------------------------------------------------- rendering
+    def _strftime_now(self, fmt: str) -> str:
+        return (self._date or datetime.now()).strftime(fmt)
+
+    def render(
+        self,
+        messages: Sequence[Message],
+        tokenizer: Tokenizer | None = None,
+        *,
+        add_generation_prompt: bool = False,
+        eos_token: str | None = None,
+    ) -> str:
+        """The conversation as the model's template writes it.
+
+        Special tokens come from `tokenizer` (or just `eos_token` when no
+        tokenizer is given, as in `ChatTemplate.render`).
+        """
+        msgs = [{"role": r, "content": c} for r, c in _validate(messages)]
+        if tokenizer is not None:
+            variables: dict[str, Any] = dict(tokenizer.special_tokens_map)
+        else:
+            variables = {"eos_token": eos_token} if eos_token is not None else {}
+        if self.date_string is not None:
+            variables["date_string"] = self.date_string
+        variables.update(self.template_kwargs)
+        try:
+            return self._compiled.render(
+                messages=msgs,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                strftime_now=self._strftime_now,
+                **variables,
+            )
+        except jinja2.exceptions.TemplateError as e:
+            raise ValueError(f"chat template {self.name!r} refused this conversation: {e}") from None
+
+    def _checked_render(self, msgs: list[tuple[str, str]], tokenizer: Tokenizer, add_generation_prompt: bool) -> str:
+        markers = self._markers_of(tokenizer)
+        for i, (_, content) in enumerate(msgs):
+            token = next((t for t in markers.specials if t in content), None)
+            if token is not None:
+                raise ValueError(
+                    f"message {i}: contains the special token string {token!r}; the model's chat template "
+                    "would turn it into a control token (a named template keeps it as text)"
+                )
+        messages = [{"role": r, "content": c} for r, c in msgs]
+        text = self.render(messages, tokenizer, add_generation_prompt=add_generation_prompt)
+        self._check_system(msgs, text)
+        return text
+
+    def _check_system(self, msgs: list[tuple[str, str]], text: str) -> None:
+        for i, (role, content) in enumerate(msgs):
+            if role != "system" or not content.strip() or content.strip() in text:
+                continue
+            problem = (
+                f"message {i}: chat template {self.name!r} drops or rewrites this system message "
+                f"({content.strip()[:40]!r} is not in the rendering)"
+            )
+            if self.dropped_system == "error":
+                raise ValueError(
+                    problem + "; remove system messages, use a named template (chatml, llama3, plain), "
+                    "or accept the loss with dropped_system='warn'"
+                )
+            if not self._warned_system:
+                log.warning("%s; continuing without it (dropped_system='warn', warned once)", problem)
+                self._warned_system = True
+
+    # ----------------------------------------------------------- markers
+    def _markers_of(self, tokenizer: Tokenizer) -> _Markers:
+        cached = self._markers.get(tokenizer)
+        if cached is not None:
+            return cached
+        specials = tokenizer.special_tokens
+        probe = [{"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_REPLY}]
+        text = self.render(probe, tokenizer)
+        at = text.find(_PROBE_REPLY)
+        if at < 0:
+            raise ValueError(
+                f"chat template {self.name!r} does not render an assistant reply as written "
+                f"(probe reply {_PROBE_REPLY!r} is not in its rendering), so no loss mask can be derived from it"
+            )
+        end = at + len(_PROBE_REPLY)
+        eot = _special_at(text, end, specials)
+        if eot is None:
+            raise ValueError(
+                f"chat template {self.name!r}: no end-of-turn marker: after a reply it writes "
+                f"{text[end:end + 24]!r}, which does not start with a special token of this tokenizer"
+            )
+        markers = _Markers(specials, eot, tokenizer.token_to_id(eot))
+        self._markers[tokenizer] = markers
+        return markers
+
+    def stop_token_id(self, tokenizer: Tokenizer) -> int:
+        """The end-of-turn id: the special token the template writes right after a reply."""
+        return self._markers_of(tokenizer).eot_id
+
+    # ----------------------------------------------------------- locating
+    def _locate(self, text: str, msgs: list[tuple[str, str]], markers: _Markers) -> list[_Reply]:
+        """Every assistant reply's character span in the full rendering, in order."""
+        replies: list[_Reply] = []
+        cursor = 0
+        for i, (role, content) in enumerate(msgs):
+            if role == "assistant":
+                reply = self._locate_reply(text, content, cursor, markers)
+                if reply is None:
+                    raise ValueError(
+                        f"message {i}: chat template {self.name!r} renders this assistant reply in a form "
+                        "the loss mask cannot locate (not as written, trimmed, or with <think> dropped)"
+                    )
+                start, end = reply
+                replies.append(_Reply(i, start, end))
+                cursor = end + len(markers.eot)
+            else:
+                moved = self._skip_context(text, role, content, cursor, markers)
+                if moved is None:
+                    raise ValueError(
+                        f"message {i}: chat template {self.name!r} does not render this {role} message as "
+                        "written (or trimmed), so the replies around it cannot be located exactly"
+                    )
+                cursor = moved
+        return replies
+
+    @staticmethod
+    def _skip_context(text: str, role: str, content: str, cursor: int, markers: _Markers) -> int | None:
+        """The cursor past a user/system message, so a reply never matches inside it.
+
+        A match is the first occurrence from the cursor (preferably followed by
+        a marker), so the cursor never passes the message's true place; a user
+        message the template does not render as written (or trimmed) is None
+        (an error: its reply could be mistaken for it). A system message the
+        rendering lacks leaves the cursor (`_check_system` reports it).
+        """
+        forms = [f for f in dict.fromkeys((content, content.strip())) if f]
+        for form in forms:  # ended by a marker, as turns usually are
+            at = text.find(form, cursor)
+            while at >= 0:
+                special = _special_at(text, at + len(form), markers.specials)
+                if special is not None:
+                    return at + len(form) + len(special)
+                at = text.find(form, at + 1)
+        for form in forms:  # templates whose turns end in plain text (e.g. "User: ...\n\n")
+            at = text.find(form, cursor)
+            if at >= 0:
+                return at + len(form)
+        return cursor if role == "system" or not forms else None
+
+    @staticmethod
+    def _locate_reply(text: str, content: str, cursor: int, markers: _Markers) -> tuple[int, int] | None:
+        forms, may_be_empty = _reply_forms(content)
+        best: tuple[int, int] | None = None  # (end, -length): earliest end, then the longest form
+        for form in forms:
+            at = text.find(form + markers.eot, cursor)
+            if at >= 0:
+                key = (at + len(form), -len(form))
+                best = key if best is None or key < best else best
+        if best is not None:
+            end = best[0]
+            start = end + best[1]
+        elif may_be_empty:
+            end = text.find(markers.eot, cursor)
+            if end < 0:
+                return None
+            start = end
+        else:
+            return None
+        # Reasoning the template kept (possibly reformatted) is the model's text: include it.
+        if _reasoning(content) and "</think>" not in text[start:end]:
+            before = text[cursor:start]
+            close = before.rstrip().rfind("</think>")
+            if close >= 0 and not before[close + len("</think>"):].strip():
+                open_ = before.rfind("<think>", 0, close)
+                if open_ >= 0 and _reasoning(content) in before[open_:close]:
+                    start = cursor + open_
+        return start, end
+
+    # ----------------------------------------------------------- encoding
+    def _encode_full(
+        self, msgs: list[tuple[str, str]], tokenizer: Tokenizer, loss_mask: str, trained_from: int = 0
+    ) -> dict[str, list[int]]:
+        """ids + labels of one full rendering; replies before `trained_from` stay context."""
+        markers = self._markers_of(tokenizer)
+        text = self._checked_render(msgs, tokenizer, add_generation_prompt=False)
+        ids, offsets = tokenizer.encode_rendered(text)
+        if loss_mask == "all":
+            return {"input_ids": ids, "labels": list(ids)}
+        replies = [r for r in self._locate(text, msgs, markers) if r.message >= trained_from]
+        if loss_mask == "last_assistant":
+            replies = replies[-1:]
+        labels = [IGNORE_INDEX] * len(ids)
+        token = 0
+        for reply in replies:
+            while token < len(ids) and offsets[token][1] <= reply.start and offsets[token][0] < reply.end:
+                token += 1
+            body = []
+            while token < len(ids) and offsets[token][0] < reply.end:
+                body.append(token)
+                token += 1
+            if token == len(ids) or ids[token] != markers.eot_id or offsets[token][0] != reply.end:
+                raise ValueError(
+                    f"message {reply.message}: the end-of-turn marker {markers.eot!r} after this reply "
+                    "is not a token of its own in the tokenised rendering"
+                )
+            eot = token
+            tail = []
+            nxt = eot + 1
+            while nxt < len(ids) and ids[nxt] not in tokenizer.special_ids and not text[slice(*offsets[nxt])].strip():
+                tail.append(nxt)
+                nxt += 1
+            if loss_mask == "assistant_no_eos":
+                target = body
+            else:
+                target = body + [eot]
+                if loss_mask == "legacy_drop_first":
+                    target = target[1:]
+                elif loss_mask == "legacy_minimind":
+                    target += tail
+            if reply.start == reply.end and not target:
+                raise ValueError(
+                    f"message {reply.message}: empty assistant reply has no target tokens under "
+                    f"loss_mask={loss_mask!r} (an empty reply is trainable only through its end-of-turn token)"
+                )
+            for t in target:
+                labels[t] = ids[t]
+            token = eot + 1
+        return {"input_ids": ids, "labels": labels}
+
+    def encode(
+        self, messages: Sequence[Message], tokenizer: Tokenizer, loss_mask: str = "assistant"
+    ) -> dict[str, list[int]]:
+        """`{"input_ids", "labels"}` of a whole conversation (labels unshifted)."""
+        _check_loss_mask(loss_mask)
+        out = self._encode_full(_validate(messages), tokenizer, loss_mask)
+        _require_targets(out["labels"], loss_mask)
+        return out
+
+    def encode_prompt(self, messages: Sequence[Message], tokenizer: Tokenizer) -> list[int]:
+        """The conversation so far rendered with the template's generation prompt."""
+        text = self._checked_render(_validate(messages), tokenizer, add_generation_prompt=True)
+        return tokenizer.encode_rendered(text)[0]
+
+    def encode_pair(
+        self, prompt: Sequence[Message], completions: Mapping[str, Sequence[Message]], tokenizer: Tokenizer
+    ) -> tuple[list[int], dict[str, dict[str, list[int]]]]:
+        """A shared prompt and, per completion, the tokens after it with its replies labelled.
+
+        Each side is rendered whole (prompt + completion); the prompt is the
+        longest token prefix the sides share that holds no target, so the
+        completion's header (and inserted scaffolding) is context.
+        """
+        context = _validate(prompt)
+        full = {}
+        for side, messages in completions.items():
+            try:
+                full[side] = self._encode_full(context + _validate(messages), tokenizer, "assistant", len(context))
+            except ValueError as e:
+                raise ValueError(f"{side}: {e}") from None
+            _require_targets(full[side]["labels"], "assistant")
+        sides = list(full.values())
+        split = min(next(i for i, t in enumerate(s["labels"]) if t != IGNORE_INDEX) for s in sides)
+        first = sides[0]["input_ids"]
+        for s in sides[1:]:
+            same = next((i for i, (a, b) in enumerate(zip(first, s["input_ids"])) if a != b), min(len(first), len(s["input_ids"])))
+            split = min(split, same)
+        replies = {side: {"input_ids": s["input_ids"][split:], "labels": s["labels"][split:]} for side, s in full.items()}
+        return first[:split], replies
+
+    def encode_reply(
+        self,
+        content: str,
+        tokenizer: Tokenizer,
+        loss_mask: str = "assistant",
+        *,
+        prompt: Sequence[Message] | None = None,
+    ) -> dict[str, list[int]]:
+        """One reply's tokens from its start (header and scaffolding excluded) to the end of the rendering.
+
+        The rendering depends on context, so the reply is rendered after
+        `prompt` (default: one placeholder user turn). `encode_prompt(p) +
+        encode_reply(c, prompt=p)` equals `encode(p + [c])` only where the
+        template is prefix-stable at the generation prompt (not QwQ or
+        DeepSeek-R1, whose generation prompt opens a `<think>`); `encode_pair`
+        does not rely on it.
+        """
+        _check_loss_mask(loss_mask)
+        if not isinstance(content, str):
+            raise ValueError(f"reply content must be a str, got {type(content).__name__}")
+        context = _validate(prompt) if prompt is not None else [("user", _PROBE_USER)]
+        msgs = context + [("assistant", content)]
+        markers = self._markers_of(tokenizer)
+        full = self._encode_full(msgs, tokenizer, loss_mask, len(context))
+        text = self._checked_render(msgs, tokenizer, add_generation_prompt=False)
+        reply = self._locate(text, msgs, markers)[-1]
+        _, offsets = tokenizer.encode_rendered(text)
+        start = next(i for i, (a, b) in enumerate(offsets) if b > reply.start or a >= reply.end)
+        out = {"input_ids": full["input_ids"][start:], "labels": full["labels"][start:]}
+        _require_targets(out["labels"], loss_mask)
+        return out
