@@ -50,8 +50,8 @@ DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust", "simpo"]
 Reference = Literal["live", "precompute"]
 # a bad record in a data file (data/formats.py)
 OnError = Literal["raise", "skip"]
-# chat templates (data/templates.py)
-TemplateName = Literal["chatml", "llama3", "plain"]
+# chat templates (data/templates.py); auto/hf render the tokenizer's own Jinja template (data/hf_template.py)
+TemplateName = Literal["chatml", "llama3", "plain", "auto", "hf"]
 # chat data file formats (data/formats.py)
 ChatFormat = Literal["auto", "alpaca", "sharegpt", "messages"]
 # a pretraining text file: one document per line, or the whole file

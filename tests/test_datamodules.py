@@ -565,3 +565,27 @@ def test_multi_turn_completions_label_only_their_assistant_turns(tmp_path: Path,
     labelled = [t for t, label in zip(chosen["input_ids"], chosen["labels"]) if label != -100]
     text = module.tokenizer.decode(labelled, skip_special_tokens=True)
     assert text == "9yes"  # the prompt's "5" is context, not completion
+
+
+def test_template_auto_from_a_tokenizer_folder_equals_the_named_template(cache: Path, tmp_path: Path) -> None:
+    """A model folder's own Jinja chat template (template: auto) trains exactly the tokens the named template does."""
+    from llmstages.data.templates import ChatTemplate
+
+    tokenizer = Tokenizer.from_file(cache / "default-tokenizer-1024")
+    tokenizer.chat_template = ChatTemplate.get("chatml").jinja
+    folder = tokenizer.save(tmp_path / "model")
+    common = dict(cache_dir=str(cache), seq_len=128, packing="none")
+    for cls in (SFTData, PreferenceData):
+        named = cls(template="chatml", **{k: v for k, v in common.items() if cls is SFTData or k != "packing"})
+        auto = cls(template="auto", tokenizer=str(folder), **{k: v for k, v in common.items() if cls is SFTData or k != "packing"})
+        named.setup()
+        auto.setup()
+        assert len(named.train_set) == len(auto.train_set) > 0
+        for i in range(0, len(named.train_set), 97):
+            a, b = named.train_set[i], auto.train_set[i]
+            assert a == b, (cls.__name__, i)
+
+
+def test_template_auto_without_a_chat_template_names_the_option(cache: Path) -> None:
+    with pytest.raises(ValueError, match="template: auto"):
+        SFTData(template="auto", cache_dir=str(cache))

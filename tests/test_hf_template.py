@@ -18,7 +18,7 @@ import pytest
 import tokenizers
 
 from llmstages.data.hf_template import DEFAULT_DATE_STRING, HFChatTemplate
-from llmstages.data.modules import default_tokenizer
+from llmstages.data.base import default_tokenizer
 from llmstages.data.templates import IGNORE_INDEX, LOSS_MASKS, ChatTemplate, resolve_template
 from llmstages.data.tokenizer import Tokenizer
 

@@ -16,11 +16,11 @@ import torch
 from rich.progress import track
 
 from llmstages.data import synthetic
-from llmstages.data.batch import PreferenceBatch
+from llmstages.data.batch import SIDES, PreferenceBatch
 from llmstages.data.base import StageData, _ListDataset
 from llmstages.data.formats import LoadReport, read_preference
 from llmstages.data.packing import pad_examples, truncate
-from llmstages.data.templates import ChatTemplate
+from llmstages.data.templates import resolve_template
 from llmstages.losses import IGNORE_INDEX, count_targets
 from llmstages.options import OnError, TemplateName, Truncation, check_choice, choices
 
@@ -40,21 +40,25 @@ class PreferenceData(StageData):
         template: TemplateName = "chatml",
         truncation: Truncation = "right",
         on_error: OnError = "raise",
+        template_options: dict | None = None,
         **kwargs,
     ) -> None:
         """
         Args:
             files: preference files (sharegpt conversations + chosen + rejected, or prompt/chosen/rejected);
                 null: the embedded synthetic pairs.
-            template: the chat template that renders prompt and replies into tokens.
+            template: chatml, llama3, plain, or auto/hf: the tokenizer's own Jinja chat template (a model folder's);
+                the chat template that renders prompt and replies into tokens.
             truncation: right (cut the replies' ends), left (cut the oldest prompt tokens) or drop an over-long pair.
             on_error: raise (stop at the first bad record, naming file, line and field) or skip (count and go on).
+            template_options: for template auto/hf: date_string (pins Llama-3.1's date), dropped_system
+                (error or warn when the template drops a system message), template_kwargs (e.g. enable_thinking).
         """
         super().__init__(**kwargs)
         self.files = [Path(f) for f in files] if files else None
         self.truncation = check_choice("truncation", truncation, choices(Truncation))
         self.on_error = check_choice("on_error", on_error, choices(OnError))
-        self.template = ChatTemplate.get(template)
+        self.template = resolve_template(template, self.tokenizer, **(template_options or {}))
 
     def _pairs(self) -> tuple[list[dict], list[LoadReport]]:
         if not self.files:
@@ -72,8 +76,9 @@ class PreferenceData(StageData):
         Truncation treats the pair as one: `left` cuts the same oldest prompt
         tokens from both sides, so DPO always compares replies to the same context.
         """
-        prompt = self.template.encode_prompt(pair["prompt"], self.tokenizer)
-        replies = {side: self._completion(pair["prompt"], pair[side], len(prompt)) for side in ("chosen", "rejected")}
+        prompt, replies = self.template.encode_pair(
+            pair["prompt"], {side: pair[side] for side in SIDES}, self.tokenizer
+        )
         longest = max(len(r["input_ids"]) for r in replies.values())
         if len(prompt) + longest > self.seq_len:
             if self.truncation == "drop":
@@ -94,14 +99,6 @@ class PreferenceData(StageData):
                 return None
             sides[side] = fitted
         return sides
-
-    def _completion(self, prompt: list[dict], messages: list[dict], prompt_len: int) -> dict:
-        """The tokens after the prompt: one reply, or a multi-turn completion (its assistant turns labelled)."""
-        if len(messages) == 1:
-            return self.template.encode_reply(messages[0]["content"], self.tokenizer)
-        full = self.template.encode(prompt + messages, self.tokenizer, loss_mask="assistant")
-        # the prompt's own assistant turns are context, not the completion being preferred
-        return {"input_ids": full["input_ids"][prompt_len:], "labels": full["labels"][prompt_len:]}
 
     def _build(self) -> None:
         pairs, reports = self._pairs()

@@ -24,7 +24,7 @@ from llmstages.data.batch import LMBatch
 from llmstages.data.base import StageData, _ListDataset
 from llmstages.data.formats import LoadReport, read_chat
 from llmstages.data.packing import best_fit_decreasing, check_packing, fill_ratio, pack_examples, pad_examples, stack_rows, truncate
-from llmstages.data.templates import ChatTemplate
+from llmstages.data.templates import resolve_template
 from llmstages.options import ChatFormat, LossMask, OnError, TemplateName, Truncation, check_choice, choices
 
 
@@ -40,18 +40,22 @@ class SFTData(StageData):
         packing: Literal["documents", "none"] = "documents",
         truncation: Truncation = "right",
         on_error: OnError = "raise",
+        template_options: dict | None = None,
         **kwargs,
     ) -> None:
         """
         Args:
             files: chat data files (alpaca, sharegpt, messages; JSON or JSONL); null: the embedded synthetic tasks.
             format: the files' format; auto detects it per record.
-            template: the chat template that renders conversations into tokens.
+            template: chatml, llama3, plain, or auto/hf: the tokenizer's own Jinja chat template (a model folder's);
+                the chat template that renders conversations into tokens.
             loss_mask: which tokens carry a loss: assistant (every reply and its end-of-turn token), last_assistant,
                 all (the prompt too), assistant_no_eos, legacy_drop_first (OpenRLHF #973), legacy_minimind.
             packing: documents (several examples per row, attention isolated) or none (one padded example per row).
             truncation: right (cut the end), left (cut the oldest context) or drop an over-long example.
             on_error: raise (stop at the first bad record, naming file, line and field) or skip (count and go on).
+            template_options: for template auto/hf: date_string (pins Llama-3.1's date), dropped_system
+                (error or warn when the template drops a system message), template_kwargs (e.g. enable_thinking).
         """
         super().__init__(**kwargs)
         self.files = [Path(f) for f in files] if files else None
@@ -59,7 +63,7 @@ class SFTData(StageData):
         self.loss_mask = check_choice("loss_mask", loss_mask, choices(LossMask))
         self.truncation = check_choice("truncation", truncation, choices(Truncation))
         self.on_error = check_choice("on_error", on_error, choices(OnError))
-        self.template = ChatTemplate.get(template)
+        self.template = resolve_template(template, self.tokenizer, **(template_options or {}))
         self.packing = check_packing(packing, ("none", "documents"))
         self.val_conversations: list[list[dict]] = []
         self.truncated = 0

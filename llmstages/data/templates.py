@@ -44,16 +44,10 @@ from llmstages.data.tokenizer import (
     Tokenizer,
 )
 from llmstages.losses import IGNORE_INDEX
+from llmstages.options import LossMask, TemplateName, choices
 
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
-LOSS_MASKS: tuple[str, ...] = (
-    "assistant",
-    "last_assistant",
-    "all",
-    "assistant_no_eos",
-    "legacy_drop_first",
-    "legacy_minimind",
-)
+LOSS_MASKS: tuple[str, ...] = choices(LossMask)
 DEFAULT_TEMPLATE = "chatml"
 
 Message = Mapping[str, Any]
@@ -287,7 +281,7 @@ class ChatTemplate:
 
 
 #: Names `template:` accepts: the named layouts plus the model's own Jinja template.
-TEMPLATE_NAMES: tuple[str, ...] = ("chatml", "llama3", "plain", "auto", "hf")
+TEMPLATE_NAMES: tuple[str, ...] = choices(TemplateName)
 
 
 def resolve_template(name: str, tokenizer: Tokenizer, **options: Any) -> Any:
