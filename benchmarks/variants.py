@@ -387,8 +387,13 @@ def summary_sentence(family: str, results: dict) -> str:
     lower_is_better = metric in ("grad_rel_error", "val_loss")
     best = (min if lower_is_better else max)(means, key=means.get)
     worst = (max if lower_is_better else min)(means, key=means.get)
-    text = (f"On `{metric}` ({'lower' if lower_is_better else 'higher'} is better), `{best}` is best "
-            f"({means[best]:.3f}) and `{worst}` worst ({means[worst]:.3f}), means over {len(bench_seeds(results))} seeds.")
+    seeds = len(bench_seeds(results))
+    over = f"means over {seeds} seed{'s' if seeds != 1 else ''}"
+    if means[best] == means[worst]:
+        text = f"On `{metric}` every variant scores {means[best]:.3f} ({over}): this run does not separate them."
+    else:
+        text = (f"On `{metric}` ({'lower' if lower_is_better else 'higher'} is better), `{best}` is best "
+                f"({means[best]:.3f}) and `{worst}` worst ({means[worst]:.3f}), {over}.")
     if family == "dpo" and "sigmoid/legacy_mean_padded" in results and "sigmoid/sum@beta/T" in results:
         a, b = (statistics.mean(r["pref_accuracy"] for r in results[k]) for k in ("sigmoid/legacy_mean_padded", "sigmoid/sum@beta/T"))
         c = statistics.mean(r["pref_accuracy"] for r in results["sigmoid/sum"])
@@ -478,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wandb", action="store_true", help="log every run to offline W&B, grouped by family and variant")
     args = parser.parse_args(argv)
     if args.quick:
-        args.seeds, args.scale, args.eval, args.preset = args.seeds[:2], 0.05, 8, "tiny"
+        args.seeds, args.scale, args.eval, args.preset = args.seeds[:1], 0.02, 4, "tiny"
     torch.set_num_threads(args.threads or 2)
     out = output_dir(args)
     bench = Bench(args, out)
