@@ -627,3 +627,28 @@ def test_reward_model_freezes_an_untied_output_layer(cache_dir: str) -> None:
     assert not module.backbone.lm_head.weight.requires_grad
     optimised = {id(p) for group in module.configure_optimizers()["optimizer"].param_groups for p in group["params"]}
     assert id(module.backbone.lm_head.weight) not in optimised
+
+
+def test_grad_norm_is_logged_before_clipping(cache_dir: str) -> None:
+    """train/grad_norm is the global gradient norm the optimiser step starts from, before gradient clipping."""
+
+    class Capture(L.Callback):
+        def __init__(self) -> None:
+            self.pairs: list[tuple[float, float]] = []
+
+        def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+            self.norm = float(torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None]).norm())
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            self.pairs.append((float(trainer.callback_metrics["train/grad_norm"]), self.norm))
+
+    data = SFTData(cache_dir=cache_dir, batch_size=4, seq_len=64)
+    module = SFTModule(preset="tiny", vocab_size=data.vocab_size, generate_samples=0)
+    capture = Capture()
+    L.Trainer(
+        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, gradient_clip_val=1e-3, limit_val_batches=0, callbacks=[capture],
+    ).fit(module, data)
+    assert len(capture.pairs) == 2
+    for logged, expected in capture.pairs:
+        assert logged == pytest.approx(expected, rel=1e-5) and logged > 1e-3  # unclipped

@@ -239,6 +239,14 @@ class StageModule(L.LightningModule):
                 value, w = stat if isinstance(stat, Weighted) else (stat, weight)
                 self.val_means.update(f"val/{name}", value, w)
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # before clipping (Lightning clips after this hook): what the invariance suite compares
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: DTensor -> global norm
+            self.log("train/grad_norm", norm, sync_dist=False)
+
     def on_validation_epoch_end(self) -> None:
         means = self.val_means.compute_and_reset()
         means.update({f"val/{k}": v for k, v in self.derived_metrics({k[4:]: v for k, v in means.items()}).items()})
