@@ -652,3 +652,29 @@ def test_grad_norm_is_logged_before_clipping(cache_dir: str) -> None:
     assert len(capture.pairs) == 2
     for logged, expected in capture.pairs:
         assert logged == pytest.approx(expected, rel=1e-5) and logged > 1e-3  # unclipped
+
+
+def test_step_loss_is_the_same_for_any_batch_split(cache_dir: str) -> None:
+    """train/step_loss averages the step's micro-batches by their token counts: 1 x 8 and 4 x 2 log the same value."""
+
+    class Capture(L.Callback):
+        def __init__(self) -> None:
+            self.values: list[float] = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+                self.values.append(float(trainer.callback_metrics["train/step_loss"]))
+
+    runs = []
+    for batch_size, accumulate in ((8, 1), (2, 4)):
+        data = SFTData(cache_dir=cache_dir, batch_size=batch_size, seq_len=128, packing="none", shuffle=False)
+        torch.manual_seed(0)
+        module = SFTModule(preset="tiny", vocab_size=data.vocab_size, generate_samples=0, lr=0.0)
+        capture = Capture()
+        L.Trainer(
+            accelerator="cpu", max_steps=2, accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[capture],
+        ).fit(module, data)
+        runs.append(capture.values)
+    assert len(runs[0]) == 2
+    assert runs[0] == pytest.approx(runs[1], rel=1e-6)

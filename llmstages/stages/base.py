@@ -12,6 +12,10 @@ Design choices:
   single-device runs leave the model alone.
 - AdamW without weight decay on norms, biases and embeddings; linear warm-up
   then cosine decay to `min_lr_ratio * lr` over the trainer's stepping batches.
+- Every optimiser step logs `train/step_loss` (the `loss` stat averaged over
+  the step's micro-batches and ranks, weighted like validation) and
+  `train/grad_norm` (before clipping): the two trajectories that must not
+  depend on how a step is split.
 - One loss method per stage: `compute_loss(batch) -> (loss, stats, weight)`.
   `loss` is what backward sees (already normalised for the whole optimiser
   step); `stats` are detached means over this micro-batch's `weight` units
@@ -159,6 +163,7 @@ class StageModule(L.LightningModule):
         self.backbone = Transformer(config)
         self._initialised = init_from is None
         self.val_means = WeightedMeans(*(f"val/{name}" for name in self.METRICS))
+        self._step_loss: Tensor | None = None  # (sum of loss * weight, sum of weight) over the step's micro-batches
 
     # ----------------------------------------------------------------- set-up
 
@@ -225,7 +230,10 @@ class StageModule(L.LightningModule):
         return {}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        loss, stats, _ = self.compute_loss(batch)
+        loss, stats, weight = self.compute_loss(batch)
+        # the optimiser step's loss over all its micro-batches (and ranks, when logged): split-invariant
+        weight = torch.as_tensor(weight, dtype=torch.float64, device=self.device)
+        self._step_loss += torch.stack([stats["loss"].detach().double() * weight, weight])
         values = {name: (s.value if isinstance(s, Weighted) else s) for name, s in stats.items()}
         values.update(self.derived_metrics(values))
         for name, value in values.items():
@@ -239,7 +247,16 @@ class StageModule(L.LightningModule):
                 value, w = stat if isinstance(stat, Weighted) else (stat, weight)
                 self.val_means.update(f"val/{name}", value, w)
 
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        if batch_idx % self.trainer.accumulate_grad_batches == 0:
+            self._step_loss = torch.zeros(2, dtype=torch.float64, device=self.device)
+
     def on_before_optimizer_step(self, optimizer) -> None:
+        if self._step_loss is not None:
+            step_loss = self._step_loss
+            if self.trainer.world_size > 1:
+                step_loss = self.trainer.strategy.reduce(step_loss, reduce_op="sum")
+            self.log("train/step_loss", (step_loss[0] / step_loss[1].clamp(min=1)).float(), sync_dist=False)
         # before clipping (Lightning clips after this hook): what the invariance suite compares
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
