@@ -1,0 +1,336 @@
+"""Trajectory invariance: whole runs, launched as users launch them, that must train identically.
+
+Each case starts real `llmstages fit` runs (subprocesses of the console entry
+point, CSV logger, a timeout that fails instead of hanging) from one
+initialisation and one data order, for N optimiser steps, and compares every
+run of an equivalence class with the class's reference run, step by step, on
+`train/step_loss` (the step's loss over all its micro-batches and ranks) and
+`train/grad_norm` (logged before clipping).
+
+Classes (where they apply): batch split (8x1 = 4x2 = 1x8), world size
+(1 process x accumulation 4 = 2 DDP ranks x 2 = FSDP2 on 2 ranks), packing
+(SFT `documents` = `none`), DPO reference (`precompute` = `live`), model
+switches, resume (SIGKILL at step k, resume = uninterrupted), and precision
+(`bf16-mixed` against float32, reported as context, never pass/fail).
+
+Negative controls must fail their class by a wide margin: `normalize:
+micro_batch` and DPO `legacy_mean_padded` across the batch split, and
+pretraining `packing: concat` against `documents`. A suite whose controls pass
+is broken.
+
+    python benchmarks/invariance.py                 # every stage and class, 30 steps
+    python benchmarks/invariance.py --quick         # 2 stages, 2 classes, 5 steps (the test suite runs this)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, Report, base_parser, output_dir  # noqa: E402
+
+CONFIGS = ROOT / "configs"
+BIN = Path(sys.executable).parent
+LOSS_TOL, GRAD_TOL = 1e-5, 1e-4  # relative, every step (float32 on CPU)
+STAGES = ("pretrain", "sft", "reward", "dpo")
+
+
+@dataclass
+class Run:
+    name: str
+    args: list[str] = field(default_factory=list)
+    devices: int = 1
+    kill_at: int | None = None  # SIGKILL after this step's checkpoint, then resume
+
+
+@dataclass
+class Case:
+    stage: str
+    klass: str
+    runs: list[Run]  # the first is the reference
+    control: bool = False  # expected to FAIL
+    tolerance: tuple[float, float] = (LOSS_TOL, GRAD_TOL)
+    note: str = ""
+
+
+def split(batch: int, accumulate: int, *extra: str, name: str | None = None) -> Run:
+    return Run(name or f"{batch}x{accumulate}", ["--data.init_args.batch_size", str(batch),
+                                                 "--trainer.accumulate_grad_batches", str(accumulate), *extra])
+
+
+def cases(stages: list[str], classes: list[str]) -> list[Case]:
+    out: list[Case] = []
+    for stage in stages:
+        if "batch_split" in classes:
+            out.append(Case(stage, "batch_split", [split(8, 1), split(4, 2), split(1, 8)]))
+        if "world_size" in classes:
+            ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
+            fsdp = ["--config", str(CONFIGS / "fragments" / "fsdp.yaml"), "--trainer.devices", "2"]
+            out.append(Case(stage, "world_size", [
+                split(2, 4, name="1proc x acc4"),
+                Run("ddp 2 x acc2", split(2, 2).args + ddp, devices=2),
+                Run("fsdp2 2 x acc2", split(2, 2).args + fsdp, devices=2),
+            ]))
+        if "resume" in classes:
+            out.append(Case(stage, "resume", [split(4, 2, name="uninterrupted"), Run("killed+resumed", split(4, 2).args, kill_at=2)]))
+        if "precision" in classes:
+            out.append(Case(stage, "precision", [split(4, 2, name="32-true"),
+                                                 Run("bf16-mixed", split(4, 2).args + ["--trainer.precision", "bf16-mixed"])],
+                            note="context only: bf16 rounds every matmul"))
+    if "packing" in classes and "sft" in stages:
+        # one step = the whole (small) training set, so packed and unpacked steps hold the same examples
+        out.append(Case("sft", "packing", [
+            Run("none", ["--data.init_args.packing", "none", "--data.init_args.batch_size", "64", "@small"]),
+            Run("documents", ["--data.init_args.packing", "documents", "--data.init_args.batch_size", "64", "@small"]),
+        ]))
+    if "dpo_reference" in classes and "dpo" in stages:
+        out.append(Case("dpo", "dpo_reference", [split(4, 2, "--model.init_args.reference", "precompute", name="precompute"),
+                                                 split(4, 2, "--model.init_args.reference", "live", name="live")]))
+    if "batch_split" in classes:  # negative controls
+        if "sft" in stages:
+            micro = ["--model.init_args.normalize", "micro_batch"]
+            out.append(Case("sft", "batch_split", [split(8, 1, *micro), split(4, 2, *micro), split(1, 8, *micro)],
+                            control=True, note="normalize: micro_batch"))
+        if "dpo" in stages:
+            legacy = ["--model.init_args.logp_reduction", "legacy_mean_padded"]
+            out.append(Case("dpo", "batch_split", [split(8, 1, *legacy), split(1, 8, *legacy)], control=True,
+                            note="logp_reduction: legacy_mean_padded (divides by the micro-batch's padded length)"))
+    if "packing" in classes and "pretrain" in stages:
+        out.append(Case("pretrain", "packing", [Run("documents", ["--data.init_args.packing", "documents"]),
+                                                Run("concat", ["--data.init_args.packing", "concat"])],
+                        control=True, note="packing: concat (attention crosses documents)"))
+    return out
+
+
+# --------------------------------------------------------------------------- launching runs
+
+
+def env() -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("LLMSTAGES_", "WANDB_"))}
+    return {**base, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore"}
+
+
+def fragment(work: Path, stage: str, steps: int, every: int) -> Path:
+    """Tiny model, short rows, no validation, CSV logging every step, checkpoints every `every` steps."""
+    model = {"preset": "tiny", "warmup_steps": 2}
+    if stage == "sft":
+        model["generate_samples"] = 0
+    override = {
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": steps, "log_every_n_steps": 1,
+            "val_check_interval": 100_000, "limit_val_batches": 0, "num_sanity_val_steps": 0,
+            "enable_progress_bar": False, "enable_model_summary": False,
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                           "init_args": {"save_last": True, "every_n_train_steps": every}}],
+            "logger": {"class_path": "llmstages.loggers.CSVLogger", "init_args": {"flush_logs_every_n_steps": 1}},
+        },
+        "model": {"init_args": model},
+        "data": {"init_args": {"cache_dir": str(work / "cache"), "seq_len": 64 if stage != "sft" else 96}},
+    }
+    if stage == "sft":
+        override["data"]["init_args"]["packing"] = "none"  # examples of very different lengths per micro-batch
+    path = work / f"{stage}.yaml"
+    path.write_text(yaml.safe_dump(override))
+    return path
+
+
+def small_sft_file(work: Path) -> Path:
+    from llmstages.data import synthetic
+
+    path = work / "small-sft.jsonl"
+    if not path.exists():
+        with path.open("w") as f:
+            for record in synthetic.sft_conversations(24, seed=7, multi_turn_fraction=0.5):
+                f.write(json.dumps({"messages": record["messages"]}) + "\n")
+    return path
+
+
+def command(work: Path, case: Case, run: Run, steps: int) -> list[str]:
+    args = []
+    for arg in run.args:
+        args += (["--data.init_args.files", f"[{small_sft_file(work)}]", "--data.init_args.val_fraction", "0"]
+                 if arg == "@small" else [arg])
+    every = run.kill_at or steps
+    return [str(BIN / "llmstages"), "fit", "--config", str(CONFIGS / f"{case.stage}.yaml"),
+            "--config", str(fragment(work, case.stage, steps, every)),
+            "--trainer.default_root_dir", str(work / "runs"), "--run_name", run_dir_name(case, run), *args]
+
+
+def run_dir_name(case: Case, run: Run) -> str:
+    return "-".join(["ctl" if case.control else "eq", case.klass, run.name]).replace(" ", "_")
+
+
+def launch(work: Path, case: Case, run: Run, steps: int, timeout: float) -> Path:
+    cmd = command(work, case, run, steps)
+    folder = work / "runs" / case.stage / run_dir_name(case, run)
+    if run.kill_at is not None:
+        process = subprocess.Popen(cmd, cwd=work, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, start_new_session=True)
+        target = folder / "checkpoints" / "last.ckpt"
+        deadline = time.monotonic() + timeout
+        while not target.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                os.killpg(process.pid, signal.SIGKILL)
+                raise RuntimeError(f"{case.stage}/{run.name}: no checkpoint at step {run.kill_at}:\n{process.stdout.read()[-2000:]}")
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGKILL)  # mid-epoch, right after step kill_at's checkpoint
+        process.wait(timeout=30)
+        cmd = [*cmd, "--ckpt_path", "last"]
+    try:
+        result = subprocess.run(cmd, cwd=work, env=env(), capture_output=True, text=True, timeout=timeout,
+                                start_new_session=True)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{case.stage}/{run.name}: timed out after {timeout} s (a hang?): {' '.join(cmd)}") from None
+    if result.returncode != 0:
+        raise RuntimeError(f"{case.stage}/{run.name} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return folder
+
+
+def trajectory(folder: Path, key: str) -> dict[int, float]:
+    """step -> the last logged value of `key` (a resumed run's second attempt overwrites the first)."""
+    out: dict[int, float] = {}
+    for path in sorted(folder.glob("csv/version_*/metrics.csv")):
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get(key):
+                    out[int(row["step"])] = float(row[key])
+    return out
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def max_relative(a: dict[int, float], reference: dict[int, float], steps: list[int]) -> tuple[float, list[float]]:
+    """Largest |a - ref| / |ref| over `steps` (inf when a step is missing), and the per-step values."""
+    per_step = [abs(a[s] - reference[s]) / max(abs(reference[s]), 1e-12) if s in a and s in reference else float("inf")
+                for s in steps]
+    return (max(per_step) if per_step else float("inf")), per_step
+
+
+def evaluate(case: Case, folders: list[Path], steps: int) -> dict:
+    ref_loss, ref_grad = trajectory(folders[0], "train/step_loss"), trajectory(folders[0], "train/grad_norm")
+    compared = sorted(ref_loss)[:steps]
+    result = {"stage": case.stage, "class": case.klass, "control": case.control, "note": case.note, "runs": {},
+              "reference": case.runs[0].name, "reference_loss": [ref_loss[s] for s in compared]}
+    for run, folder in zip(case.runs[1:], folders[1:]):
+        window = [s for s in compared if run.kill_at is None or s >= run.kill_at]  # resumed steps only
+        dl, dl_steps = max_relative(trajectory(folder, "train/step_loss"), ref_loss, window)
+        dg, _ = max_relative(trajectory(folder, "train/grad_norm"), ref_grad, window)
+        result["runs"][run.name] = {"loss": dl, "grad_norm": dg, "per_step": dl_steps, "steps": window}
+    worst_l = max((r["loss"] for r in result["runs"].values()), default=0.0)
+    worst_g = max((r["grad_norm"] for r in result["runs"].values()), default=0.0)
+    result.update(loss=worst_l, grad_norm=worst_g, within=worst_l <= case.tolerance[0] and worst_g <= case.tolerance[1],
+                  tolerance=case.tolerance)
+    return result
+
+
+def cell(result: dict) -> str:
+    if result["class"] == "precision":
+        return f"{result['loss']:.1e} / {result['grad_norm']:.1e} (context)"
+    mark = ("✅" if result["within"] else "❌")
+    return f"{result['loss']:.1e} / {result['grad_norm']:.1e} {mark}"
+
+
+def write_report(results: list[dict], args, out: Path, report: Report) -> None:
+    equal = [r for r in results if not r["control"]]
+    controls = [r for r in results if r["control"]]
+    stages = list(dict.fromkeys(r["stage"] for r in equal))
+    klasses = list(dict.fromkeys(r["class"] for r in equal))
+    report.text(f"Max relative |Δ train/step_loss| / |Δ train/grad_norm| over {args.steps} optimiser steps against each "
+                f"class's reference run; ✅ within {LOSS_TOL:g} / {GRAD_TOL:g} at every step. A blank cell: the class "
+                "does not apply to that stage.")
+    rows = []
+    for stage in stages:
+        row = [stage]
+        for klass in klasses:
+            match = [r for r in equal if r["stage"] == stage and r["class"] == klass]
+            row.append(cell(match[0]) if match else "")
+        rows.append(row)
+    report.table(["stage", *klasses], rows)
+    report.text("Runs compared in each class (reference first): " + "; ".join(
+        f"{r['stage']}/{r['class']}: {r['reference']} vs {', '.join(r['runs'])}" for r in equal))
+    if controls:
+        report.text("## Negative controls\n\nEach must fail its class by a wide margin (❌ is the expected result).")
+        report.table(["stage", "class", "variant", "max rel Δ loss / grad norm", "fails as it must"],
+                     [[r["stage"], r["class"], r["note"], f"{r['loss']:.1e} / {r['grad_norm']:.1e}",
+                       "yes" if not r["within"] and r["loss"] > 100 * LOSS_TOL else "**NO: the suite is broken**"]
+                      for r in controls])
+    report.text("## Invariant by construction, though it may look otherwise\n\n"
+                "`normalize: sequence` divides by the step's sequence count across micro-batches and ranks, so it is "
+                "as split-invariant as `token` (it weights tokens by 1/length: a length bias, not a split dependence). "
+                "A resumed run continues from the checkpoint of step k: its first compared step is k.")
+    for png in plot(results, out):
+        report.text(f"![{png.stem}]({png.name})")
+    report.write(out)
+    (out / "invariance.json").write_text(json.dumps(results, indent=1, default=str))
+
+
+def plot(results: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for stage in dict.fromkeys(r["stage"] for r in results):
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 5.5), sharex=True)
+        reference = next(r for r in results if r["stage"] == stage and not r["control"])
+        top.plot(reference["reference_loss"], color="black")
+        top.set_ylabel("train/step_loss (reference)")
+        for r in (r for r in results if r["stage"] == stage):
+            for name, run in r["runs"].items():
+                values = [max(v, 1e-12) for v in run["per_step"]]
+                style = "--" if r["control"] else "-"
+                bottom.semilogy(run["steps"], values, style, label=f"{r['class']}: {name}" + (" (control)" if r["control"] else ""))
+        bottom.axhline(LOSS_TOL, color="grey", linewidth=0.8)
+        bottom.set_ylabel("relative |Δ loss|")
+        bottom.set_xlabel("optimiser step")
+        bottom.legend(fontsize=6)
+        fig.tight_layout()
+        paths.append(out / f"invariance_{stage}.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+CLASSES = ("batch_split", "world_size", "packing", "dpo_reference", "resume", "precision")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__.split("\n\n")[0], default_repeats=1)
+    parser.add_argument("--steps", type=int, default=30, help="optimiser steps per run")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--classes", nargs="+", default=list(CLASSES), choices=CLASSES)
+    parser.add_argument("--timeout", type=float, default=600, help="seconds one run may take before it counts as a hang")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.stages, args.classes, args.steps = ["sft", "dpo"], ["batch_split", "resume"], 5
+    out = output_dir(args)
+    report = Report("invariance", "Trajectory invariance: whole runs that must train identically", args)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="llmstages-invariance-") as tmp:
+        work = Path(tmp)
+        for case in cases(args.stages, args.classes):
+            folders = [launch(work, case, run, args.steps, args.timeout) for run in case.runs]
+            results.append(evaluate(case, folders, args.steps))
+            r = results[-1]
+            print(f"{r['stage']:9s} {r['class']:14s} {'control ' if r['control'] else ''}"
+                  f"loss {r['loss']:.2e} grad {r['grad_norm']:.2e} {'within' if r['within'] else 'OUTSIDE'}", flush=True)
+    write_report(results, args, out, report)
+    broken = [r for r in results if (r["control"] and r["within"]) or (not r["control"] and r["class"] != "precision" and not r["within"])]
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
