@@ -22,6 +22,7 @@ Design choices:
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 import socket
@@ -33,7 +34,10 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+# a logging warning, not warnings.warn: it must show even under PYTHONWARNINGS=ignore
+log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 
@@ -95,13 +99,14 @@ class WandbAutoLogger(WandbLogger):
 
         settings = {"init_timeout": self._init_timeout}
         if not (os.environ.get("WANDB_QUIET") or os.environ.get("WANDB_SILENT")):
-            settings["quiet"] = True  # W&B's own lines at warning level
+            # W&B's own lines at warning level; offline W&B prints its banner unless silent (we print one line)
+            settings.update(quiet=True, show_info=False) if not offline else settings.update(silent=True)
         return wandb.Settings(**settings)
 
     def _init(self, offline: bool):
         import wandb
 
-        init = dict(self._wandb_init)
+        init = {k: v for k, v in self._wandb_init.items() if not (k == "anonymous" and v is None)}
         init["mode"] = "offline" if offline else "online"
         init["settings"] = self._settings(offline)
         return wandb.init(**init)
@@ -126,18 +131,18 @@ class WandbAutoLogger(WandbLogger):
             run = self._init(offline=True)
         except Exception as err:  # noqa: BLE001 - offline impossible too: CSV keeps the metrics
             self._fallback = _LightningCSVLogger(save_dir=self._save_dir or ".", name="csv")
-            rank_zero_warn(
+            log.warning(
                 f"W&B could not start ({reason + '; ' if reason else ''}offline: {type(err).__name__}: {err}); "
                 f"logging CSV to {self._fallback.log_dir} instead"
             )
             _finish_quietly()
             return None
+        where = str(Path(run.dir).parent) if getattr(run, "dir", None) else str(Path(self._save_dir or ".") / "wandb")
         if reason is not None:
             self._offline = True
-            rank_zero_warn(
-                f"W&B online failed ({reason}); this run logs offline to {run.dir.rsplit('/files', 1)[0]}. "
-                f"Upload it later with: wandb sync {Path(self._save_dir or '.') / 'wandb'}/offline-run-*"
-            )
+            log.warning(f"W&B online failed ({reason}); this run logs offline to {where}. Upload it later with: wandb sync {where}")
+        else:
+            rank_zero_info(f"W&B offline: {where} (upload later with: wandb sync {where})")
         return run
 
     @property
@@ -169,7 +174,7 @@ class WandbAutoLogger(WandbLogger):
         except Exception as err:  # noqa: BLE001 - tracking must never end a training run
             if not self._warned_log_error:
                 self._warned_log_error = True
-                rank_zero_warn(f"W&B {what} failed ({type(err).__name__}: {err}); training goes on (reported once)")
+                log.warning(f"W&B {what} failed ({type(err).__name__}: {err}); training goes on (reported once)")
 
     @rank_zero_only
     def log_metrics(self, metrics, step=None) -> None:
