@@ -180,7 +180,7 @@ def stage_name(class_path: str) -> str:
     return name.lower()
 
 
-def claim_run_dir(stage_root: Path, run_name: str | None) -> Path:
+def claim_run_dir(stage_root: Path, run_name: str | None, prefix: str = "") -> Path:
     """Create and return a new run folder under `stage_root`; never one another run holds.
 
     An explicit `run_name` that exists is an error (pass `--ckpt_path last` to continue it).
@@ -197,7 +197,7 @@ def claim_run_dir(stage_root: Path, run_name: str | None) -> Path:
                 f"run folder {path} already exists: choose another --run_name, or continue it with --ckpt_path last"
             ) from None
         return path
-    base = time.strftime("%Y%m%d-%H%M%S")
+    base = prefix + time.strftime("%Y%m%d-%H%M%S")
     for n in range(1, 10_000):
         path = stage_root / (base if n == 1 else f"{base}-{n}")
         try:

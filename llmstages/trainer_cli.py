@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import random
+import secrets
 import string
 import sys
 import time
@@ -90,7 +90,8 @@ def _items(value) -> list:
 
 
 def _wandb_id() -> str:
-    return "".join(random.choices(string.ascii_lowercase + string.digits, k=8))
+    # not `random`: seed_everything has just seeded it, so every run would get the same id
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
 class StagesCLI(LightningCLI):
@@ -137,7 +138,8 @@ class StagesCLI(LightningCLI):
         elif ckpt_path and ckpt_path not in ("last", "best") and subcommand == "fit" and ckpt.run_of_checkpoint(Path(ckpt_path)):
             run_dir = ckpt.run_of_checkpoint(Path(ckpt_path))  # resuming a run's own checkpoint continues that run
         elif rank_zero_only.rank == 0:
-            run_dir = ckpt.claim_run_dir(stage_root, cfg.get("run_name"))
+            prefix = "" if subcommand == "fit" else f"{subcommand}-"  # a validate run never looks like a fit
+            run_dir = ckpt.claim_run_dir(stage_root, cfg.get("run_name"), prefix=prefix)
         else:  # another rank under torchrun/srun: never creates anything; ModelCheckpoint broadcasts rank 0's folder
             run_dir = stage_root / (cfg.get("run_name") or f"pending-rank{rank_zero_only.rank}")
         if ckpt_path == "last":

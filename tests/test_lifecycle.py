@@ -38,17 +38,43 @@ def _assert_one_checkpoint_set(run_dir: Path) -> None:
 # ----------------------------------------------------------------------------- multi-process, console entry point
 
 
+def _readme_command(marker: str, **values: str) -> list[str]:
+    """The README's command line containing `marker`, with its placeholders (G, N, HOST:29500) filled in."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if line.startswith("torchrun") and marker in line)
+    words = line.split()
+    words = [values.get(w, w) for w in words]
+    words = [w.replace("HOST:29500", values.get("HOST:29500", "HOST:29500")) for w in words]
+    assert words[0] == "torchrun"
+    return [TORCHRUN, *words[1:]]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.distributed
 def test_torchrun_ddp_fit_as_in_the_readme(tmp_path, cache):
-    """README: `torchrun --standalone --nproc-per-node G -m llmstages fit ... --trainer.devices G`."""
+    """The README's one-node torchrun line, word for word, with G=2 (plus a tiny, CPU config)."""
+    command = _readme_command("--standalone", G="2")
     fragment = tiny_fragment(tmp_path, cache, steps=2)
-    args = fit_args("sft", fragment, "--config", "configs/fragments/ddp.yaml", "--trainer.devices", "2",
-                    "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "runs"))
-    launcher = [TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "llmstages"]
-    result = run(args, Path(__file__).parents[1], timeout=150, launcher=launcher)
-    ok(result)
+    extra = ["--config", str(fragment), "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "runs")]
+    ok(run(extra, Path(__file__).parents[1], timeout=150, launcher=command))
     run_dir = _one_run(tmp_path / "runs" / "sft")  # rank 1 created no folder of its own
     _assert_one_checkpoint_set(run_dir)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_torchrun_multi_node_command_as_in_the_readme(tmp_path, cache):
+    """The README's multi-node line with N=1 node of G=2 processes and a local rendezvous."""
+    command = _readme_command("--nnodes", G="2", N="1", **{"HOST:29500": f"127.0.0.1:{_free_port()}"})
+    fragment = tiny_fragment(tmp_path, cache, steps=2)
+    extra = ["--config", str(fragment), "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "runs")]
+    ok(run(extra, Path(__file__).parents[1], timeout=150, launcher=command))
+    _assert_one_checkpoint_set(_one_run(tmp_path / "runs" / "sft"))
 
 
 @pytest.mark.distributed
@@ -177,12 +203,6 @@ def test_skip_step_skips_non_finite_steps_up_to_the_cap(tmp_path):
 # ----------------------------------------------------------------------------- W&B
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_wandb_with_an_unreachable_server_finishes_offline_quickly(tmp_path, cache):
     fragment = tiny_fragment(tmp_path, cache, steps=2)
@@ -192,7 +212,7 @@ def test_wandb_with_an_unreachable_server_finishes_offline_quickly(tmp_path, cac
     root = tmp_path / "runs"
     started = time.monotonic()
     result = run(fit_args("sft", fragment, "--trainer.default_root_dir", str(root)), tmp_path, timeout=90,
-                 WANDB_API_KEY="x" * 40, WANDB_BASE_URL=f"http://127.0.0.1:{_closed_port()}", WANDB_MODE="online")
+                 WANDB_API_KEY="x" * 40, WANDB_BASE_URL=f"http://127.0.0.1:{_free_port()}", WANDB_MODE="online")
     seconds = time.monotonic() - started
     ok(result)
     assert "wandb sync" in result.stderr + result.stdout
