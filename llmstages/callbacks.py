@@ -1,4 +1,4 @@
-"""Callbacks: throughput and MFU measured honestly.
+"""Callbacks: throughput and MFU measured honestly; the run's safety and bookkeeping.
 
 Design choices:
 - Throughput is reported twice: all tokens per second (what the hardware
@@ -10,16 +10,23 @@ Design choices:
 - MFU = achieved FLOP/s / peak FLOP/s, from the model's `flops_per_token`;
   peak is looked up for known GPUs (bf16 dense) or given explicitly; on CPU
   without `peak_flops` it is not logged.
+- `NonFiniteGuard` stops (or, opt-in, skips) at the first non-finite loss or
+  gradient, every rank deciding together; `RunFolder` records a run's outcome
+  and moves its stage's `latest` link; `StageProgressBar` shows a sane epoch.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, RichProgressBar
+from lightning.pytorch.utilities import rank_zero_warn
 
+from llmstages import checkpointing
 from llmstages.losses import count_targets
+from llmstages.options import NonFinite, check_choice, choices
 
 # dense bf16 peak FLOP/s
 _PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
@@ -81,3 +88,116 @@ class ThroughputMonitor(Callback):
         pl_module.log_dict(metrics, rank_zero_only=True)
         self.last_metrics = metrics
         self._reset()
+
+
+# ----------------------------------------------------------------------------- non-finite guard
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or gradient norm; the message names stage, step and quantity."""
+
+
+class NonFiniteGuard(Callback):
+    """Stops a run at the first non-finite loss or gradient norm, before it can reach the weights.
+
+    The loss is checked before its backward, the gradients before the optimiser step, each
+    with one all-reduced flag so every rank takes the same decision (no rank left waiting).
+    Nothing non-finite is ever applied, so no checkpoint can hold it and `last.ckpt` keeps
+    the last finite state. `action="skip_step"` drops the step's gradients instead (the
+    optimiser skips parameters without a gradient), counts it, and stops after
+    `max_skipped_steps` skips.
+    """
+
+    def __init__(self, stage: str = "run", action: NonFinite = "stop", max_skipped_steps: int = 10) -> None:
+        check_choice("nonfinite", action, choices(NonFinite))
+        if max_skipped_steps < 0:
+            raise ValueError(f"max_skipped_steps must be >= 0, got {max_skipped_steps}")
+        self.stage, self.action, self.max_skipped = stage, action, max_skipped_steps
+        self.skipped = 0
+
+    def _any_rank(self, trainer, bad: bool) -> bool:
+        flag = torch.tensor(float(bad))
+        if trainer.world_size > 1:
+            flag = trainer.strategy.reduce(flag.to(trainer.strategy.root_device), reduce_op="sum")
+        return bool(flag.item() > 0)
+
+    def _stop(self, trainer, quantity: str, value: str) -> None:
+        raise NonFiniteError(
+            f"{self.stage}: non-finite {quantity} ({value}) at step {trainer.global_step}; stopped before it reached "
+            "the weights, so the last checkpoint holds the last finite state. Lower the learning rate, or pass "
+            "--nonfinite skip_step to skip such steps"
+        )
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        value = loss.detach()
+        bad = not bool(torch.isfinite(value).all())
+        if self._any_rank(trainer, bad) and self.action == "stop":
+            self._stop(trainer, "training loss", f"{value.item():g}" if bad else "on another rank")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        bad = any(not bool(torch.isfinite(g).all()) for g in local if g.numel())
+        if not self._any_rank(trainer, bad):
+            return
+        if self.action == "stop":
+            self._stop(trainer, "gradient norm", "nan/inf" if bad else "on another rank")
+        self.skipped += 1
+        if self.skipped > self.max_skipped:
+            self._stop(trainer, f"gradient norm for the {self.skipped}th time (max_skipped_steps={self.max_skipped})", "nan/inf")
+        for p in pl_module.parameters():
+            p.grad = None  # torch optimisers skip parameters without a gradient: this step changes nothing
+        rank_zero_warn(f"{self.stage}: skipped step {trainer.global_step}: non-finite gradients ({self.skipped} so far)")
+        pl_module.log("train/skipped_steps", float(self.skipped), rank_zero_only=True)
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+
+
+# ----------------------------------------------------------------------------- run folder bookkeeping
+
+
+class RunFolder(Callback):
+    """Records a run's outcome in its `run.json`; a fit that ends normally becomes its stage's `latest`."""
+
+    def __init__(self, run_dir: str | Path, finish: bool = True) -> None:
+        self.run_dir, self.finish = Path(run_dir), finish
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.is_global_zero and (self.run_dir / "checkpoints").is_dir():
+            checkpointing.remove_stale_temporaries(self.run_dir / "checkpoints")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or not self.run_dir.is_dir():
+            return
+        checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
+        checkpointing.write_run_info(
+            self.run_dir, status="finished", finished=time.strftime("%Y-%m-%d %H:%M:%S"),
+            global_step=trainer.global_step, last_checkpoint=checkpoint,
+        )
+        if self.finish and not trainer.interrupted:
+            checkpointing.mark_latest(self.run_dir)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not self.finish and trainer.is_global_zero and self.run_dir.is_dir() and not trainer.training:
+            checkpointing.write_run_info(self.run_dir, status="finished", finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if trainer.is_global_zero and self.run_dir.is_dir():
+            checkpointing.write_run_info(self.run_dir, status="failed", error=f"{type(exception).__name__}: {exception}")
+
+
+class StageProgressBar(RichProgressBar):
+    """Lightning's rich bar, without `Epoch 2/-2` when the run is bounded by steps (max_epochs -1)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        epochs = self.trainer.max_epochs
+        text = f"Epoch {current_epoch}" + (f"/{epochs - 1}" if epochs is not None and epochs > 0 else "")
+        if self.trainer.max_steps and self.trainer.max_steps > 0:
+            text += f" (max {self.trainer.max_steps} steps)"
+        if len(self.validation_description) > len(text):
+            text = f"{text:{len(self.validation_description)}}"
+        return text

@@ -15,6 +15,9 @@ Design choices:
   optimiser step's target-token and sequence counts for exact loss
   normalisation. Shards are disjoint per rank (`DistributedSampler` with the
   trainer's world size and rank, reshuffled per epoch from `seed`).
+- The training loader is resumable mid-epoch (Lightning's stateful-dataloader
+  protocol, see `loader`): the sampler can start anywhere in an epoch's order,
+  and `on_before_batch_transfer` tells the loader which batches training took.
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from llmstages.data import synthetic
 from llmstages.data.formats import LoadReport
-from llmstages.data.loader import StepLookaheadLoader
+from llmstages.data.loader import ResumableSampler, StepLookaheadLoader
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.losses import count_sequences, count_targets
 
@@ -111,6 +114,7 @@ class StageData(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.skipped: Counter[str] = Counter()
+        self._train_loader: StepLookaheadLoader | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -143,10 +147,10 @@ class StageData(L.LightningDataModule):
             raise ValueError("no training examples left after the validation split")
         return train, val
 
-    def _sampler(self, dataset: Dataset, shuffle: bool) -> DistributedSampler:
+    def _sampler(self, dataset: Dataset, shuffle: bool) -> ResumableSampler:
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
+        return ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(
@@ -163,9 +167,19 @@ class StageData(L.LightningDataModule):
         loader = self._loader(self.train_set, self.shuffle)
         trainer = self.trainer
         accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
-        wrapped = StepLookaheadLoader(loader, accumulate, self._count, _batch_limit(trainer, len(loader)))
-        wrapped.sampler = loader.sampler  # Lightning calls sampler.set_epoch through this attribute
+        wrapped = StepLookaheadLoader(
+            loader, accumulate, self._count, _batch_limit(trainer, len(loader)),
+            sampler=loader.sampler, batch_size=self.batch_size,  # Lightning calls sampler.set_epoch through it
+        )
+        self._train_loader = wrapped
         return wrapped
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # exactly once per batch training takes (Lightning's prefetched batch is not counted yet)
+        trainer = self.trainer
+        if trainer is not None and trainer.training and self._train_loader is not None:
+            self._train_loader.mark_consumed()
+        return batch
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")

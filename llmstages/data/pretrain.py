@@ -1,8 +1,11 @@
 """PretrainData: text -> tokens (EOS after every document) -> rows of `seq_len`.
 
 Design choices:
-- Tokens are cached on disk as a memory-mapped array keyed by the inputs'
-  content and the tokenizer, written atomically.
+- Tokens are cached on disk as a memory-mapped array keyed by everything that
+  decides its content (the inputs' bytes and paths, `text_mode`, `on_error`,
+  the tokenizer), written atomically. A cache is never a way around
+  validation: a `skip` run's cache has another key than a `raise` run's, so
+  the `raise` run reads (and rejects) the bad file itself.
 - Files are streamed line by line (`.txt`, `.jsonl`) and encoded in chunks,
   so a corpus larger than memory is encoded once and trained on from the
   memory map.
@@ -74,7 +77,7 @@ class PretrainData(StageData):
         """Encode the corpus once; later runs with the same inputs and tokenizer reuse the file."""
         tok_json = self.tokenizer.to_json()
         if self.files:
-            key = _file_digest(self.files, f"{self.text_mode}|{tok_json}")
+            key = _file_digest(self.files, f"{self.text_mode}|on_error={self.on_error}|{tok_json}")
         else:
             # keyed on the generated text itself: a new seed or generator version is a new cache
             docs = synthetic.pretrain_corpus(seed=self.seed)

@@ -40,6 +40,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from llmstages.checkpointing import check_init_from, load_checkpoint_file
 from llmstages.losses import NORMALIZE_MODES, token_logps
 from llmstages.metrics import WeightedMeans
 from llmstages.model.config import ModelConfig
@@ -62,7 +63,7 @@ def load_backbone_weights(model: Transformer, source: str | Path) -> None:
 
         state = from_hf(source).state_dict()
     elif source.suffix == ".ckpt":
-        checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint_file(source)  # errors name the file and what is wrong with it
         prefix = "backbone."
         state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     else:
@@ -156,10 +157,19 @@ class StageModule(L.LightningModule):
         self.save_hyperparameters()
         if isinstance(model, dict):
             model = ModelConfig.from_dict(model)
-        if model is not None:
-            # plain data in the checkpoint: load_from_checkpoint's torch.load(weights_only=True) accepts it
-            self.hparams["model"] = model.to_dict()
+        # fail early, before any data is built: init_from readable, its vocabulary the tokenizer's;
+        # a .ckpt's recorded shape wins over `preset`, so chaining never rebuilds another shape
+        saved = check_init_from(init_from)
+        if saved is not None and vocab_size is not None and saved.get("vocab_size") not in (None, vocab_size):
+            raise ValueError(
+                f"init_from {init_from}: its vocabulary has {saved['vocab_size']} tokens, this run's tokenizer "
+                f"{vocab_size}; use the tokenizer that checkpoint was trained with (data.init_args.tokenizer)"
+            )
+        if model is None and saved is not None and len(saved) > 1:
+            model = ModelConfig.from_dict(saved)
         self.config = config = resolve_config(model, preset, vocab_size, init_from)
+        # the full resolved shape, as plain data (load_from_checkpoint's weights_only load accepts it)
+        self.hparams["model"] = config.to_dict()
         self.backbone = Transformer(config)
         self._initialised = init_from is None
         self.val_means = WeightedMeans(*(f"val/{name}" for name in self.METRICS))

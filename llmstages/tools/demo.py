@@ -52,34 +52,30 @@ def answer_quality(model, data, n: int = 64, seed: int = 12345) -> dict[str, flo
 
 def run_stage(name: str, config: Path, out: Path, init_from: Path | None, steps: int, extra: list[str]):
     """`llmstages fit --config <stage>.yaml --config <out>/<stage>/demo.yaml`: the second file
-    (written here, kept for you to read) points logs and checkpoints into `out`."""
+    (written here, kept for you to read) sets the steps and `trainer.default_root_dir: <out>`, so
+    the run lands in its own folder `<out>/<stage>/<run>/`, which becomes `<out>/<stage>/latest`."""
     import yaml
 
     from llmstages.trainer_cli import lightning_cli
 
-    root = out / name
-    root.mkdir(parents=True, exist_ok=True)
-    base = yaml.safe_load(config.read_text())
-    callbacks = base["trainer"]["callbacks"]
+    stage_root = out / name
+    stage_root.mkdir(parents=True, exist_ok=True)
+    callbacks = yaml.safe_load(config.read_text())["trainer"]["callbacks"]
     for callback in callbacks:
         if callback["class_path"].endswith("ModelCheckpoint"):
-            callback["init_args"]["dirpath"] = str(root / "checkpoints")
             callback["init_args"]["every_n_train_steps"] = steps
-    logger = base["trainer"]["logger"]
-    logger["init_args"]["save_dir"] = str(root)
     override = {
         "trainer": {
             "max_steps": steps,
             "val_check_interval": max(1, steps // 2),
-            "default_root_dir": str(root),
-            "logger": logger,
+            "default_root_dir": str(out),
             "callbacks": callbacks,
         },
         "data": {"init_args": {"cache_dir": str(out / "cache")}},
     }
     if init_from is not None:
         override["model"] = {"init_args": {"init_from": str(init_from)}}
-    fragment = root / "demo.yaml"
+    fragment = stage_root / "demo.yaml"
     fragment.write_text(yaml.safe_dump(override, sort_keys=False))
     cli = lightning_cli(["fit", "--config", str(config), "--config", str(fragment), *extra])
     import wandb
@@ -105,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         init_from = checkpoints.get(parent) if parent else None
         if parent and init_from is None:
-            init_from = out / parent / "checkpoints" / "last.ckpt"  # from an earlier `demo --stages ...`
+            init_from = out / parent / "latest" / "checkpoints" / "last.ckpt"  # from an earlier `demo --stages ...`
         if init_from is not None and not init_from.exists():
             raise SystemExit(f"{name} starts from {init_from}, which does not exist: run the {parent} stage first")
         console.rule(f"[bold]{name}[/]: {CONFIGS / config}")
@@ -144,7 +140,7 @@ def _report(console: Console, results: dict, quality: dict, seconds: float, out:
         q = quality.get(stage)
         table.add_row(stage, shown, f"{q['exact_match']:.1%}" if q else "", f"{q['stop_rate']:.1%}" if q else "")
     console.print(table)
-    console.print(f"done in {seconds / 60:.1f} min; checkpoints and configs under {out}/")
+    console.print(f"done in {seconds / 60:.1f} min; each stage's run (checkpoints, config, logs) under {out}/<stage>/latest/")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,49 @@
+"""Exact resume: a run SIGKILLed mid-epoch and resumed with `--ckpt_path last` logs the same per-step
+losses as a run never interrupted (the loader's position is in every checkpoint)."""
+
+import json
+
+import pytest
+import torch
+
+from clirun import fit_args, kill_when, ok, run, start, step_losses, tiny_fragment
+
+pytestmark = pytest.mark.distributed  # spawns processes
+
+
+def _kill_and_resume(tmp_path, stage: str, steps: int, every: int, accumulate: int, **extra) -> None:
+    cache = tmp_path / "cache"
+    fragment = tiny_fragment(tmp_path, cache, stage=stage, steps=steps, every=every, accumulate=accumulate, **extra)
+    args = fit_args(stage, fragment, "--trainer.default_root_dir", str(tmp_path / "runs"))
+    ok(run([*args, "--run_name", "warmup", "--trainer.max_steps", "1"], tmp_path))  # builds caches once
+    full = start([*args, "--run_name", "full"], tmp_path)
+    killed = start([*args, "--run_name", "killed"], tmp_path)
+    stage_root = tmp_path / "runs" / stage
+    kill_when(killed, stage_root / "killed" / "checkpoints" / "last.ckpt")
+    saved = torch.load(stage_root / "killed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == every  # killed right after the first checkpoint, mid-epoch
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["consumed"] == every * accumulate
+    assert full.wait(timeout=180) == 0, full.stdout.read()[-3000:]
+    resumed = run([*args, "--ckpt_path", "last", "--run_name", "killed"], tmp_path, timeout=180)
+    ok(resumed)
+    assert "not resumable" not in resumed.stderr + resumed.stdout
+    reference, interrupted = step_losses(stage_root / "full"), step_losses(stage_root / "killed")
+    after = [s for s in interrupted if s >= every]
+    assert len(reference) >= steps - 1 and len(after) >= steps - every - 1, (reference, interrupted)
+    for step, losses in interrupted.items():
+        assert losses[-1] == pytest.approx(reference[step][-1], abs=1e-5), (step, losses, reference[step])
+    info = json.loads((stage_root / "killed" / "run.json").read_text())
+    assert info["status"] == "finished" and info["global_step"] == steps
+
+
+def test_sft_with_accumulation_resumes_exactly(tmp_path):
+    _kill_and_resume(tmp_path, "sft", steps=7, every=3, accumulate=2)
+
+
+def test_pretrain_resumes_exactly(tmp_path):
+    _kill_and_resume(tmp_path, "pretrain", steps=6, every=2, accumulate=1)
+
+
+@pytest.mark.slow
+def test_dpo_resumes_exactly(tmp_path):
+    _kill_and_resume(tmp_path, "dpo", steps=5, every=2, accumulate=2)
