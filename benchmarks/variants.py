@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Report, base_parser, output_dir  # noqa: E402
 
+from llmstages.callbacks import batch_tokens  # noqa: E402
 from llmstages.data import PreferenceData, PretrainData, SFTData, synthetic  # noqa: E402
 from llmstages.evaluation import evaluate_replies  # noqa: E402
 from llmstages.losses import count_sequences, count_targets, reduce_token_loss  # noqa: E402
@@ -95,7 +96,7 @@ class StepLosses(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.seconds += time.perf_counter() - self._start
-        self.labelled += sum(count_targets(batch[k]) for k in batch if k.endswith("labels"))
+        self.labelled += batch_tokens(batch)[1]
         if (batch_idx + 1) % trainer.accumulate_grad_batches == 0 and "train/loss" in trainer.callback_metrics:
             self.losses.append(float(trainer.callback_metrics["train/loss"]))
 

@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_warn
 
 from llmstages import checkpointing
+from llmstages.data.batch import sequence_prefixes
 from llmstages.losses import count_targets
 from llmstages.options import NonFinite, check_choice, choices
 
@@ -40,14 +41,10 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def batch_tokens(batch: dict) -> tuple[int, int]:
-    """(all tokens, labelled target tokens) of a batch of any stage."""
-    total = labelled = 0
-    for key, value in batch.items():
-        if key.endswith("input_ids"):
-            total += value.numel()
-        elif key.endswith("labels"):
-            labelled += count_targets(value)
-    return total, labelled
+    """(all tokens, labelled target tokens) of a batch of the contract (`llmstages.data.batch`)."""
+    prefixes = sequence_prefixes(batch)
+    total = sum(batch[f"{p}input_ids"].numel() for p in prefixes)
+    return total, sum(count_targets(batch[f"{p}labels"]) for p in prefixes)
 
 
 class ThroughputMonitor(Callback):
@@ -82,7 +79,7 @@ class ThroughputMonitor(Callback):
         }
         peak = self.peak or peak_flops(pl_module.device)
         if peak and hasattr(pl_module, "backbone"):
-            seq_len = batch[next(k for k in batch if k.endswith("input_ids"))].shape[1]
+            seq_len = batch[f"{sequence_prefixes(batch)[0]}input_ids"].shape[1]
             flops = pl_module.backbone.flops_per_token(seq_len) * self.tokens
             metrics["perf/mfu"] = flops / self.seconds / (peak * trainer.world_size)
         pl_module.log_dict(metrics, rank_zero_only=True)

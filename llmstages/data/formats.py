@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypedDict
 
+from llmstages.options import OnError, choices
+
 __all__ = [
     "CHAT_FORMATS",
     "DataFormatError",
@@ -72,7 +74,7 @@ class PreferencePair(TypedDict):
 
 
 CHAT_FORMATS = ("alpaca", "sharegpt", "messages")
-ON_ERROR = ("raise", "skip")
+ON_ERROR = choices(OnError)
 
 # ShareGPT `from` values -> roles. Tool roles use LLaMA-Factory's semantics.
 _SHAREGPT_ROLES: dict[str, Role] = {

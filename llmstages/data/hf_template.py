@@ -65,6 +65,7 @@ from llmstages.data.templates import (
     _check_loss_mask,
     _require_targets,
     _validate,
+    reply_labels,
 )
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.losses import IGNORE_INDEX
@@ -410,14 +411,9 @@ class HFChatTemplate:
             while nxt < len(ids) and ids[nxt] not in tokenizer.special_ids and not text[slice(*offsets[nxt])].strip():
                 tail.append(nxt)
                 nxt += 1
-            if loss_mask == "assistant_no_eos":
-                target = body
-            else:
-                target = body + [eot]
-                if loss_mask == "legacy_drop_first":
-                    target = target[1:]
-                elif loss_mask == "legacy_minimind":
-                    target += tail
+            positions = [*body, eot, *tail]
+            segment = reply_labels([ids[t] for t in body], [ids[eot]], [ids[t] for t in tail], loss_mask)
+            target = [t for t, label in zip(positions, segment) if label != IGNORE_INDEX]
             if reply.start == reply.end and not target:
                 raise ValueError(
                     f"message {reply.message}: empty assistant reply has no target tokens under "

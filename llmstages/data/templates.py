@@ -43,6 +43,7 @@ from llmstages.data.tokenizer import (
     START_HEADER,
     Tokenizer,
 )
+from llmstages.data.formats import Message
 from llmstages.losses import IGNORE_INDEX
 from llmstages.options import LossMask, TemplateName, choices
 
@@ -50,7 +51,6 @@ ROLES: tuple[str, ...] = ("system", "user", "assistant")
 LOSS_MASKS: tuple[str, ...] = choices(LossMask)
 DEFAULT_TEMPLATE = "chatml"
 
-Message = Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -145,18 +145,11 @@ class ChatTemplate:
 
         if loss_mask == "all":
             return ids, list(ids)
-        ignore = [IGNORE_INDEX]
         if not trained:
-            return ids, ignore * len(ids)
-        if loss_mask == "assistant_no_eos":
-            target = body + ignore * len(eot)
-        else:
-            target = body + eot
-            if loss_mask == "legacy_drop_first" and target:
-                target = ignore + target[1:]
-        tail = sep if loss_mask == "legacy_minimind" else ignore * len(sep)
-        labels = ignore * len(header) + target + tail
-        if not content and all(t == IGNORE_INDEX for t in target):
+            return ids, [IGNORE_INDEX] * len(ids)
+        target = reply_labels(body, eot, sep, loss_mask)
+        labels = [IGNORE_INDEX] * len(header) + target
+        if not content and all(t == IGNORE_INDEX for t in target[: len(body) + len(eot)]):
             raise ValueError(
                 f"empty assistant reply has no target tokens under loss_mask={loss_mask!r} "
                 "(an empty reply is trainable only through its end-of-turn token)"
@@ -303,6 +296,31 @@ def resolve_template(name: str, tokenizer: Tokenizer, **options: Any) -> Any:
     if name not in ChatTemplate._registry:
         raise ValueError(f"unknown chat template {name!r}; available: {', '.join(TEMPLATE_NAMES)}")
     return ChatTemplate.get(name)
+
+
+def reply_labels(body: list[int], eot: list[int], after: list[int], loss_mask: str) -> list[int]:
+    """The loss-mask rules: labels of one trained assistant reply, in one place for every template.
+
+    `body` is the reply's content tokens, `eot` its end-of-turn token(s), `after`
+    what the template writes after it before the next turn (a newline). Every
+    mask labels the content; `assistant`/`last_assistant` add the end-of-turn
+    token (the model learns to stop); `assistant_no_eos` leaves it out (the
+    model never learns to stop); `legacy_drop_first` unlabels the reply's first
+    token (OpenRLHF #973); `legacy_minimind` also labels what comes after the
+    end-of-turn token; `all` labels everything. Which replies are trained
+    (`last_assistant`: only the last) is the caller's choice.
+    """
+    _check_loss_mask(loss_mask)
+    ignore = [IGNORE_INDEX]
+    if loss_mask == "all":
+        return [*body, *eot, *after]
+    if loss_mask == "assistant_no_eos":
+        return [*body, *ignore * (len(eot) + len(after))]
+    target = [*body, *eot]
+    if loss_mask == "legacy_drop_first" and target:
+        target = ignore + target[1:]
+    tail = list(after) if loss_mask == "legacy_minimind" else ignore * len(after)
+    return target + tail
 
 
 def _check_loss_mask(loss_mask: str) -> None:

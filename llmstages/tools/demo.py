@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llmstages.data import synthetic
-from llmstages.model.generate import generate
+from llmstages.evaluation import evaluate_replies
 
 HELP = "train pretrain -> SFT -> reward model -> DPO on the embedded data and report what each learned"
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -32,22 +32,13 @@ STAGES = (  # name, config, init_from stage, default steps
 )
 
 
-@torch.no_grad()
 def answer_quality(model, data, n: int = 64, seed: int = 12345) -> dict[str, float]:
     """Exact-match accuracy and stop rate of greedy replies to held-out task prompts."""
-    was_training = model.training
-    model.eval()
-    exact = stopped = 0
-    pairs = synthetic.prompt_answer_pairs(n, seed=seed)
-    stop_id = data.template.stop_token_id(data.tokenizer)
-    for messages, answer, task in pairs:
-        prompt = data.template.encode_prompt(messages, data.tokenizer)
-        new, did_stop = generate(model, prompt, max_new_tokens=24, stop_id=stop_id)
-        reply = data.tokenizer.decode(new, skip_special_tokens=True)
-        stopped += did_stop
-        exact += did_stop and synthetic.score_reply(task, reply, answer)
-    model.train(was_training)
-    return {"exact_match": exact / len(pairs), "stop_rate": stopped / len(pairs)}
+    items = synthetic.prompt_answer_pairs(n, seed=seed)
+    prompts = [data.template.encode_prompt(messages, data.tokenizer) for messages, _, _ in items]
+    quality = evaluate_replies(model, prompts, [answer for _, answer, _ in items],
+                               data.template.stop_token_id(data.tokenizer), data.tokenizer, max_new_tokens=24)
+    return {"exact_match": quality["exact_match"], "stop_rate": quality["stop_rate"]}
 
 
 def run_stage(name: str, config: Path, out: Path, init_from: Path | None, steps: int, extra: list[str]):
