@@ -23,7 +23,14 @@ from llmstages.data.modules import StageData
 from llmstages.loggers import LoggedConfig
 from llmstages.stages.base import StageModule
 
-TOOLS = ("tokenizer", "masks", "export", "demo")
+TOOLS = ("tokenizer", "masks", "demo")
+# command -> module with `HELP` and `main(argv)`
+TOOL_MODULES = {
+    "generate": "llmstages.tools.generate",
+    "chat": "llmstages.tools.chat",
+    "export": "llmstages.tools.export",
+    "import": "llmstages.tools.hf_import",
+}
 
 
 class StagesCLI(LightningCLI):
@@ -74,55 +81,19 @@ def _masks_command(argv: list[str]) -> None:
     show_masks(args.config, n=args.n, split=args.split, html=args.html)
 
 
-def _export_command(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="llmstages export", description="checkpoint -> Hugging Face folder")
-    parser.add_argument("--ckpt", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--tokenizer", help="tokenizer.json or folder to copy beside the weights")
-    args = parser.parse_args(argv)
-    from llmstages.model.hf import to_hf
-    from llmstages.model.transformer import Transformer
-    from llmstages.stages.base import load_backbone_weights
-    import torch
-
-    checkpoint = torch.load(args.ckpt, map_location="cpu", weights_only=False)
-    model = Transformer(_checkpoint_config(checkpoint))
-    load_backbone_weights(model, args.ckpt)
-    ids = {}
-    if args.tokenizer:
-        from llmstages.data.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.from_file(args.tokenizer)
-        # so transformers' generate stops at the end of text and pads with the real pad id
-        ids = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
-    out = to_hf(model, args.out, **ids)
-    if args.tokenizer:
-        tokenizer.save(out)
-    print(f"wrote {out}")
-
-
-def _checkpoint_config(checkpoint: dict):
-    from llmstages.stages.base import resolve_config
-
-    hp = checkpoint["hyper_parameters"]
-    model = hp.get("model")
-    if isinstance(model, dict):
-        from llmstages.model.config import ModelConfig
-
-        model = ModelConfig.from_dict(model)
-    return resolve_config(model, hp.get("preset", "tiny"), hp.get("vocab_size"), hp.get("init_from"))
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOL_MODULES:
+        import importlib
+
+        importlib.import_module(TOOL_MODULES[argv[0]]).main(argv[1:])
+        return
     if argv and argv[0] in TOOLS:
         command, rest = argv[0], argv[1:]
         if command == "tokenizer":
             _tokenizer_command(rest)
         elif command == "masks":
             _masks_command(rest)
-        elif command == "export":
-            _export_command(rest)
         else:
             from llmstages.demo import main as demo_main
 

@@ -19,10 +19,18 @@ from llmstages.model.hf import config_from_hf, config_to_hf, from_hf, hf_tensor_
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config  # noqa: E402
 
 SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4)
 TOL = 1e-4
+# Llama 3.1/3.2's RoPE scaling with a short original context, so 17 positions reach the scaled band
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+def _exported_class(case: str) -> str:
+    """What `to_hf(architecture="auto")` writes for a case: q/k norm -> Qwen3, q/k/v bias -> Qwen2, else Llama."""
+    return {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(case[:5], "LlamaForCausalLM")
 
 
 def _randomise(model: torch.nn.Module) -> None:
@@ -70,6 +78,15 @@ CASES = {
     "qwen2-bias-tied": lambda: Qwen2Config(**SMALL, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6),
     "qwen2-bias-untied": lambda: Qwen2Config(**SMALL, num_key_value_heads=1),
     "mistral-gqa": lambda: MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=None),
+    # Llama 3.x: llama3 RoPE scaling, GQA, tied (3.2) and untied (3.1)
+    "llama3-rope-tied": lambda: LlamaConfig(**SMALL, num_key_value_heads=2, tie_word_embeddings=True,
+                                            rope_parameters=dict(LLAMA3_ROPE), max_position_embeddings=128),
+    "llama3-rope-untied": lambda: LlamaConfig(**SMALL, num_key_value_heads=1, rope_parameters=dict(LLAMA3_ROPE)),
+    # an explicit head_dim != hidden/heads on Llama
+    "llama-head-dim": lambda: LlamaConfig(**SMALL, num_key_value_heads=2, head_dim=24),
+    # Qwen3: q/k norm, head_dim != hidden/heads, no bias
+    "qwen3-qknorm-tied": lambda: Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True),
+    "qwen3-qknorm-untied": lambda: Qwen3Config(**SMALL, num_key_value_heads=4, head_dim=8, rope_theta=1e6),
 }
 
 
@@ -85,6 +102,9 @@ def test_from_hf_matches_transformers(hf_checkpoint):
     ours = from_hf(path)
     assert ours.config.tie_embeddings == hf.config.tie_word_embeddings
     assert ours.config.qkv_bias == name.startswith("qwen2")
+    assert ours.config.qk_norm == name.startswith("qwen3")
+    assert ours.config.head_dim == (getattr(hf.config, "head_dim", None) or hf.config.hidden_size // hf.config.num_attention_heads)
+    assert (ours.config.rope_scaling is not None) == name.startswith("llama3")
     assert ours.config.n_kv_head == hf.config.num_key_value_heads
     assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in ours.parameters())
     assert _max_diff(ours, hf, _ids()) < TOL
@@ -94,7 +114,7 @@ def test_round_trip_loads_in_transformers(hf_checkpoint, tmp_path):
     name, hf, path = hf_checkpoint
     out = to_hf(from_hf(path), tmp_path / "export")
     written = json.loads((out / "config.json").read_text())
-    assert written["architectures"] == ["Qwen2ForCausalLM" if name.startswith("qwen2") else "LlamaForCausalLM"]
+    assert written["architectures"] == [_exported_class(name)]
     tensors = load_file(out / "model.safetensors")
     # tied embeddings are written once, as HF expects
     assert ("lm_head.weight" in tensors) == (not hf.config.tie_word_embeddings)
@@ -220,10 +240,16 @@ def test_config_round_trip():
     [
         ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, "GPT2LMHeadModel"),
         ({"architectures": None, "model_type": "gpt2"}, "gpt2"),
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3"),
+        # llama3 scaling without its parameters: the missing ones are named
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3.*low_freq_factor"),
         ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "linear"),
         ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "yarn"),
-        ({"head_dim": 32}, "head_dim"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "config.json rope_parameters.*dynamic"),
+        ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "longrope"),
+        ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "head_dim": 32}, "head_dim=32 for qwen2"),
+        ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": True}, "attention_bias"),
+        ({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe"}, "Qwen3MoeForCausalLM"),
+        ({"architectures": ["LlamaForSequenceClassification"]}, "LlamaForSequenceClassification"),
         ({"hidden_act": "gelu"}, "gelu"),
         ({"attention_bias": True}, "attention_bias"),
         ({"mlp_bias": True}, "mlp_bias"),

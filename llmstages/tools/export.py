@@ -1,0 +1,81 @@
+"""`llmstages export --ckpt CKPT --out DIR`: a ready-to-use Hugging Face folder from a checkpoint.
+
+Design choices:
+- The folder always has the weights, `config.json`, the tokenizer with its
+  special tokens, the chat template (Jinja, in `tokenizer_config.json`) and a
+  `generation_config.json` whose `eos_token_id` lists the template's
+  end-of-turn id and the end-of-text id, with `pad_token_id` set: so
+  `transformers` `generate` stops after a reply and `apply_chat_template`
+  works. Tokenizer and template are found as `llmstages.tools.common`
+  describes (without `--tokenizer`: the recorded one, an HF `init_from`'s, or
+  the embedded default, whose size must match the model).
+- A checkpoint with a `value_head.weight` is a reward model: it exports as
+  `<Family>ForSequenceClassification` (`--as reward`, the default for it);
+  asking for a causal LM (`--as causal-lm`) is an error, because the value
+  head cannot be represented there and dropping it silently is wrong.
+- LoRA adapters are merged into the exported weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "checkpoint -> Hugging Face folder (weights, tokenizer, chat template, generation config)"
+
+
+def export(
+    ckpt: str | Path,
+    out: str | Path,
+    *,
+    tokenizer: str | None = None,
+    template: str | None = None,
+    kind: str = "auto",
+    architecture: str = "auto",
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """Export `ckpt` to `out`; `kind` is auto, causal-lm or reward. Returns `out`."""
+    from llmstages.model.hf import chat_template_jinja, to_hf, to_hf_reward
+    from llmstages.tools.common import DEFAULT_CACHE_DIR, load_model, resolve_template, resolve_tokenizer
+
+    if kind not in ("auto", "causal-lm", "reward"):
+        raise ValueError(f"--as must be auto, causal-lm or reward, got {kind!r}")
+    loaded = load_model(ckpt)
+    if kind == "causal-lm" and loaded.is_reward_model:
+        raise ValueError(
+            f"{ckpt} is a reward model (it has value_head.weight): a causal LM cannot hold its value head; "
+            "export it with --as reward (a ForSequenceClassification model)"
+        )
+    if kind == "reward" and not loaded.is_reward_model:
+        raise ValueError(f"{ckpt} has no value_head.weight: it is not a reward model")
+    tok = resolve_tokenizer(loaded, tokenizer, cache_dir or DEFAULT_CACHE_DIR)
+    chat = resolve_template(loaded, template)
+    jinja = chat_template_jinja(chat, tok.eos_token)
+    stop_ids = [chat.stop_token_id(tok), tok.eos_id]
+    common = dict(architecture=architecture, eos_token_id=stop_ids, pad_token_id=tok.pad_id,
+                  tokenizer=tok, chat_template=jinja)
+    if loaded.is_reward_model:
+        return to_hf_reward(loaded.model, loaded.value_head, out, **common)
+    return to_hf(loaded.model, out, **common)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="llmstages export", description=HELP)
+    parser.add_argument("--ckpt", required=True, help="an llmstages .ckpt of any stage")
+    parser.add_argument("--out", required=True, help="the folder to write")
+    parser.add_argument("--tokenizer", help="tokenizer.json or its folder (default: the checkpoint's, see docs)")
+    parser.add_argument("--template", help="chat template written for the model: chatml, llama3, plain "
+                                           "(default: the recorded one, else chatml)")
+    parser.add_argument("--as", dest="kind", default="auto", choices=("auto", "causal-lm", "reward"),
+                        help="auto: a reward model (value head) exports as sequence classification, else causal LM")
+    parser.add_argument("--architecture", default="auto", help="auto, llama, mistral, qwen2 or qwen3")
+    parser.add_argument("--cache-dir", help="where the embedded default tokenizer is cached (.cache/llmstages)")
+    args = parser.parse_args(argv)
+    if not Path(args.ckpt).is_file():
+        parser.error(f"--ckpt {args.ckpt}: no such file")
+    try:
+        out = export(args.ckpt, args.out, tokenizer=args.tokenizer, template=args.template, kind=args.kind,
+                     architecture=args.architecture, cache_dir=args.cache_dir)
+    except (ValueError, FileNotFoundError) as error:
+        parser.exit(2, f"llmstages export: error: {error}\n")
+    print(f"wrote {out}")
