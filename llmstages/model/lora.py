@@ -142,7 +142,9 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), config.rank, config.alpha, config.dropout))
+        base = getattr(parent, child)
+        adapted = LoRALinear(base, config.rank, config.alpha, config.dropout)
+        setattr(parent, child, adapted.train(base.training))  # an eval-mode model stays in eval mode
     return model
 
 
