@@ -366,3 +366,58 @@ def test_init_from_hf_folder_takes_its_shape_and_grows_the_vocab_for_a_new_pad(h
     torch.testing.assert_close(embed[vocab], embed[:vocab].mean(0))
     smaller = SFTModule(init_from=str(path), vocab_size=vocab - 10, generate_samples=0)
     assert smaller.config.vocab_size == vocab  # a padded checkpoint vocabulary is kept whole
+
+
+# ---------------------------------------------------------------- Llama 3.x and Qwen3 specifics
+
+
+def test_llama3_rope_scaling_is_what_makes_the_logits_match(tmp_path):
+    hf = _hf_model(LlamaConfig(**SMALL, num_key_value_heads=2, rope_parameters=dict(LLAMA3_ROPE)))
+    ours = from_hf(_save(hf, tmp_path))
+    assert ours.config.rope_scaling == {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+    ids = torch.randint(0, 300, (2, 40))
+    assert _max_diff(ours, hf, ids) < TOL
+    plain = Transformer(ModelConfig.from_dict({**ours.config.to_dict(), "rope_scaling": None})).eval()
+    plain.load_state_dict(ours.state_dict())
+    assert _max_diff(plain, hf, ids) > 1e-3  # without the scaling the same weights disagree
+
+
+def test_llama3_config_in_the_transformers_4_layout():
+    """4.x writes rope_scaling with the type and factors, and rope_theta at the top level."""
+    scaling = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+    config = config_from_hf(_base_config(rope_theta=500000.0, rope_scaling=scaling))
+    assert config.rope_theta == 500000.0 and config.rope_scaling == scaling
+
+
+def test_qwen3_defaults_head_dim_128_when_config_json_omits_it():
+    config = config_from_hf(_base_config(architectures=["Qwen3ForCausalLM"], model_type="qwen3"))
+    assert config.head_dim == 128 and config.qk_norm and not config.qkv_bias
+
+
+@pytest.mark.parametrize("preset", ["qwen3-0.6b", "llama3.2-1b", "1b"])
+def test_real_shape_presets_round_trip_through_config_json(preset):
+    config = ModelConfig.from_name(preset)
+    assert config_from_hf(config_to_hf(config)) == config
+
+
+def test_our_qk_norm_model_exports_as_qwen3(tmp_path):
+    ours = Transformer(ModelConfig.from_name("tiny", qk_norm=True, head_dim=24, tie_embeddings=False)).eval()
+    _randomise(ours)
+    hf = _load_hf(to_hf(ours, tmp_path))
+    assert type(hf).__name__ == "Qwen3ForCausalLM" and hf.config.head_dim == 24
+    assert _max_diff(ours, hf, _ids(512)) < TOL
+    with pytest.raises(ValueError, match="qk_norm"):
+        to_hf(ours, tmp_path / "llama", architecture="llama")
+    with pytest.raises(ValueError, match="qk_norm"):
+        to_hf(Transformer(ModelConfig.from_name("tiny")), tmp_path / "qwen3", architecture="qwen3")
+
+
+def test_our_llama3_scaled_model_exports_and_reloads(tmp_path):
+    scaling = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+    ours = Transformer(ModelConfig.from_name("tiny", rope_theta=5e5, rope_scaling=scaling)).eval()
+    _randomise(ours)
+    out = to_hf(ours, tmp_path)
+    written = json.loads((out / "config.json").read_text())
+    assert written["rope_parameters"]["rope_type"] == written["rope_scaling"]["rope_type"] == "llama3"
+    assert _max_diff(ours, _load_hf(out), torch.randint(0, 512, (2, 40))) < TOL
+    assert from_hf(out).config == ours.config
