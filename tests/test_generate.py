@@ -179,3 +179,107 @@ def test_bad_generation_options_are_errors(kwargs, message):
     args = {"prompts": [[1, 2]], "max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=message):
         generate_batch(_model(), **args)
+
+
+# ---------------------------------------------------------------- the generate and chat commands
+
+
+def _entry_point() -> str:
+    import shutil
+    import sys
+    from pathlib import Path
+
+    local = Path(sys.executable).with_name("llmstages")
+    found = str(local) if local.exists() else shutil.which("llmstages")
+    if found is None:
+        pytest.skip("the llmstages console entry point is not installed")
+    return found
+
+
+def _run(args: list[str], stdin: str | None = None):
+    import subprocess
+
+    result = subprocess.run([_entry_point(), *args], input=stdin, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A small random model with a trained tokenizer, as an HF folder and as a checkpoint."""
+    from llmstages.data.tokenizer import Tokenizer
+    from llmstages.model.hf import to_hf
+
+    root = tmp_path_factory.mktemp("chat")
+    texts = ["hello there, how are you today?", "the quick brown fox jumps over the lazy dog"] * 30
+    tokenizer = Tokenizer.train(texts, vocab_size=320, show_progress=False)
+    model = _model(vocab_size=tokenizer.vocab_size)
+    folder = to_hf(model, root / "hf", tokenizer=tokenizer)
+    ckpt = root / "model.ckpt"
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"model": model.config.to_dict()}}, ckpt)
+    return model, tokenizer, folder, ckpt
+
+
+def _expected(model, tokenizer, messages, max_new_tokens: int) -> tuple[str, bool]:
+    from llmstages.data.templates import ChatTemplate
+
+    chatml = ChatTemplate.get("chatml")
+    stops = {chatml.stop_token_id(tokenizer), tokenizer.eos_id}
+    [(new, stopped)] = generate_batch(model, [chatml.encode_prompt(messages, tokenizer)], max_new_tokens,
+                                      stop_ids=stops)
+    return tokenizer.decode(new, skip_special_tokens=True), stopped
+
+
+def test_generate_command_from_hf_folder_and_checkpoint(chat_model, tmp_path, capsys):
+    import json
+
+    from llmstages.cli import main
+
+    model, tokenizer, folder, ckpt = chat_model
+    out = _run(["generate", "--model", str(folder), "--prompt", "hello there", "--prompt", "the fox?",
+                "--max-new-tokens", "7", "--jsonl"])
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["hello there", "the fox?"]
+    for row in rows:
+        reply, stopped = _expected(model, tokenizer, [{"role": "user", "content": row["prompt"]}], 7)
+        assert (row["reply"], row["stopped"]) == (reply, stopped)
+        assert row["new_tokens"] <= 7
+    # a .ckpt with a tokenizer and a JSONL prompts file with messages
+    prompts = tmp_path / "prompts.jsonl"
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "how are you"}]
+    prompts.write_text(json.dumps({"messages": messages}) + "\n" + json.dumps({"prompt": "hello"}) + "\n")
+    capsys.readouterr()
+    main(["generate", "--ckpt", str(ckpt), "--tokenizer", str(folder), "--prompts", str(prompts),
+          "--max-new-tokens", "5", "--jsonl", "--temperature", "0.8", "--top-p", "0.9", "--seed", "1"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 2 and rows[0]["prompt"] == messages and all(r["new_tokens"] <= 5 for r in rows)
+
+
+def test_chat_command_streams_multi_turn_and_resets(chat_model):
+    model, tokenizer, folder, _ = chat_model
+    out = _run(["chat", "--model", str(folder), "--max-new-tokens", "6"],
+               stdin="hello there\nhow are you\n/reset\nhello there\n/exit\nnever read\n")
+    replies = [line.removeprefix("assistant> ") for line in out.splitlines() if line.startswith("assistant> ")]
+    assert len(replies) == 3 and "[conversation reset]" in out
+    first, _ = _expected(model, tokenizer, [{"role": "user", "content": "hello there"}], 6)
+    second, _ = _expected(model, tokenizer, [{"role": "user", "content": "hello there"},
+                                             {"role": "assistant", "content": first},
+                                             {"role": "user", "content": "how are you"}], 6)
+    assert replies == [first, second, first]  # the second turn saw the first; /reset forgot it
+
+
+def test_generate_command_errors_are_clear(chat_model, tmp_path, capsys):
+    from llmstages.cli import main
+
+    _, _, folder, _ = chat_model
+    with pytest.raises(SystemExit) as missing:
+        main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"])
+    assert missing.value.code == 2 and "no such checkpoint file or Hugging Face folder" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"text": "no messages"}\n')
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(folder), "--prompts", str(tmp_path / "bad.jsonl")])
+    assert "bad.jsonl:1: expected an object with 'messages'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(folder), "--prompt", "x", "--max-new-tokens", "600"])
+    assert "exceeds max_seq_len=512" in capsys.readouterr().err
