@@ -139,12 +139,17 @@ def test_reward_model_exports_as_sequence_classification(tokenizer, tmp_path):
         to_hf_reward(stage.backbone, stage.value_head.weight, tmp_path / "nopad")
 
 
-def test_qwen2_reward_model_class(tokenizer, tmp_path):
-    model = _model(tokenizer.vocab_size, qkv_bias=True)
+@pytest.mark.parametrize(
+    "overrides, cls",
+    [({"qkv_bias": True}, "Qwen2ForSequenceClassification"),
+     ({"qk_norm": True, "head_dim": 24}, "Qwen3ForSequenceClassification")],
+)
+def test_qwen_reward_model_classes(tokenizer, tmp_path, overrides, cls):
+    model = _model(tokenizer.vocab_size, **overrides)
     head = torch.randn(1, model.config.d_model)
     out = to_hf_reward(model, head, tmp_path, pad_token_id=tokenizer.pad_id)
     hf = AutoModelForSequenceClassification.from_pretrained(out).eval()
-    assert type(hf).__name__ == "Qwen2ForSequenceClassification"
+    assert type(hf).__name__ == cls
     ids = torch.randint(10, 300, (1, 7))
     with torch.no_grad():
         expected = model.hidden_states(ids)[0, -1] @ head[0]
