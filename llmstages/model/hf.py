@@ -101,7 +101,7 @@ _IGNORED_HF_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.in
 
 
 def _family(hf_config: Mapping[str, Any]) -> str:
-    """`llama` / `mistral` / `qwen2` from `model_type` and `architectures`."""
+    """`llama` / `mistral` / `qwen2` / `qwen3` from `model_type` and `architectures`."""
     archs = hf_config.get("architectures") or []
     for arch in archs:
         if arch not in _FAMILY_OF_CLASS:
@@ -146,7 +146,7 @@ def _rope(hf_config: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
         )
     partial = rope.get("partial_rotary_factor", hf_config.get("partial_rotary_factor"))
     if partial is not None and float(partial) != 1.0:
-        raise ValueError(f"unsupported partial_rotary_factor={partial}: RoPE must rotate the whole head")
+        raise ValueError(f"unsupported config.json partial_rotary_factor={partial}: RoPE must rotate the whole head")
     theta = float(rope.get("rope_theta", hf_config.get("rope_theta", _DEFAULT_ROPE_THETA)))
     if rope_type == "default":
         return theta, None
@@ -195,9 +195,9 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
         )
     act = hf_config.get("hidden_act", "silu")
     if act not in ("silu", "swish"):  # the same function in transformers' ACT2FN
-        raise ValueError(f"unsupported hidden_act={act!r}: the MLP is SwiGLU (silu)")
+        raise ValueError(f"unsupported config.json hidden_act={act!r}: the MLP is SwiGLU (silu)")
     if hf_config.get("mlp_bias"):
-        raise ValueError("unsupported mlp_bias=true: the MLP projections have no bias")
+        raise ValueError("unsupported config.json mlp_bias=true: the MLP projections have no bias")
     if family in ("llama", "qwen3") and hf_config.get("attention_bias"):
         # their attention_bias also puts a bias on o_proj, which our backbone lacks
         raise ValueError(
@@ -438,7 +438,10 @@ def from_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transforme
     if not config_file.is_file():
         what = "folder" if path.is_dir() else "folder, which does not exist"
         raise FileNotFoundError(f"no config.json in {path} (a Hugging Face model {what} needs one)")
-    config = config_from_hf(json.loads(config_file.read_text()))
+    try:
+        config = config_from_hf(json.loads(config_file.read_text()))
+    except ValueError as error:
+        raise ValueError(f"{config_file}: {error}") from None
     files = _weight_files(path)
     needed = _check_hf_names(files, config)
     if config.tie_embeddings and "lm_head.weight" in files:
