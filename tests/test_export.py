@@ -267,3 +267,24 @@ def test_import_of_a_folder_without_config_json_is_a_clear_error(tmp_path, capsy
     with pytest.raises(SystemExit):
         main(["import", "--hf", str(tmp_path / "empty"), "--out", str(tmp_path / "x.ckpt")])
     assert "no config.json in" in capsys.readouterr().err
+
+
+def test_export_with_the_model_folders_own_template(tokenizer, tmp_path):
+    """--template hf keeps a downloaded model's Jinja template and stop ids (here a Llama-3-style one)."""
+    from llmstages.tools.export import export
+
+    own = ("{%- for m in messages -%}{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] "
+           "| trim + '<|eot_id|>' -}}{%- endfor -%}{%- if add_generation_prompt -%}"
+           "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}")
+    source = tmp_path / "downloaded"
+    eot, other = tokenizer.token_to_id("<|eot_id|>"), tokenizer.token_to_id(IM_END)
+    to_hf(_model(tokenizer.vocab_size), source, tokenizer=tokenizer, chat_template=own, eos_token_id=[eot, other])
+    ckpt = _checkpoint(tmp_path / "sft.ckpt", _model(tokenizer.vocab_size), init_from=str(source))
+    out = export(ckpt, tmp_path / "hf", template="hf")
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == own
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [eot, other, tokenizer.eos_id]
+    rendered = AutoTokenizer.from_pretrained(out).apply_chat_template(CONVERSATIONS[0], tokenize=False)
+    assert rendered == "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2 + 3?<|eot_id|>"
+    bare = _checkpoint(tmp_path / "bare.ckpt", _model(tokenizer.vocab_size))
+    with pytest.raises(ValueError, match="own chat template"):
+        export(bare, tmp_path / "hf2", template="hf", tokenizer=str(_tokenizer_dir(tokenizer, tmp_path)))
