@@ -13,6 +13,7 @@ from llmstages.model.lora import (
     LoRAConfig,
     LoRALinear,
     apply_lora,
+    base_state_dict,
     lora_disabled,
     lora_state_dict,
     merge_lora,
@@ -51,6 +52,8 @@ def test_fresh_adapters_leave_outputs_unchanged_and_names_kept():
     state = model.state_dict()
     adapters = set(lora_state_dict(model))
     assert names <= set(state) and set(state) - names == adapters
+    assert set(base_state_dict(model)) == names  # what a base checkpoint (init_from) must provide
+    model.load_state_dict(base.state_dict(), strict=False)  # loading base weights leaves the adapters alone
     assert "blocks.0.attn.q_proj.lora_a" in adapters and "blocks.1.mlp.down_proj.lora_b" in adapters
     assert len(adapters) == 2 * 7 * model.config.n_layer
     assert state["blocks.0.attn.q_proj.lora_a"].shape == (4, 64)

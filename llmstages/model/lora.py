@@ -18,6 +18,9 @@ Design choices:
   state dict (export from a checkpoint).
 - Targets are short names (`q k v o gate up down`); an unknown one, or a set
   that matches no layer, is a `ValueError` naming `lora.targets`.
+- Apply adapters before sharding (FSDP2 `fully_shard` sees them as ordinary
+  parameters of the block) and before loading base weights, which
+  `base_state_dict` names: a base checkpoint has no adapter entries.
 """
 
 from __future__ import annotations
@@ -164,6 +167,11 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 def is_adapter_name(name: str) -> bool:
     return name.endswith(ADAPTER_SUFFIXES)
+
+
+def base_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Everything but the adapters: the entries a base-model checkpoint has to provide."""
+    return {name: t for name, t in model.state_dict().items() if not is_adapter_name(name)}
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
