@@ -283,3 +283,20 @@ def test_generate_command_errors_are_clear(chat_model, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(folder), "--prompt", "x", "--max-new-tokens", "600"])
     assert "exceeds max_seq_len=512" in capsys.readouterr().err
+
+
+def test_generate_command_text_file_and_raw_continuation(chat_model, tmp_path, capsys):
+    import json
+
+    from llmstages.cli import main
+
+    model, tokenizer, folder, _ = chat_model
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello there\n\nthe quick brown\n")  # blank lines are skipped
+    main(["generate", "--model", str(folder), "--prompts", str(prompts), "--raw", "--max-new-tokens", "4",
+          "--jsonl", "--batch-size", "1"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["hello there", "the quick brown"]
+    for row in rows:
+        [(new, stopped)] = generate_batch(model, [tokenizer.encode(row["prompt"])], 4, stop_ids={tokenizer.eos_id})
+        assert (row["reply"], row["stopped"]) == (tokenizer.decode(new, skip_special_tokens=True), stopped)
