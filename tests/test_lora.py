@@ -164,3 +164,91 @@ def test_lora_on_the_meta_device_allocates_nothing():
     per_layer = 16 * ((cfg.d_model + cfg.d_model) + 2 * (cfg.d_model + kv) + (cfg.d_model + cfg.d_model)
                       + 2 * (cfg.d_model + cfg.d_mlp) + (cfg.d_mlp + cfg.d_model))
     assert trainable == cfg.n_layer * per_layer
+
+
+_FSDP_WORKER = r'''
+import sys
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from llmstages.model import ModelConfig, Transformer
+from llmstages.model.lora import LoRAConfig, apply_lora, lora_disabled
+
+
+def build():
+    torch.manual_seed(0)
+    model = apply_lora(Transformer(ModelConfig.from_name("tiny")), LoRAConfig(rank=4, targets=["q", "v", "up", "down"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_b"):
+                p.normal_(0, 0.05)
+    ids = torch.randint(0, 512, (4, 16))
+    return model, ids
+
+
+def loss_of(model, ids):
+    return F.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+def worker(rank, world, init_file, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model, ids = build()
+    mesh = init_device_mesh("cpu", (world,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    mine = ids.chunk(world)[rank]
+    loss_of(model, mine).backward()  # FSDP2 averages gradients over ranks
+    with torch.no_grad(), lora_disabled(model):
+        base_loss = loss_of(model, mine)
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+    frozen_grads = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+    losses = [torch.zeros(()) for _ in range(world)]
+    dist.all_gather(losses, base_loss)
+    if rank == 0:
+        torch.save({"grads": grads, "frozen_grads": frozen_grads, "base_loss": torch.stack(losses).mean()}, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    init_file, out = sys.argv[1], sys.argv[2]
+    mp.spawn(worker, args=(2, init_file, out), nprocs=2)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_lora_under_fsdp2_matches_one_process(tmp_path):
+    """Adapters sharded with their frozen base by FSDP2 (2 gloo ranks): same adapter gradients, base untouched."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(_FSDP_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "init"), str(tmp_path / "out.pt")],
+                            capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sharded = torch.load(tmp_path / "out.pt", weights_only=False)
+
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lora_fsdp_worker", script)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)  # the same model and batch, in one process
+    model, ids = worker.build()
+    worker.loss_of(model, ids).backward()
+    with torch.no_grad(), lora_disabled(model):
+        base_loss = worker.loss_of(model, ids)
+    assert sharded["frozen_grads"] == []
+    assert sharded["grads"].keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(sharded["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(sharded["base_loss"], base_loss, rtol=1e-5, atol=1e-6)
