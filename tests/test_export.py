@@ -207,6 +207,10 @@ def test_export_command_merges_lora(tokenizer, tmp_path):
     ids = torch.randint(0, tokenizer.vocab_size, (2, 11))
     with torch.no_grad():
         torch.testing.assert_close(from_hf(out)(ids), model(ids), atol=1e-5, rtol=1e-5)
+        # an adapted model in memory exports merged too, and stays adapted
+        direct = to_hf(model, tmp_path / "direct")
+        torch.testing.assert_close(from_hf(direct)(ids), model(ids), atol=1e-5, rtol=1e-5)
+        assert "blocks.0.attn.q_proj.lora_a" in model.state_dict()
     # adapters without their settings cannot be merged: an error, not a silent base-only export
     bare = tmp_path / "bare.ckpt"
     torch.save({"state_dict": {f"backbone.{k}": v for k, v in model.state_dict().items()},

@@ -494,6 +494,18 @@ def _write_tokenizer(path: Path, tokenizer: Any, chat_template: str | None) -> N
         _write_json(config_file, config)
 
 
+def _export_state(model: Transformer) -> dict[str, Tensor]:
+    """The model's state dict with any LoRA adapters merged into their base weights (the model is unchanged)."""
+    from llmstages.model.lora import is_adapter_name, lora_layers
+
+    state = {name: t for name, t in model.state_dict().items() if not is_adapter_name(name)}
+    for name, layer in lora_layers(model):
+        weight = _full(layer.weight)
+        delta = (_full(layer.lora_b).float() @ _full(layer.lora_a).float()) * layer.scaling
+        state[f"{name}.weight"] = (weight.float() + delta).to(weight.dtype)
+    return state
+
+
 def _token_ids(
     tokenizer: Any, bos_token_id: int | None, eos_token_id: int | list[int] | None, pad_token_id: int | None
 ) -> dict[str, Any]:
@@ -524,11 +536,11 @@ def to_hf(
     (`eos_token_id` may be a list: every id `generate` stops at). A
     `llmstages.data.tokenizer.Tokenizer` is saved beside the weights, supplies
     eos/pad ids not given, and carries `chat_template` (Jinja) in its
-    `tokenizer_config.json`.
+    `tokenizer_config.json`. LoRA adapters are merged into the written weights.
     """
     path = _prepare_folder(path)
     config = model.config
-    tensors = state_dict_to_hf(model.state_dict(), config, architecture=architecture)
+    tensors = state_dict_to_hf(_export_state(model), config, architecture=architecture)
     ids = _token_ids(tokenizer, bos_token_id, eos_token_id, pad_token_id)
     hf_config = config_to_hf(config, architecture=architecture, dtype=model.embed.weight.dtype, **ids)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -566,7 +578,7 @@ def to_hf_reward(
         raise ValueError("a reward-model export needs pad_token_id: transformers scores the last non-pad token")
     family = _resolve_architecture(architecture, config)
     path = _prepare_folder(path)
-    tensors = state_dict_to_hf(model.state_dict(), config, architecture=family)
+    tensors = state_dict_to_hf(_export_state(model), config, architecture=family)
     tensors.pop("lm_head.weight", None)
     tensors["score.weight"] = head.to(model.embed.weight.dtype)
     hf_config = config_to_hf(config, architecture=family, dtype=model.embed.weight.dtype, **ids)
