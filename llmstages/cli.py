@@ -1,7 +1,7 @@
 """The `llmstages` command: LightningCLI's `fit`/`validate`, and the tool commands beside them.
 
 `llmstages fit --config configs/sft.yaml` is `llmstages.trainer_cli` (Lightning's
-own LightningCLI). Every other command is a module of `llmstages.tools` with a
+own LightningCLI, imported only for fit/validate). Every other command is a module of `llmstages.tools` with a
 one-line `HELP` and a `main(argv)`, listed once, in `TOOLS`, which is also what
 `llmstages --help` prints.
 """
@@ -11,14 +11,15 @@ from __future__ import annotations
 import importlib
 import sys
 
-from llmstages.trainer_cli import lightning_cli
-
 TRAINING = {
     "fit": "train a stage: llmstages fit --config configs/<stage>.yaml [--config fragment.yaml] [--key value ...]",
     "validate": "evaluate a checkpoint: llmstages validate --config configs/<stage>.yaml --ckpt_path CKPT",
 }
 TOOLS = {  # command -> module under llmstages.tools
+    "generate": "generate",
+    "chat": "chat",
     "export": "export",
+    "import": "hf_import",
     "tokenizer": "tokenizer",
     "masks": "show_masks",
     "demo": "demo",
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if argv[0] not in TRAINING and not argv[0].startswith("-"):
         raise SystemExit(f"llmstages: unknown command {argv[0]!r}\n\n{usage()}")
+    from llmstages.trainer_cli import lightning_cli  # Lightning only for fit/validate: the tools start faster
+
     lightning_cli(argv if given else None)  # None: LightningCLI reads sys.argv itself
 
 

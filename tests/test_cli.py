@@ -6,7 +6,8 @@ import pytest
 import torch
 import yaml
 
-from llmstages.cli import lightning_cli, main
+from llmstages.cli import main
+from llmstages.trainer_cli import lightning_cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

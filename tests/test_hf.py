@@ -19,10 +19,18 @@ from llmstages.model.hf import config_from_hf, config_to_hf, from_hf, hf_tensor_
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config  # noqa: E402
 
 SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4)
 TOL = 1e-4
+# Llama 3.1/3.2's RoPE scaling with a short original context, so 17 positions reach the scaled band
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+def _exported_class(case: str) -> str:
+    """What `to_hf(architecture="auto")` writes for a case: q/k norm -> Qwen3, q/k/v bias -> Qwen2, else Llama."""
+    return {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(case[:5], "LlamaForCausalLM")
 
 
 def _randomise(model: torch.nn.Module) -> None:
@@ -70,6 +78,15 @@ CASES = {
     "qwen2-bias-tied": lambda: Qwen2Config(**SMALL, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6),
     "qwen2-bias-untied": lambda: Qwen2Config(**SMALL, num_key_value_heads=1),
     "mistral-gqa": lambda: MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=None),
+    # Llama 3.x: llama3 RoPE scaling, GQA, tied (3.2) and untied (3.1)
+    "llama3-rope-tied": lambda: LlamaConfig(**SMALL, num_key_value_heads=2, tie_word_embeddings=True,
+                                            rope_parameters=dict(LLAMA3_ROPE), max_position_embeddings=128),
+    "llama3-rope-untied": lambda: LlamaConfig(**SMALL, num_key_value_heads=1, rope_parameters=dict(LLAMA3_ROPE)),
+    # an explicit head_dim != hidden/heads on Llama
+    "llama-head-dim": lambda: LlamaConfig(**SMALL, num_key_value_heads=2, head_dim=24),
+    # Qwen3: q/k norm, head_dim != hidden/heads, no bias
+    "qwen3-qknorm-tied": lambda: Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True),
+    "qwen3-qknorm-untied": lambda: Qwen3Config(**SMALL, num_key_value_heads=4, head_dim=8, rope_theta=1e6),
 }
 
 
@@ -85,6 +102,9 @@ def test_from_hf_matches_transformers(hf_checkpoint):
     ours = from_hf(path)
     assert ours.config.tie_embeddings == hf.config.tie_word_embeddings
     assert ours.config.qkv_bias == name.startswith("qwen2")
+    assert ours.config.qk_norm == name.startswith("qwen3")
+    assert ours.config.head_dim == (getattr(hf.config, "head_dim", None) or hf.config.hidden_size // hf.config.num_attention_heads)
+    assert (ours.config.rope_scaling is not None) == name.startswith("llama3")
     assert ours.config.n_kv_head == hf.config.num_key_value_heads
     assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in ours.parameters())
     assert _max_diff(ours, hf, _ids()) < TOL
@@ -94,7 +114,7 @@ def test_round_trip_loads_in_transformers(hf_checkpoint, tmp_path):
     name, hf, path = hf_checkpoint
     out = to_hf(from_hf(path), tmp_path / "export")
     written = json.loads((out / "config.json").read_text())
-    assert written["architectures"] == ["Qwen2ForCausalLM" if name.startswith("qwen2") else "LlamaForCausalLM"]
+    assert written["architectures"] == [_exported_class(name)]
     tensors = load_file(out / "model.safetensors")
     # tied embeddings are written once, as HF expects
     assert ("lm_head.weight" in tensors) == (not hf.config.tie_word_embeddings)
@@ -220,10 +240,16 @@ def test_config_round_trip():
     [
         ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, "GPT2LMHeadModel"),
         ({"architectures": None, "model_type": "gpt2"}, "gpt2"),
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3"),
+        # llama3 scaling without its parameters: the missing ones are named
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3.*low_freq_factor"),
         ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "linear"),
         ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "yarn"),
-        ({"head_dim": 32}, "head_dim"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "config.json rope_parameters.*dynamic"),
+        ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "longrope"),
+        ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "head_dim": 32}, "head_dim=32 for qwen2"),
+        ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": True}, "attention_bias"),
+        ({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe"}, "Qwen3MoeForCausalLM"),
+        ({"architectures": ["LlamaForSequenceClassification"]}, "LlamaForSequenceClassification"),
         ({"hidden_act": "gelu"}, "gelu"),
         ({"attention_bias": True}, "attention_bias"),
         ({"mlp_bias": True}, "mlp_bias"),
@@ -340,3 +366,58 @@ def test_init_from_hf_folder_takes_its_shape_and_grows_the_vocab_for_a_new_pad(h
     torch.testing.assert_close(embed[vocab], embed[:vocab].mean(0))
     smaller = SFTModule(init_from=str(path), vocab_size=vocab - 10, generate_samples=0)
     assert smaller.config.vocab_size == vocab  # a padded checkpoint vocabulary is kept whole
+
+
+# ---------------------------------------------------------------- Llama 3.x and Qwen3 specifics
+
+
+def test_llama3_rope_scaling_is_what_makes_the_logits_match(tmp_path):
+    hf = _hf_model(LlamaConfig(**SMALL, num_key_value_heads=2, rope_parameters=dict(LLAMA3_ROPE)))
+    ours = from_hf(_save(hf, tmp_path))
+    assert ours.config.rope_scaling == {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+    ids = torch.randint(0, 300, (2, 40))
+    assert _max_diff(ours, hf, ids) < TOL
+    plain = Transformer(ModelConfig.from_dict({**ours.config.to_dict(), "rope_scaling": None})).eval()
+    plain.load_state_dict(ours.state_dict())
+    assert _max_diff(plain, hf, ids) > 1e-3  # without the scaling the same weights disagree
+
+
+def test_llama3_config_in_the_transformers_4_layout():
+    """4.x writes rope_scaling with the type and factors, and rope_theta at the top level."""
+    scaling = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+    config = config_from_hf(_base_config(rope_theta=500000.0, rope_scaling=scaling))
+    assert config.rope_theta == 500000.0 and config.rope_scaling == scaling
+
+
+def test_qwen3_defaults_head_dim_128_when_config_json_omits_it():
+    config = config_from_hf(_base_config(architectures=["Qwen3ForCausalLM"], model_type="qwen3"))
+    assert config.head_dim == 128 and config.qk_norm and not config.qkv_bias
+
+
+@pytest.mark.parametrize("preset", ["qwen3-0.6b", "llama3.2-1b", "1b"])
+def test_real_shape_presets_round_trip_through_config_json(preset):
+    config = ModelConfig.from_name(preset)
+    assert config_from_hf(config_to_hf(config)) == config
+
+
+def test_our_qk_norm_model_exports_as_qwen3(tmp_path):
+    ours = Transformer(ModelConfig.from_name("tiny", qk_norm=True, head_dim=24, tie_embeddings=False)).eval()
+    _randomise(ours)
+    hf = _load_hf(to_hf(ours, tmp_path))
+    assert type(hf).__name__ == "Qwen3ForCausalLM" and hf.config.head_dim == 24
+    assert _max_diff(ours, hf, _ids(512)) < TOL
+    with pytest.raises(ValueError, match="qk_norm"):
+        to_hf(ours, tmp_path / "llama", architecture="llama")
+    with pytest.raises(ValueError, match="qk_norm"):
+        to_hf(Transformer(ModelConfig.from_name("tiny")), tmp_path / "qwen3", architecture="qwen3")
+
+
+def test_our_llama3_scaled_model_exports_and_reloads(tmp_path):
+    scaling = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+    ours = Transformer(ModelConfig.from_name("tiny", rope_theta=5e5, rope_scaling=scaling)).eval()
+    _randomise(ours)
+    out = to_hf(ours, tmp_path)
+    written = json.loads((out / "config.json").read_text())
+    assert written["rope_parameters"]["rope_type"] == written["rope_scaling"]["rope_type"] == "llama3"
+    assert _max_diff(ours, _load_hf(out), torch.randint(0, 512, (2, 40))) < TOL
+    assert from_hf(out).config == ours.config

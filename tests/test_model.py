@@ -141,3 +141,167 @@ def test_initialisation_scales_residual_projections():
     assert abs(model.blocks[0].attn.q_proj.weight.std().item() - std) < 0.1 * std
     assert abs(model.blocks[0].attn.o_proj.weight.std().item() - std / 4) < 0.1 * std / 4
     assert torch.equal(model.norm.weight, torch.ones_like(model.norm.weight))
+
+
+# ---------------------------------------------------------------- newer config fields
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+# the features a cache has to get right at once: GQA, q/k norm, an explicit head_dim, llama3 RoPE
+FULL = dict(n_kv_head=2, qk_norm=True, head_dim=24, rope_scaling=LLAMA3, rope_theta=500000.0)
+
+
+def _randomise_norms(model: Transformer) -> Transformer:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.5 * torch.randn_like(p))
+    return model
+
+
+def test_old_checkpoint_config_dicts_still_load():
+    """A `to_dict()` saved before head_dim/qk_norm/rope_scaling existed rebuilds the same model."""
+    old = {k: v for k, v in ModelConfig.from_name("demo").to_dict().items()
+           if k not in ("head_dim", "qk_norm", "rope_scaling")}
+    config = ModelConfig.from_dict(old)
+    assert config == ModelConfig.from_name("demo")
+    assert (config.head_dim, config.qk_norm, config.rope_scaling) == (32, False, None)
+    # derived fields follow overrides of a preset
+    assert ModelConfig.from_name("tiny", d_model=128).head_dim == 32
+
+
+def test_explicit_head_dim_and_qk_norm_shapes():
+    model = tiny(**FULL)
+    attn = model.blocks[0].attn
+    assert attn.q_proj.weight.shape == (4 * 24, 64) and attn.k_proj.weight.shape == (2 * 24, 64)
+    assert attn.o_proj.weight.shape == (64, 4 * 24)
+    assert attn.q_norm.weight.shape == (24,) and attn.k_norm.weight.shape == (24,)
+    assert "blocks.0.attn.q_norm.weight" in model.state_dict()
+    assert tiny().blocks[0].attn.q_norm is None and "blocks.0.attn.q_norm.weight" not in tiny().state_dict()
+    assert model(torch.randint(0, 512, (2, 9))).shape == (2, 9, 512)
+
+
+def test_llama3_scaling_changes_only_low_frequencies():
+    from llmstages.model.transformer import rope_frequencies
+
+    plain = rope_frequencies(64, 500000.0)
+    scaled = rope_frequencies(64, 500000.0, {**LLAMA3, "original_max_position_embeddings": 8192})
+    wavelen = 2 * math.pi / plain
+    high, low = wavelen < 8192 / 4, wavelen > 8192 / 1
+    assert torch.equal(scaled[high], plain[high])
+    torch.testing.assert_close(scaled[low], plain[low] / 8.0)
+    middle = ~high & ~low
+    assert middle.any() and bool(((scaled[middle] < plain[middle]) & (scaled[middle] > plain[middle] / 8)).all())
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "unsupported rope_type 'yarn'"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 2.0}}, "missing.*low_freq_factor"),
+        ({"rope_scaling": {**LLAMA3, "low_freq_factor": 5.0}}, "high_freq_factor must exceed"),
+        ({"head_dim": 0}, "head_dim must be a positive integer"),
+        ({"d_model": 66, "n_head": 4, "head_dim": 15}, "head size 15 must be even"),
+    ],
+)
+def test_bad_new_fields_raise_clear_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_name("tiny", **overrides)
+
+
+# ---------------------------------------------------------------- KV cache
+
+
+@torch.no_grad()
+def test_cached_chunks_equal_one_full_forward():
+    model = _randomise_norms(tiny(**FULL))
+    ids = torch.randint(0, 512, (2, 20))
+    full = model(ids)
+    cache = model.new_cache(20)
+    pieces = [model(ids[:, a:b], cache=cache) for a, b in [(0, 7), (7, 8), (8, 13), (13, 20)]]
+    assert cache.length == 20
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_left_padded_batch_with_mask_equals_rows_alone():
+    model = _randomise_norms(tiny(**FULL))
+    rows = [torch.randint(0, 512, (n,)) for n in (9, 4, 6)]
+    width = 9
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    batched = model(ids, position_ids=positions, attention_mask=mask)
+    assert torch.isfinite(batched).all()  # padding rows attend to themselves: no NaN
+    # and through the cache: prefill, then one more token per row
+    cache = model.new_cache(width + 1)
+    model(ids, position_ids=positions, attention_mask=mask, cache=cache)
+    nxt = torch.randint(0, 512, (3, 1))
+    stepped = model(nxt, position_ids=positions[:, -1:] + 1, attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1),
+                    cache=cache)
+    for i, row in enumerate(rows):
+        alone = model(torch.cat([row, nxt[i]])[None])
+        torch.testing.assert_close(batched[i, width - len(row):], alone[0, :-1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(stepped[i, 0], alone[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_cache_misuse_is_an_error():
+    model = tiny(max_seq_len=16)
+    with pytest.raises(ValueError, match="exceeds max_seq_len=16"):
+        model.new_cache(17)
+    cache = model.new_cache(8)
+    with pytest.raises(ValueError, match="KVCache holds 8 tokens"):
+        model(torch.zeros(1, 9, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="document_ids"):
+        model(torch.zeros(1, 4, dtype=torch.long), document_ids=torch.zeros(1, 4, dtype=torch.long),
+              cache=model.new_cache(8))
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        model(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 3))
+
+
+# ---------------------------------------------------------------- activation checkpointing, torch.compile
+
+
+def _loss_and_grads(model: Transformer, ids: torch.Tensor, docs: torch.Tensor | None = None):
+    model.zero_grad()
+    logits = model(ids, document_ids=docs)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_activation_checkpointing_gives_equal_loss_and_gradients():
+    model = _randomise_norms(tiny(**FULL)).train()
+    ids = torch.randint(0, 512, (2, 16))
+    docs = torch.tensor([[0] * 9 + [1] * 7, [0] * 16])
+    plain_loss, plain_grads = _loss_and_grads(model, ids, docs)
+    model.activation_checkpointing = True
+    ckpt_loss, ckpt_grads = _loss_and_grads(model, ids, docs)
+    torch.testing.assert_close(ckpt_loss, plain_loss, rtol=0, atol=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    # the blocks really are recomputed: the forward of a block runs twice per step
+    calls = []
+    model.blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    _loss_and_grads(model, ids)
+    assert len(calls) == 2
+
+
+@pytest.mark.slow
+def test_compiled_model_gives_equal_loss_and_gradients():
+    """`model.compile()` (in place: parameter names unchanged) on CPU, with and without checkpointing."""
+    model = _randomise_norms(tiny(**FULL)).train()
+    ids = torch.randint(0, 512, (2, 16))
+    eager_loss, eager_grads = _loss_and_grads(model, ids)
+    torch._dynamo.reset()
+    model.compile()
+    assert "blocks.0.attn.q_proj.weight" in model.state_dict()
+    for checkpointing in (False, True):
+        model.activation_checkpointing = checkpointing
+        loss, grads = _loss_and_grads(model, ids)
+        torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
+        for name, grad in eager_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -1,6 +1,7 @@
-"""The shared backbone: configuration, Transformer, Hugging Face interop."""
+"""The shared backbone: configuration, Transformer (with a KV cache), LoRA, Hugging Face interop."""
 
 from llmstages.model.config import PRESETS, ModelConfig
-from llmstages.model.transformer import Transformer
+from llmstages.model.lora import LoRAConfig
+from llmstages.model.transformer import KVCache, Transformer
 
-__all__ = ["ModelConfig", "PRESETS", "Transformer"]
+__all__ = ["KVCache", "LoRAConfig", "ModelConfig", "PRESETS", "Transformer"]

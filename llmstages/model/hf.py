@@ -1,4 +1,4 @@
-"""Import and export Hugging Face Llama / Mistral / Qwen2 checkpoints (safetensors).
+"""Import and export Hugging Face Llama / Mistral / Qwen2 / Qwen3 checkpoints (safetensors).
 
 Design choices:
 - Only `safetensors` and `json` touch the files; `transformers` is never
@@ -7,9 +7,12 @@ Design choices:
   RoPE parameters may sit in `rope_parameters` (transformers 5), in
   `rope_scaling` or at the top level (`rope_theta`, transformers 4). Anything
   our backbone would compute differently is refused with a `ValueError`
-  naming the field: other architectures, scaled/partial RoPE, an explicit
-  `head_dim` != hidden/heads, activations other than SiLU, MLP or output
-  projection biases. Missing defaults follow the installed transformers 5.x.
+  naming config.json and the field: other architectures, RoPE types other
+  than plain and `llama3`, partial RoPE, activations other than SiLU, MLP or
+  output-projection biases. Qwen3 brings q/k RMSNorm and an explicit
+  `head_dim` (128 when config.json omits it, as in transformers); Llama and
+  Mistral may set `head_dim` too, Qwen2 may not (its attention ignores it in
+  older transformers). Missing defaults follow the installed transformers 5.x.
 - Sliding-window attention (Mistral, Qwen2 with `use_sliding_window`) equals
   full causal attention while a sequence fits in the window, so the imported
   model's `max_seq_len` is capped at the window (with a warning) and longer
@@ -23,9 +26,21 @@ Design choices:
   Lightning's mixed precision expects; pass `dtype=torch.bfloat16` to keep a
   bf16 checkpoint's footprint. The model is built on the meta device and the
   read tensors are assigned, so no random init is paid for.
-- `to_hf` picks Qwen2 when the model has q/k/v biases, else Llama, writes one
-  `model.safetensors` (tied embeddings once, as HF expects) and a config that
-  both transformers 4.x (`rope_theta`) and 5.x (`rope_parameters`) read.
+- `to_hf` picks Qwen3 when the model has q/k norms, Qwen2 when it has q/k/v
+  biases, else Llama, writes one `model.safetensors` (tied embeddings once, as
+  HF expects) and a config that both transformers 4.x (`rope_theta`,
+  `rope_scaling`) and 5.x (`rope_parameters`) read.
+- Export is ready for use when given a tokenizer: `tokenizer.json`, its
+  special tokens, the Jinja `chat_template` in `tokenizer_config.json`, and a
+  `generation_config.json` whose `eos_token_id` lists every stop id (the
+  template's end-of-turn and the end of text), so `generate` stops after a
+  reply. `chat_template_jinja` writes a named `ChatTemplate` as Jinja.
+- A reward model exports as `<Family>ForSequenceClassification` with
+  `score.weight` = the value head and `pad_token_id` set: transformers reads
+  the score at the last non-pad token of each row. Our `RewardModule` reads
+  it at the last labelled token, which for our preference data is the
+  reply's end-of-turn token, the last real token of the sequence; so on
+  right-padded rows without trailing text the two agree.
 """
 
 from __future__ import annotations
@@ -42,11 +57,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from llmstages.model.config import ModelConfig
+from llmstages.model.config import LLAMA3_ROPE_FIELDS, ModelConfig
 from llmstages.model.transformer import Transformer
 
 __all__ = [
     "ARCHITECTURES",
+    "chat_template_jinja",
     "config_from_hf",
     "config_to_hf",
     "from_hf",
@@ -54,6 +70,7 @@ __all__ = [
     "state_dict_from_hf",
     "state_dict_to_hf",
     "to_hf",
+    "to_hf_reward",
 ]
 
 # model_type -> the causal-LM class name transformers registers for it
@@ -61,14 +78,20 @@ ARCHITECTURES: dict[str, str] = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
 }
 _FAMILY_OF_CLASS = {cls: family for family, cls in ARCHITECTURES.items()}
+# model_type -> the sequence-classification class (reward models)
+REWARD_ARCHITECTURES: dict[str, str] = {
+    family: cls.replace("ForCausalLM", "ForSequenceClassification") for family, cls in ARCHITECTURES.items()
+}
 
 # transformers 5.x defaults for fields a config.json may omit
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
     "mistral": {"max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
     "qwen2": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+    "qwen3": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "head_dim": 128},
 }
 _DEFAULT_ROPE_THETA = 10000.0
 _IGNORED_HF_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -78,7 +101,7 @@ _IGNORED_HF_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.in
 
 
 def _family(hf_config: Mapping[str, Any]) -> str:
-    """`llama` / `mistral` / `qwen2` from `model_type` and `architectures`."""
+    """`llama` / `mistral` / `qwen2` / `qwen3` from `model_type` and `architectures`."""
     archs = hf_config.get("architectures") or []
     for arch in archs:
         if arch not in _FAMILY_OF_CLASS:
@@ -102,8 +125,8 @@ def _family(hf_config: Mapping[str, Any]) -> str:
     return families.pop()
 
 
-def _rope_theta(hf_config: Mapping[str, Any]) -> float:
-    """The RoPE base, refusing any RoPE variant our backbone does not compute."""
+def _rope(hf_config: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """The RoPE base and llama3 scaling (or None), refusing any RoPE variant our backbone does not compute."""
     # transformers gives `rope_scaling` priority over `rope_parameters` (convert_rope_params_to_dict)
     for field in ("rope_scaling", "rope_parameters"):
         rope = hf_config.get(field)
@@ -116,16 +139,21 @@ def _rope_theta(hf_config: Mapping[str, Any]) -> float:
     if any(isinstance(value, Mapping) for value in rope.values()):
         raise ValueError(f"config.json: per-layer-type {field} are not supported: {dict(rope)}")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
+    if rope_type not in ("default", "llama3"):
         raise ValueError(
             f"unsupported RoPE scaling: config.json {field} has rope_type {rope_type!r}; "
-            "only plain RoPE ('default') is implemented"
+            "implemented: plain RoPE ('default') and 'llama3'"
         )
     partial = rope.get("partial_rotary_factor", hf_config.get("partial_rotary_factor"))
     if partial is not None and float(partial) != 1.0:
-        raise ValueError(f"unsupported partial_rotary_factor={partial}: RoPE must rotate the whole head")
-    theta = rope.get("rope_theta", hf_config.get("rope_theta", _DEFAULT_ROPE_THETA))
-    return float(theta)
+        raise ValueError(f"unsupported config.json partial_rotary_factor={partial}: RoPE must rotate the whole head")
+    theta = float(rope.get("rope_theta", hf_config.get("rope_theta", _DEFAULT_ROPE_THETA)))
+    if rope_type == "default":
+        return theta, None
+    missing = [k for k in LLAMA3_ROPE_FIELDS if rope.get(k) is None]
+    if missing:
+        raise ValueError(f"config.json: {field} (rope_type 'llama3') lacks {', '.join(missing)}")
+    return theta, {"rope_type": "llama3", **{k: rope[k] for k in LLAMA3_ROPE_FIELDS}}
 
 
 def _sliding_window(hf_config: Mapping[str, Any], family: str, n_layer: int) -> int | None:
@@ -133,7 +161,7 @@ def _sliding_window(hf_config: Mapping[str, Any], family: str, n_layer: int) -> 
     if family == "mistral":
         window = hf_config.get("sliding_window", 4096)
         return int(window) if window is not None else None
-    if family == "qwen2":
+    if family in ("qwen2", "qwen3"):
         window = hf_config.get("sliding_window", 4096)
         if not hf_config.get("use_sliding_window", False) or window is None:
             return None  # Qwen2Config drops the window unless use_sliding_window
@@ -146,7 +174,7 @@ def _sliding_window(hf_config: Mapping[str, Any], family: str, n_layer: int) -> 
 
 
 def config_from_hf(hf_config: dict) -> ModelConfig:
-    """Translate a Llama/Mistral/Qwen2 `config.json` dict into a `ModelConfig`."""
+    """Translate a Llama/Mistral/Qwen2/Qwen3 `config.json` dict into a `ModelConfig`."""
     family = _family(hf_config)
     defaults = _FAMILY_DEFAULTS[family]
 
@@ -159,19 +187,22 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
     n_layer = int(required("num_hidden_layers"))
     n_kv_head = hf_config.get("num_key_value_heads") or n_head
 
-    head_dim = hf_config.get("head_dim")
-    if head_dim is not None and n_head and head_dim * n_head != hidden:
+    head_dim = hf_config.get("head_dim") or defaults.get("head_dim")
+    if head_dim is not None and family == "qwen2" and head_dim * n_head != hidden:
         raise ValueError(
-            f"unsupported head_dim={head_dim}: must equal hidden_size/num_attention_heads = {hidden}/{n_head}"
+            f"unsupported config.json head_dim={head_dim} for qwen2: must equal "
+            f"hidden_size/num_attention_heads = {hidden}/{n_head}"
         )
     act = hf_config.get("hidden_act", "silu")
     if act not in ("silu", "swish"):  # the same function in transformers' ACT2FN
-        raise ValueError(f"unsupported hidden_act={act!r}: the MLP is SwiGLU (silu)")
+        raise ValueError(f"unsupported config.json hidden_act={act!r}: the MLP is SwiGLU (silu)")
     if hf_config.get("mlp_bias"):
-        raise ValueError("unsupported mlp_bias=true: the MLP projections have no bias")
-    if family == "llama" and hf_config.get("attention_bias"):
-        # Llama's attention_bias also puts a bias on o_proj, which our backbone lacks
-        raise ValueError("unsupported attention_bias=true for llama (o_proj bias); only Qwen2-style q/k/v bias")
+        raise ValueError("unsupported config.json mlp_bias=true: the MLP projections have no bias")
+    if family in ("llama", "qwen3") and hf_config.get("attention_bias"):
+        # their attention_bias also puts a bias on o_proj, which our backbone lacks
+        raise ValueError(
+            f"unsupported config.json attention_bias=true for {family} (o_proj bias); only Qwen2-style q/k/v bias"
+        )
 
     max_len = int(hf_config.get("max_position_embeddings") or defaults["max_position_embeddings"])
     window = _sliding_window(hf_config, family, n_layer)
@@ -184,6 +215,7 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
         max_len = window
 
     tie = hf_config.get("tie_word_embeddings")
+    rope_theta, rope_scaling = _rope(hf_config)
     return ModelConfig(
         vocab_size=int(required("vocab_size")),
         n_layer=n_layer,
@@ -192,10 +224,13 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
         d_model=hidden,
         d_mlp=int(required("intermediate_size")),
         max_seq_len=max_len,
-        rope_theta=_rope_theta(hf_config),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         norm_eps=float(hf_config.get("rms_norm_eps") or defaults["rms_norm_eps"]),
         tie_embeddings=bool(defaults["tie_word_embeddings"] if tie is None else tie),
         qkv_bias=family == "qwen2",
+        qk_norm=family == "qwen3",
+        head_dim=None if head_dim is None else int(head_dim),
         init_std=float(hf_config.get("initializer_range") or 0.02),
     )
 
@@ -203,12 +238,18 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
 def _resolve_architecture(architecture: str, config: ModelConfig) -> str:
     name = architecture.lower()
     if name == "auto":
-        return "qwen2" if config.qkv_bias else "llama"
-    family = _FAMILY_OF_CLASS.get(architecture, name)
+        family = "qwen3" if config.qk_norm else "qwen2" if config.qkv_bias else "llama"
+    else:
+        family = _FAMILY_OF_CLASS.get(architecture, name)
     if family not in ARCHITECTURES:
         raise ValueError(f"unsupported export architecture {architecture!r}; use auto, {', '.join(ARCHITECTURES)}")
     if config.qkv_bias and family != "qwen2":
         raise ValueError(f"{family} has no q/k/v-only bias; export a model with qkv_bias as 'qwen2'")
+    if config.qk_norm != (family == "qwen3"):
+        # Qwen3 always normalises q and k (a norm with unit weight still rescales); no other family does
+        raise ValueError(f"q/k norm (qk_norm={config.qk_norm}) exports only as qwen3, not {family}")
+    if family == "qwen2" and config.head_dim * config.n_head != config.d_model:
+        raise ValueError(f"qwen2 needs head_dim * n_head == d_model; this model has head_dim={config.head_dim}")
     return family
 
 
@@ -237,7 +278,7 @@ def config_to_hf(
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
         # 5.x reads rope_parameters, 4.x reads the top-level rope_theta; 5.x prefers the former
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta, **(config.rope_scaling or {})},
         "rope_theta": config.rope_theta,
         "tie_word_embeddings": config.tie_embeddings,
         "initializer_range": config.init_std,
@@ -249,7 +290,9 @@ def config_to_hf(
         "dtype": dtype_name,
         "torch_dtype": dtype_name,  # the 4.x name of the same field
     }
-    if family in ("llama", "mistral"):
+    if config.rope_scaling is not None:
+        out["rope_scaling"] = dict(out["rope_parameters"])  # the 4.x name
+    if family != "qwen2":
         out["head_dim"] = config.head_dim
     if family == "llama":
         out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
@@ -257,6 +300,8 @@ def config_to_hf(
         out["sliding_window"] = None
     else:
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layer)
+        if family == "qwen3":
+            out["attention_bias"] = False
     return out
 
 
@@ -275,6 +320,9 @@ def _name_pairs(config: ModelConfig, *, with_bias: bool | None = None) -> list[t
         if bias:
             for proj in ("q_proj", "k_proj", "v_proj"):
                 pairs.append((f"{ours}attn.{proj}.bias", f"{theirs}self_attn.{proj}.bias"))
+        if config.qk_norm:
+            for norm in ("q_norm", "k_norm"):
+                pairs.append((f"{ours}attn.{norm}.weight", f"{theirs}self_attn.{norm}.weight"))
         pairs.append((ours + "mlp_norm.weight", theirs + "post_attention_layernorm.weight"))
         for proj in ("gate_proj", "up_proj", "down_proj"):
             pairs.append((f"{ours}mlp.{proj}.weight", f"{theirs}mlp.{proj}.weight"))
@@ -384,12 +432,16 @@ def _weight_files(path: Path) -> dict[str, Path]:
 
 
 def from_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transformer:
-    """Load a local HF Llama/Mistral/Qwen2 folder as a `Transformer` with identical weights."""
+    """Load a local HF Llama/Mistral/Qwen2/Qwen3 folder as a `Transformer` with identical weights."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"no config.json in {path}")
-    config = config_from_hf(json.loads(config_file.read_text()))
+        what = "folder" if path.is_dir() else "folder, which does not exist"
+        raise FileNotFoundError(f"no config.json in {path} (a Hugging Face model {what} needs one)")
+    try:
+        config = config_from_hf(json.loads(config_file.read_text()))
+    except ValueError as error:
+        raise ValueError(f"{config_file}: {error}") from None
     files = _weight_files(path)
     needed = _check_hf_names(files, config)
     if config.tie_embeddings and "lm_head.weight" in files:
@@ -415,6 +467,58 @@ def from_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transforme
     return model
 
 
+def _prepare_folder(path: str | Path) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if (path / "model.safetensors.index.json").exists():
+        # transformers would find two checkpoints in one folder
+        raise FileExistsError(f"{path} already holds a sharded checkpoint (model.safetensors.index.json)")
+    return path
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _write_tokenizer(path: Path, tokenizer: Any, chat_template: str | None) -> None:
+    """`tokenizer.json` + `tokenizer_config.json`, with the chat template when given."""
+    if tokenizer is None:
+        if chat_template is not None:
+            raise ValueError("a chat_template is written into tokenizer_config.json: pass the tokenizer too")
+        return
+    tokenizer.save(path)
+    if chat_template is not None:
+        config_file = path / "tokenizer_config.json"
+        config = json.loads(config_file.read_text())
+        config["chat_template"] = chat_template
+        _write_json(config_file, config)
+
+
+def _export_state(model: Transformer) -> dict[str, Tensor]:
+    """The model's state dict with any LoRA adapters merged into their base weights (the model is unchanged)."""
+    from llmstages.model.lora import is_adapter_name, lora_layers
+
+    state = {name: t for name, t in model.state_dict().items() if not is_adapter_name(name)}
+    for name, layer in lora_layers(model):
+        weight = _full(layer.weight)
+        delta = (_full(layer.lora_b).float() @ _full(layer.lora_a).float()) * layer.scaling
+        state[f"{name}.weight"] = (weight.float() + delta).to(weight.dtype)
+    return state
+
+
+def _token_ids(
+    tokenizer: Any, bos_token_id: int | None, eos_token_id: int | list[int] | None, pad_token_id: int | None
+) -> dict[str, Any]:
+    """Token ids for config.json / generation_config.json; a tokenizer fills the ones not given."""
+    if tokenizer is not None:
+        eos_token_id = tokenizer.eos_id if eos_token_id is None else eos_token_id
+        pad_token_id = tokenizer.pad_id if pad_token_id is None else pad_token_id
+    if isinstance(eos_token_id, (list, tuple)):
+        eos_token_id = list(dict.fromkeys(int(i) for i in eos_token_id))
+        eos_token_id = eos_token_id[0] if len(eos_token_id) == 1 else eos_token_id
+    return {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+
+
 def to_hf(
     model: Transformer,
     path: str | Path,
@@ -423,28 +527,108 @@ def to_hf(
     bos_token_id: int | None = None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
+    tokenizer: Any = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Write `config.json` + `model.safetensors` that `transformers` loads as `architecture`.
 
-    Token ids, when given, go into `config.json` and a `generation_config.json`;
-    the tokenizer is saved separately.
+    Token ids, when given, go into `config.json` and a `generation_config.json`
+    (`eos_token_id` may be a list: every id `generate` stops at). A
+    `llmstages.data.tokenizer.Tokenizer` is saved beside the weights, supplies
+    eos/pad ids not given, and carries `chat_template` (Jinja) in its
+    `tokenizer_config.json`. LoRA adapters are merged into the written weights.
     """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    if (path / "model.safetensors.index.json").exists():
-        # transformers would find two checkpoints in one folder
-        raise FileExistsError(f"{path} already holds a sharded checkpoint (model.safetensors.index.json)")
+    path = _prepare_folder(path)
     config = model.config
-    tensors = state_dict_to_hf(model.state_dict(), config, architecture=architecture)
-    dtype = model.embed.weight.dtype
-    hf_config = config_to_hf(
-        config, architecture=architecture, dtype=dtype,
-        bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+    tensors = state_dict_to_hf(_export_state(model), config, architecture=architecture)
+    ids = _token_ids(tokenizer, bos_token_id, eos_token_id, pad_token_id)
+    hf_config = config_to_hf(config, architecture=architecture, dtype=model.embed.weight.dtype, **ids)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    _write_json(path / "config.json", hf_config)
+    if any(v is not None for v in ids.values()):
+        _write_json(path / "generation_config.json", {k: v for k, v in ids.items() if v is not None})
+    _write_tokenizer(path, tokenizer, chat_template)
+    return path
+
+
+def to_hf_reward(
+    model: Transformer,
+    value_head_weight: Tensor,
+    path: str | Path,
+    *,
+    pad_token_id: int | None = None,
+    architecture: str = "auto",
+    bos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    tokenizer: Any = None,
+    chat_template: str | None = None,
+) -> Path:
+    """Write a reward model (backbone + value head `[1, d_model]`) as `<Family>ForSequenceClassification`.
+
+    transformers scores a row at its last token that is not `pad_token_id`, so
+    the pad id is required (from the tokenizer when not given). The LM head,
+    unused by a reward model, is not written.
+    """
+    config = model.config
+    head = _full(value_head_weight)
+    if tuple(head.shape) != (1, config.d_model):
+        raise ValueError(f"value head weight has shape {tuple(head.shape)}; expected (1, {config.d_model})")
+    ids = _token_ids(tokenizer, bos_token_id, eos_token_id, pad_token_id)
+    if ids["pad_token_id"] is None:
+        raise ValueError("a reward-model export needs pad_token_id: transformers scores the last non-pad token")
+    family = _resolve_architecture(architecture, config)
+    path = _prepare_folder(path)
+    tensors = state_dict_to_hf(_export_state(model), config, architecture=family)
+    tensors.pop("lm_head.weight", None)
+    tensors["score.weight"] = head.to(model.embed.weight.dtype)
+    hf_config = config_to_hf(config, architecture=family, dtype=model.embed.weight.dtype, **ids)
+    hf_config.update(
+        architectures=[REWARD_ARCHITECTURES[family]],
+        id2label={"0": "LABEL_0"},  # num_labels = 1: one scalar score
+        label2id={"LABEL_0": 0},
     )
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    token_ids = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
-    if any(v is not None for v in token_ids.values()):
-        generation = {k: v for k, v in token_ids.items() if v is not None}
-        (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    _write_json(path / "config.json", hf_config)
+    _write_tokenizer(path, tokenizer, chat_template)
     return path
+
+
+# ---------------------------------------------------------------- chat templates
+
+
+def _jinja_string(text: str) -> str:
+    # a JSON string literal is a valid Jinja string literal (Jinja decodes the same escapes)
+    return json.dumps(text)
+
+
+def chat_template_jinja(template: Any, eos_token: str) -> str:
+    """A Jinja chat template rendering what `template` (a named `ChatTemplate`) renders.
+
+    The text equals `template.render(messages, add_generation_prompt=...)`;
+    `eos_token` is the tokenizer's end-of-text string (the `plain` template's
+    end-of-turn). Unknown roles raise inside the template, as our encoder does.
+    """
+    from llmstages.data.templates import ROLES, Special
+
+    def text(pieces) -> str:
+        return "".join(p.token if isinstance(p, Special) else p for p in pieces)
+
+    eot = eos_token if template.eot is None else template.eot
+    headers = dict(template.headers)
+    branches = "".join(
+        f"{'{%- if' if i == 0 else '{%- elif'} message['role'] == {_jinja_string(role)} -%}}"
+        f"{{{{- {_jinja_string(text(headers[role]))} -}}}}"
+        for i, role in enumerate(ROLES)
+    )
+    eot_roles = "[" + ", ".join(_jinja_string(r) for r in ROLES if r in template.eot_roles) + "]"
+    return (
+        f"{{{{- {_jinja_string(text(template.prefix))} -}}}}"
+        "{%- for message in messages -%}"
+        f"{branches}"
+        "{%- else -%}{{- raise_exception('unknown role ' + message['role']) -}}{%- endif -%}"
+        "{{- message['content'] -}}"
+        f"{{%- if message['role'] in {eot_roles} -%}}{{{{- {_jinja_string(eot)} -}}}}{{%- endif -%}}"
+        f"{{{{- {_jinja_string(template.separator)} -}}}}"
+        "{%- endfor -%}"
+        f"{{%- if add_generation_prompt -%}}{{{{- {_jinja_string(text(headers['assistant']))} -}}}}{{%- endif -%}}"
+    )

@@ -2,8 +2,10 @@
 
 Design choices:
 - Pre-norm RMSNorm, rotary embeddings (the Llama "rotate half" layout, so
-  Hugging Face weights load without permutation), grouped-query attention
-  through `scaled_dot_product_attention`, SwiGLU MLP. Nothing else.
+  Hugging Face weights load without permutation; optionally Llama 3's
+  frequency scaling), grouped-query attention through
+  `scaled_dot_product_attention`, optional Qwen3 q/k RMSNorm per head, SwiGLU
+  MLP. Nothing else.
 - Packed sequences: with `document_ids` the attention mask is block-diagonal
   (causal within a document, nothing across documents) and positions restart
   at 0 per document, so a packed row computes exactly what its documents
@@ -15,6 +17,16 @@ Design choices:
   `llmstages.losses.token_logps`), so `[B, T, vocab]` float32 logits never
   exist at once; keeping it inside `forward` keeps FSDP's parameter gathering
   around it. `hidden_states` is the same computation without the head.
+- Incremental decoding: `forward(..., cache=KVCache(...))` appends the new
+  tokens' keys and values to a preallocated per-layer cache and attends over
+  everything cached. `attention_mask` (1 = real token, HF's convention, over
+  the cached and the new tokens) hides left padding; with per-row
+  `position_ids` a left-padded batch computes what each row computes alone.
+  Every query may attend to itself, so a padding row is never empty (no NaN).
+- `activation_checkpointing = True` recomputes each block in the backward
+  pass (`torch.utils.checkpoint`, non-reentrant) instead of storing its
+  activations; it is off for no-grad and cached forwards. Parameter names do
+  not change, so checkpoints and the HF mapping are unaffected.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from llmstages.model.config import ModelConfig
 
@@ -47,9 +60,31 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def rope_angles(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None, device=None) -> Tensor:
+    """RoPE inverse frequencies `[head_dim / 2]`, with Llama 3's scaling when `scaling` says so.
+
+    llama3 keeps high frequencies (wavelength below the original context /
+    high_freq_factor), divides low ones (above context / low_freq_factor) by
+    `factor`, and interpolates smoothly in between, as transformers computes it.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_angles(
+    position_ids: Tensor, head_dim: int, theta: float, scaling: dict | None = None
+) -> tuple[Tensor, Tensor]:
     """cos/sin tables `[B, T, head_dim]` for the given integer positions."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    inv_freq = rope_frequencies(head_dim, theta, scaling, device=position_ids.device)
     freqs = position_ids.to(torch.float32)[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
@@ -84,6 +119,50 @@ def document_mask(document_ids: Tensor) -> Tensor:
     return (same & causal)[:, None]
 
 
+def padding_mask(attention_mask: Tensor, query_length: int) -> Tensor:
+    """Boolean attention mask `[B, 1, q, K]` for the last `query_length` of K positions.
+
+    Causal, and key positions where `attention_mask` is 0 are hidden; each
+    query still sees itself, so a padding query's row is never empty.
+    """
+    keys = attention_mask.shape[1]
+    key_pos = torch.arange(keys, device=attention_mask.device)
+    query_pos = key_pos[keys - query_length :, None]
+    allowed = (key_pos <= query_pos) & attention_mask.bool()[:, None, None, :]
+    return allowed | (key_pos == query_pos)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated to `max_length`.
+
+    Storage is allocated on the first write with the keys' dtype and device,
+    so the cache follows autocast and the model's device by itself.
+    """
+
+    def __init__(self, n_layer: int, max_length: int) -> None:
+        self.max_length = max_length
+        self.length = 0  # tokens cached (the same for every row)
+        self.keys: list[Tensor | None] = [None] * n_layer
+        self.values: list[Tensor | None] = [None] * n_layer
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store `k`, `v` `[B, H, t, D]` after the cached tokens; return all keys and values so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KVCache holds {self.max_length} tokens; {end} were written")
+        if self.keys[layer] is None:
+            shape = (k.shape[0], k.shape[1], self.max_length, k.shape[3])
+            self.keys[layer] = k.new_empty(shape)
+            self.values[layer] = v.new_empty(shape)
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Called by the model after every layer has stored the `n` new tokens."""
+        self.length += n
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -93,15 +172,29 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+        cache: KVCache | None = None, layer: int = 0,
+    ) -> Tensor:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(batch, length, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(batch, length, self.n_kv_head, self.head_dim)
         v = self.v_proj(x).view(batch, length, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
+        causal = mask is None
+        if cache is not None:
+            causal = causal and cache.length == 0  # one new token attends to all of the cache
+            k, v = cache.update(layer, k, v)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_head != self.n_head
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_head != self.n_head
         )
         return self.o_proj(y.transpose(1, 2).reshape(batch, length, -1))
 
@@ -125,8 +218,11 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+        cache: KVCache | None = None, layer: int = 0,
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -138,6 +234,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.activation_checkpointing = False  # a switch, not part of the shape: set it on the built model
         self.init_weights()
 
     @property
@@ -156,23 +253,59 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
 
+    def new_cache(self, max_length: int) -> KVCache:
+        """An empty KV cache for up to `max_length` tokens per row (prompt and generated)."""
+        if max_length > self.config.max_seq_len:
+            raise ValueError(f"KV cache length {max_length} exceeds max_seq_len={self.config.max_seq_len}")
+        return KVCache(self.config.n_layer, max_length)
+
     def hidden_states(
-        self, input_ids: Tensor, position_ids: Tensor | None = None, document_ids: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        document_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> Tensor:
-        """Final-norm hidden states `[B, T, d_model]`."""
-        if input_ids.shape[1] > self.config.max_seq_len:
-            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_seq_len={self.config.max_seq_len}")
+        """Final-norm hidden states `[B, T, d_model]`.
+
+        With a `cache`, `input_ids` are the tokens after the cached ones; positions
+        then default to continuing the cache. `attention_mask` `[B, cached + T]`
+        marks real tokens (1) and padding (0).
+        """
+        past = 0 if cache is None else cache.length
+        length = past + input_ids.shape[1]
+        if length > self.config.max_seq_len:
+            raise ValueError(f"sequence length {length} exceeds max_seq_len={self.config.max_seq_len}")
         mask = None
         if document_ids is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("document_ids (packed rows) cannot be combined with a KV cache or an attention_mask")
             mask = document_mask(document_ids)
             if position_ids is None:
                 position_ids = positions_from_documents(document_ids)
+        elif attention_mask is not None:
+            if attention_mask.shape != (input_ids.shape[0], length):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(input_ids.shape[0], length)} "
+                    "(cached plus new tokens)"
+                )
+            mask = padding_mask(attention_mask, input_ids.shape[1])
+        elif past and input_ids.shape[1] > 1:
+            mask = padding_mask(torch.ones(input_ids.shape[0], length, dtype=torch.bool, device=input_ids.device),
+                                input_ids.shape[1])
         if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        cos, sin = rope_angles(position_ids, self.config.head_dim, self.config.rope_theta)
+            position_ids = torch.arange(past, length, device=input_ids.device).expand_as(input_ids)
+        cos, sin = rope_angles(position_ids, self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
         x = self.embed(input_ids)
-        for block in self.blocks:
-            x = block(x, cos, sin, mask)
+        recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
+        for layer, block in enumerate(self.blocks):
+            if recompute:
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache, layer)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
         return self.norm(x)
 
     def forward(
@@ -181,9 +314,11 @@ class Transformer(nn.Module):
         position_ids: Tensor | None = None,
         document_ids: Tensor | None = None,
         head: Head | None = None,
+        attention_mask: Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> Tensor:
         """Logits `[B, T, vocab]`, or `head(hidden_states, output_weight)` when a head is given."""
-        hidden = self.hidden_states(input_ids, position_ids, document_ids)
+        hidden = self.hidden_states(input_ids, position_ids, document_ids, attention_mask, cache)
         if head is not None:
             return head(hidden, self.output_weight)
         return F.linear(hidden, self.output_weight)
@@ -196,11 +331,11 @@ class Transformer(nn.Module):
         """Training FLOPs per token (forward + backward), as in the PaLM appendix.
 
         6 * (matmul parameters, the output layer included once) plus the
-        attention score/value products 12 * n_layer * d_model * seq_len.
+        attention score/value products 12 * n_layer * (n_head * head_dim) * seq_len.
         """
         cfg = self.config
         seq_len = seq_len or cfg.max_seq_len
         matmul_params = self.num_parameters(exclude_embeddings=True) + cfg.vocab_size * cfg.d_model
         if self.lm_head is not None:
             matmul_params -= self.lm_head.weight.numel()  # counted in the line above already
-        return 6.0 * matmul_params + 12.0 * cfg.n_layer * cfg.d_model * seq_len
+        return 6.0 * matmul_params + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
