@@ -11,7 +11,7 @@ import torch
 from llmstages.data.templates import ChatTemplate
 from llmstages.data.tokenizer import IM_END, Tokenizer
 from llmstages.model import ModelConfig, Transformer
-from llmstages.model.hf import chat_template_jinja, from_hf, to_hf, to_hf_reward
+from llmstages.model.hf import from_hf, to_hf, to_hf_reward
 from llmstages.model.lora import LoRAConfig, apply_lora
 
 transformers = pytest.importorskip("transformers")
@@ -55,7 +55,7 @@ def _always_says(model: Transformer, token: int) -> Transformer:
 def _export_chat(model, tokenizer, out: Path, template: str = "chatml") -> Path:
     chat = ChatTemplate.get(template)
     return to_hf(model, out, tokenizer=tokenizer, eos_token_id=[chat.stop_token_id(tokenizer), tokenizer.eos_id],
-                 chat_template=chat_template_jinja(chat, tokenizer.eos_token))
+                 chat_template=chat.jinja)
 
 
 def test_exported_chat_template_renders_our_prompt_ids(tokenizer, tmp_path):
@@ -182,7 +182,7 @@ def test_export_command_writes_a_chat_ready_folder(tokenizer, tmp_path):
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
             "tokenizer_config.json"} <= files
-    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"].startswith("{{-")
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == ChatTemplate.get("chatml").jinja
     config = json.loads((out / "config.json").read_text())
     assert config["eos_token_id"] == [tokenizer.token_to_id(IM_END), tokenizer.eos_id]
     assert config["pad_token_id"] == tokenizer.pad_id

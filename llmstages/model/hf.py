@@ -34,7 +34,7 @@ Design choices:
   special tokens, the Jinja `chat_template` in `tokenizer_config.json`, and a
   `generation_config.json` whose `eos_token_id` lists every stop id (the
   template's end-of-turn and the end of text), so `generate` stops after a
-  reply. `chat_template_jinja` writes a named `ChatTemplate` as Jinja.
+  reply. A named `ChatTemplate` writes itself as Jinja (`ChatTemplate.jinja`).
 - A reward model exports as `<Family>ForSequenceClassification` with
   `score.weight` = the value head and `pad_token_id` set: transformers reads
   the score at the last non-pad token of each row. Our `RewardModule` reads
@@ -62,7 +62,6 @@ from llmstages.model.transformer import Transformer
 
 __all__ = [
     "ARCHITECTURES",
-    "chat_template_jinja",
     "config_from_hf",
     "config_to_hf",
     "from_hf",
@@ -593,42 +592,3 @@ def to_hf_reward(
     return path
 
 
-# ---------------------------------------------------------------- chat templates
-
-
-def _jinja_string(text: str) -> str:
-    # a JSON string literal is a valid Jinja string literal (Jinja decodes the same escapes)
-    return json.dumps(text)
-
-
-def chat_template_jinja(template: Any, eos_token: str) -> str:
-    """A Jinja chat template rendering what `template` (a named `ChatTemplate`) renders.
-
-    The text equals `template.render(messages, add_generation_prompt=...)`;
-    `eos_token` is the tokenizer's end-of-text string (the `plain` template's
-    end-of-turn). Unknown roles raise inside the template, as our encoder does.
-    """
-    from llmstages.data.templates import ROLES, Special
-
-    def text(pieces) -> str:
-        return "".join(p.token if isinstance(p, Special) else p for p in pieces)
-
-    eot = eos_token if template.eot is None else template.eot
-    headers = dict(template.headers)
-    branches = "".join(
-        f"{'{%- if' if i == 0 else '{%- elif'} message['role'] == {_jinja_string(role)} -%}}"
-        f"{{{{- {_jinja_string(text(headers[role]))} -}}}}"
-        for i, role in enumerate(ROLES)
-    )
-    eot_roles = "[" + ", ".join(_jinja_string(r) for r in ROLES if r in template.eot_roles) + "]"
-    return (
-        f"{{{{- {_jinja_string(text(template.prefix))} -}}}}"
-        "{%- for message in messages -%}"
-        f"{branches}"
-        "{%- else -%}{{- raise_exception('unknown role ' + message['role']) -}}{%- endif -%}"
-        "{{- message['content'] -}}"
-        f"{{%- if message['role'] in {eot_roles} -%}}{{{{- {_jinja_string(eot)} -}}}}{{%- endif -%}}"
-        f"{{{{- {_jinja_string(template.separator)} -}}}}"
-        "{%- endfor -%}"
-        f"{{%- if add_generation_prompt -%}}{{{{- {_jinja_string(text(headers['assistant']))} -}}}}{{%- endif -%}}"
-    )

@@ -132,7 +132,7 @@ def resolve_tokenizer(loaded: LoadedModel, tokenizer: str | None, cache_dir: str
     elif hf_folder is not None:
         result, origin = Tokenizer.from_file(hf_folder), f"{hf_folder}/tokenizer.json"
     else:
-        from llmstages.data.modules import default_tokenizer
+        from llmstages.data.base import default_tokenizer
 
         cache = data_hp.get("cache_dir") or cache_dir
         result, origin = default_tokenizer(cache), "the embedded default tokenizer"
@@ -149,11 +149,12 @@ def resolve_tokenizer(loaded: LoadedModel, tokenizer: str | None, cache_dir: str
     return result
 
 
-def resolve_template(loaded: LoadedModel, template: str | None):
-    from llmstages.data.templates import ChatTemplate
+def model_template(loaded: LoadedModel, template: str | None, tokenizer):
+    """The chat template: the one given, else the run's recorded one, else chatml; auto/hf: the tokenizer's own."""
+    from llmstages.data.templates import resolve_template
 
     name = template or loaded.data_hyper_parameters.get("template") or DEFAULT_TEMPLATE
-    return ChatTemplate.get(name)
+    return resolve_template(name, tokenizer)
 
 
 def read_prompts(path: str | Path) -> list[list[dict[str, str]] | str]:

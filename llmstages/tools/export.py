@@ -84,8 +84,8 @@ def export(
     cache_dir: str | Path | None = None,
 ) -> Path:
     """Export `ckpt` to `out`; `kind` is auto, causal-lm or reward. Returns `out`."""
-    from llmstages.model.hf import chat_template_jinja, to_hf, to_hf_reward
-    from llmstages.tools.common import DEFAULT_CACHE_DIR, load_model, resolve_template, resolve_tokenizer
+    from llmstages.model.hf import to_hf, to_hf_reward
+    from llmstages.tools.common import DEFAULT_CACHE_DIR, load_model, model_template, resolve_tokenizer
 
     if kind not in ("auto", "causal-lm", "reward"):
         raise ValueError(f"--as must be auto, causal-lm or reward, got {kind!r}")
@@ -104,8 +104,8 @@ def export(
         jinja = source_chat_template(folder)
         stop_ids = [*source_stop_ids(folder), tok.eos_id]
     else:
-        chat = resolve_template(loaded, template)
-        jinja = chat_template_jinja(chat, tok.eos_token)
+        chat = model_template(loaded, template, tok)
+        jinja = chat.jinja
         stop_ids = [chat.stop_token_id(tok), tok.eos_id]
     common = dict(architecture=architecture, eos_token_id=stop_ids, pad_token_id=tok.pad_id,
                   tokenizer=tok, chat_template=jinja)

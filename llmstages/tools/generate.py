@@ -38,13 +38,13 @@ def load_for_generation(args: argparse.Namespace):
     """(model on its device, tokenizer, template) from the parsed common arguments."""
     import torch
 
-    from llmstages.tools.common import DEFAULT_CACHE_DIR, load_model, resolve_template, resolve_tokenizer
+    from llmstages.tools.common import DEFAULT_CACHE_DIR, load_model, model_template, resolve_tokenizer
 
     loaded = load_model(args.model)
     if loaded.is_reward_model:
         raise ValueError(f"{args.model} is a reward model (value head): it scores text, it does not generate")
     tokenizer = resolve_tokenizer(loaded, args.tokenizer, args.cache_dir or DEFAULT_CACHE_DIR)
-    template = resolve_template(loaded, args.template)
+    template = model_template(loaded, args.template, tokenizer)
     model = loaded.model.to(torch.device(args.device))
     return model, tokenizer, template
 
