@@ -187,6 +187,7 @@ class StagesCLI(LightningCLI):
             if _class_path(callback).endswith("ModelCheckpoint") and callback.init_args.get("dirpath") is None:
                 callback.init_args.dirpath = str(run_dir / "checkpoints")
         cfg.trainer.default_root_dir = str(run_dir)
+        _tokenizer_from_model_folder(cfg)
         self.save_config_kwargs = {**self.save_config_kwargs, "run_dir": str(run_dir) if derived else None,
                                    "as_given": self._as_given}
 
@@ -203,6 +204,22 @@ class StagesCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(ckpt.AtomicCheckpointIO())
         return super().instantiate_trainer(**{"callbacks": callbacks, "plugins": plugins or None, **kwargs})
+
+
+def _tokenizer_from_model_folder(cfg) -> None:
+    """A Hugging Face `init_from` folder is model + tokenizer + chat template: with no tokenizer given,
+    the data module reads the folder's (never silently the embedded default's)."""
+    model, data = getattr(cfg.model, "init_args", None), getattr(cfg.data, "init_args", None)
+    folder = model.get("init_from") if model is not None else None
+    if data is None or data.get("tokenizer") is not None or not folder or not Path(folder).is_dir():
+        return
+    if not (Path(folder) / "tokenizer.json").is_file():
+        raise ValueError(
+            f"init_from {folder}: the model folder has no tokenizer.json; pass the model's tokenizer as "
+            "--data.init_args.tokenizer (the embedded default tokenizer does not match a downloaded model)"
+        )
+    data.tokenizer = str(folder)
+    rank_zero_info(f"tokenizer and chat template: {folder} (the init_from model folder)")
 
 
 def lightning_cli(args: list[str] | None = None, run: bool = True) -> StagesCLI:

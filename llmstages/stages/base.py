@@ -44,6 +44,7 @@ from llmstages.checkpointing import check_init_from, load_checkpoint_file
 from llmstages.losses import NORMALIZE_MODES, token_logps
 from llmstages.metrics import WeightedMeans
 from llmstages.model.config import ModelConfig
+from llmstages.model.lora import LoRAConfig, apply_lora, base_state_dict, is_adapter_name, merge_lora_state_dict
 from llmstages.model.transformer import Transformer
 from llmstages.options import Normalize, check_choice
 
@@ -56,7 +57,11 @@ class Weighted(NamedTuple):
 
 
 def load_backbone_weights(model: Transformer, source: str | Path) -> None:
-    """Copy weights into `model` from an llmstages checkpoint or a Hugging Face folder."""
+    """Copy base weights into `model` from an llmstages checkpoint or a Hugging Face folder.
+
+    A checkpoint trained with LoRA has its adapters merged into the base weights
+    first; `model`'s own adapters (if any) are left as they are (B = 0: unchanged output).
+    """
     source = Path(source)
     if source.is_dir():
         from llmstages.model.hf import from_hf
@@ -66,9 +71,11 @@ def load_backbone_weights(model: Transformer, source: str | Path) -> None:
         checkpoint = load_checkpoint_file(source)  # errors name the file and what is wrong with it
         prefix = "backbone."
         state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        if any(is_adapter_name(name) for name in state):
+            state = merge_lora_state_dict(state, LoRAConfig.from_dict(checkpoint["hyper_parameters"]["lora"]))
     else:
         raise FileNotFoundError(f"init_from: {source} is neither a Hugging Face folder nor a .ckpt file")
-    expected = model.state_dict()
+    expected = base_state_dict(model)
     if source.is_dir():
         state = _grow_vocab(state, expected)
     missing = sorted(set(expected) - set(state))
@@ -81,7 +88,27 @@ def load_backbone_weights(model: Transformer, source: str | Path) -> None:
                 f"init_from {source}: {name} has shape {tuple(tensor.shape)}, this model expects "
                 f"{tuple(expected[name].shape)} (model config or vocab size differs)"
             )
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=False)  # every base weight checked above; adapters stay
+
+
+def _check_model_folder_vocab(init_from: str | None, vocab_size: int | None) -> None:
+    """A Hugging Face folder's tokenizer and this run's must be the same size (before any data is built).
+
+    The run's may be larger by the special tokens llmstages appends (a distinct pad);
+    a different tokenizer would train silently with mismatched ids.
+    """
+    if init_from is None or vocab_size is None or not Path(init_from).is_dir():
+        return
+    folder = Path(init_from)
+    if (folder / "tokenizer.json").is_file():
+        from llmstages.data.tokenizer import Tokenizer
+
+        own = Tokenizer.from_file(folder).vocab_size  # with the same appended pad as the run's would get
+        if own != vocab_size:
+            raise ValueError(
+                f"init_from {folder}: the run's tokenizer has {vocab_size} tokens, the model folder's own "
+                f"{own}; leave data.init_args.tokenizer unset to use the folder's, or pass a tokenizer of this model"
+            )
 
 
 def _grow_vocab(state: dict, expected: dict) -> dict:
@@ -139,6 +166,9 @@ class StageModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 20,
         min_lr_ratio: float = 0.1,
+        lora: LoRAConfig | dict | None = None,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -152,6 +182,10 @@ class StageModule(L.LightningModule):
             betas: AdamW's betas.
             warmup_steps: linear warm-up steps, then cosine decay.
             min_lr_ratio: the cosine's floor as a fraction of `lr`.
+            lora: LoRA adapters {rank, alpha, dropout, targets: [q, k, v, o, gate, up, down]}: the base weights
+                freeze and only the adapters train (merged on export); null: full fine-tuning.
+            activation_checkpointing: recompute each block's activations in backward (memory for time).
+            compile: `torch.compile` each block (in place: parameter names and checkpoints unchanged).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -170,7 +204,15 @@ class StageModule(L.LightningModule):
         self.config = config = resolve_config(model, preset, vocab_size, init_from)
         # the full resolved shape, as plain data (load_from_checkpoint's weights_only load accepts it)
         self.hparams["model"] = config.to_dict()
+        _check_model_folder_vocab(init_from, vocab_size)
         self.backbone = Transformer(config)
+        self.backbone.activation_checkpointing = activation_checkpointing
+        if isinstance(lora, dict):
+            lora = LoRAConfig.from_dict(lora)
+        self.lora = lora
+        if lora is not None:
+            apply_lora(self.backbone, lora)  # before init_from loads base weights and before sharding
+            self.hparams["lora"] = lora.to_dict()  # plain data; export and init_from merge with it
         self._initialised = init_from is None
         self.val_means = WeightedMeans(*(f"val/{name}" for name in self.METRICS))
         self._step_loss: Tensor | None = None  # (sum of loss * weight, sum of weight) over the step's micro-batches
@@ -187,6 +229,10 @@ class StageModule(L.LightningModule):
         self._initialised = True
 
     def configure_model(self) -> None:
+        self._shard()
+        self._compile()
+
+    def _shard(self) -> None:
         mesh = getattr(self, "device_mesh", None)
         if mesh is None or getattr(self, "_sharded", False):
             return
@@ -204,6 +250,12 @@ class StageModule(L.LightningModule):
             fully_shard(block, mesh=dp_mesh)
         fully_shard(self.backbone, mesh=dp_mesh)
         self._sharded = True
+
+    def _compile(self) -> None:
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            for block in self.backbone.blocks:
+                block.compile()  # in place: names, state_dict and FSDP wrapping unchanged
+            self._compiled = True
 
     def configure_optimizers(self):
         decay, no_decay = [], []

@@ -3,7 +3,9 @@
 Design choices:
 - The reference is a copy of the policy's initial weights (after
   `init_from`), in eval mode, without gradients, outside the optimiser and
-  outside checkpoints (it is rebuilt from `init_from` on load). It is held
+  outside checkpoints (it is rebuilt from `init_from` on load). With LoRA
+  there is no copy: the reference is the policy with its adapters disabled
+  (the frozen base weights are the initial policy). It is held
   as a plain attribute, not a submodule, so DDP/FSDP never wrap it.
 - `reference: precompute` scores every training and validation pair with the
   reference once before training, keeps two numbers per pair and frees the
@@ -42,6 +44,7 @@ from llmstages.losses import (
     sequence_logps,
     target_mask,
 )
+from llmstages.model.lora import lora_disabled
 from llmstages.options import DPOLossType, LogpReduction, Reference, check_choice, choices
 from llmstages.stages.base import LMStage, concat_pairs
 
@@ -117,6 +120,8 @@ class DPOModule(LMStage):
         super().on_load_checkpoint(checkpoint)
 
     def _copy_reference(self) -> None:
+        if self.lora is not None:
+            return  # the reference is the policy with its adapters disabled: no second copy
         if not self.reference_free and self._reference is None and not self._ref_tables:
             reference = copy.deepcopy(self.backbone).eval().requires_grad_(False)
             # nn.Module.__setattr__ would register it as a submodule (state_dict, DDP, eval-mode warnings)
@@ -124,8 +129,20 @@ class DPOModule(LMStage):
 
     def on_fit_start(self) -> None:
         self._move_reference()
-        if self.hparams.reference == "precompute" and self._reference is not None:
+        if self.hparams.reference == "precompute" and self._has_reference() and not self._ref_tables:
             self.precompute_reference(self.trainer.datamodule)
+
+    def _has_reference(self) -> bool:
+        return not self.reference_free and (self._reference is not None or self.lora is not None)
+
+    @contextlib.contextmanager
+    def _reference_model(self):
+        """The frozen reference for a forward: the copy, or with LoRA the policy with adapters off."""
+        if self.lora is None:
+            yield self._reference
+            return
+        with lora_disabled(self.backbone):
+            yield self.backbone
 
     def on_validation_start(self) -> None:
         self._move_reference()
@@ -169,7 +186,8 @@ class DPOModule(LMStage):
 
     def _reference_columns(self, batch: dict) -> Tensor:
         """`[B, 4]`: the reference's reduced chosen, reduced rejected, summed chosen, summed rejected log-probs."""
-        chosen, rejected, token_logps = self.pair_logps(batch, self._reference)
+        with torch.no_grad(), self._reference_model() as reference:
+            chosen, rejected, token_logps = self.pair_logps(batch, reference)
         return torch.stack([chosen, rejected, *summed_logps(token_logps, batch)], dim=1)
 
     def _reference_logps(self, batch: dict) -> Tensor | None:
@@ -178,8 +196,7 @@ class DPOModule(LMStage):
         if self._ref_tables:
             table = self._ref_tables["train" if self.training else "val"]
             return table[batch["index"].cpu()].to(self.device, torch.float32)
-        with torch.no_grad():
-            return self._reference_columns(batch)
+        return self._reference_columns(batch)
 
     def compute_loss(self, batch: dict):
         ref = self._reference_logps(batch)
