@@ -337,3 +337,49 @@ def test_console_help_is_quiet(tmp_path):
     assert result.returncode == 0
     assert "args parameter" not in result.stderr and "Warning" not in result.stderr, result.stderr[-2000:]
     assert "--run_name" in result.stdout and "--nonfinite" in result.stdout
+
+
+def test_a_document_encoded_in_pieces_gives_the_ids_of_encoding_it_whole(tmp_path):
+    import random
+
+    from llmstages.data.base import default_tokenizer
+    from llmstages.data.pretrain import document_pieces, splits_at_spaces
+
+    tok = default_tokenizer(tmp_path)
+    assert splits_at_spaces(tok.to_json())
+    rng = random.Random(0)
+    words = ["alpha", "beta", "  gap", "tab\there", "x\ny", "12.5", "épsilon", "日本語", "'s", " ", "a,b", "<|im_end|>"]
+    doc = " ".join(rng.choice(words) for _ in range(20_000))
+    pieces = list(document_pieces(doc, 500))
+    assert len(pieces) > 100 and "".join(p for p, _ in pieces) == doc and pieces[-1][1]
+    ids = [i for piece, _ in pieces for i in tok.encode(piece)]
+    assert ids == tok.encode(doc)
+
+
+@pytest.mark.slow
+def test_a_200_mb_record_is_read_and_encoded_in_under_2_gb(tmp_path):
+    """Peak RSS of a process that builds the token cache of one 200 MB JSONL record."""
+    import random
+    import subprocess
+    import sys
+
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "épsilon", "12", "x\ny", "zeta"]
+    with open(tmp_path / "huge.jsonl", "w") as f:
+        f.write('{"text": "')
+        for _ in range(200):
+            f.write(" ".join(rng.choice(words) for _ in range(170_000)).replace("\n", "\\n") + " ")
+        f.write('"}\n')
+    assert (tmp_path / "huge.jsonl").stat().st_size > 200e6
+    script = (
+        "import resource, sys\n"
+        "from llmstages.data import PretrainData\n"
+        "d = PretrainData(files=[sys.argv[1]], cache_dir=sys.argv[2], seq_len=128)\n"
+        "d.setup('fit')\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "huge.jsonl"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    peak_mb = int(result.stdout.strip().splitlines()[-1]) / 1024
+    assert peak_mb < 2048, peak_mb
