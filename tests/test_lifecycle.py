@@ -204,7 +204,7 @@ def test_skip_step_skips_non_finite_steps_up_to_the_cap(tmp_path):
 
 
 @pytest.mark.distributed
-def test_wandb_with_an_unreachable_server_finishes_offline_quickly(tmp_path, cache):
+def test_wandb_with_an_unreachable_server_finishes_offline_quickly_and_resumes_the_same_run(tmp_path, cache):
     fragment = tiny_fragment(tmp_path, cache, steps=2)
     override = yaml.safe_load(fragment.read_text())
     del override["trainer"]["logger"]  # the stage config's W&B logger
@@ -220,8 +220,13 @@ def test_wandb_with_an_unreachable_server_finishes_offline_quickly(tmp_path, cac
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
     wandb_id = json.loads((run_dir / "run.json").read_text())["wandb_id"]
-    assert offline[0].name.endswith(wandb_id)  # the id a resumed run continues
+    assert offline[0].name.endswith(wandb_id)
     assert seconds < 75, seconds
+    # resuming continues that W&B run: same id (W&B resume="allow"), same folder
+    ok(run(fit_args("sft", fragment, "--trainer.default_root_dir", str(root), "--ckpt_path", "last",
+                    "--trainer.max_steps", "3"), tmp_path, timeout=90))
+    attempts = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and all(p.name.endswith(wandb_id) for p in attempts)
 
 
 def test_wandb_that_cannot_start_at_all_falls_back_to_csv(tmp_path, monkeypatch, caplog):
@@ -383,3 +388,24 @@ def test_a_200_mb_record_is_read_and_encoded_in_under_2_gb(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     peak_mb = int(result.stdout.strip().splitlines()[-1]) / 1024
     assert peak_mb < 2048, peak_mb
+
+
+def test_stage_configs_name_no_run_paths():
+    """`--trainer.default_root_dir` alone relocates a run only if no config pins a path under runs/."""
+    from clirun import CONFIGS
+
+    for path in [*CONFIGS.glob("*.yaml"), *CONFIGS.glob("fragments/*.yaml")]:
+        settings = [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")]
+        assert not [line for line in settings if "runs/" in line or "dirpath" in line or "save_dir" in line], path
+
+
+def test_progress_bar_shows_no_negative_epoch_count():
+    import lightning as L
+
+    from llmstages.callbacks import StageProgressBar
+
+    bar = StageProgressBar()
+    trainer = L.Trainer(max_steps=300, logger=False, enable_checkpointing=False, callbacks=[bar])
+    trainer.fit_loop.max_epochs = -1  # what fit sets when only max_steps bounds the run
+    bar._trainer = trainer  # what the trainer's set-up does
+    assert bar._get_train_description(2).strip() == "Epoch 2 (max 300 steps)"
