@@ -7,12 +7,18 @@ two devices fails its mesh check, and `auto`/`auto` silently makes every rank
 tensor-parallel with no gradient reduction. `FSDP2Strategy` is that strategy
 with every rank data-parallel (the stages apply `fully_shard`; no tensor
 parallelism) and single-file checkpoints, so a checkpoint feeds `init_from`
-and `llmstages export` exactly like a DDP one.
+and `llmstages export` exactly like a DDP one. Single-file checkpoints go through
+the trainer's CheckpointIO (atomic in llmstages); a file that cannot be read is
+reported with its path before the load.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lightning.pytorch.strategies import ModelParallelStrategy
+
+from llmstages.checkpointing import check_checkpoint_file
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -30,3 +36,9 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def load_checkpoint(self, checkpoint_path, *args, **kwargs):
+        path = Path(checkpoint_path)
+        if not path.is_dir():  # a sharded checkpoint is a folder, read by torch.distributed.checkpoint
+            check_checkpoint_file(path)
+        return super().load_checkpoint(checkpoint_path, *args, **kwargs)

@@ -204,7 +204,7 @@ def test_skip_step_skips_non_finite_steps_up_to_the_cap(tmp_path):
 
 
 @pytest.mark.distributed
-def test_wandb_with_an_unreachable_server_finishes_offline_quickly(tmp_path, cache):
+def test_wandb_with_an_unreachable_server_finishes_offline_quickly_and_resumes_the_same_run(tmp_path, cache):
     fragment = tiny_fragment(tmp_path, cache, steps=2)
     override = yaml.safe_load(fragment.read_text())
     del override["trainer"]["logger"]  # the stage config's W&B logger
@@ -220,8 +220,13 @@ def test_wandb_with_an_unreachable_server_finishes_offline_quickly(tmp_path, cac
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
     wandb_id = json.loads((run_dir / "run.json").read_text())["wandb_id"]
-    assert offline[0].name.endswith(wandb_id)  # the id a resumed run continues
+    assert offline[0].name.endswith(wandb_id)
     assert seconds < 75, seconds
+    # resuming continues that W&B run: same id (W&B resume="allow"), same folder
+    ok(run(fit_args("sft", fragment, "--trainer.default_root_dir", str(root), "--ckpt_path", "last",
+                    "--trainer.max_steps", "3"), tmp_path, timeout=90))
+    attempts = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and all(p.name.endswith(wandb_id) for p in attempts)
 
 
 def test_wandb_that_cannot_start_at_all_falls_back_to_csv(tmp_path, monkeypatch, caplog):
@@ -337,3 +342,70 @@ def test_console_help_is_quiet(tmp_path):
     assert result.returncode == 0
     assert "args parameter" not in result.stderr and "Warning" not in result.stderr, result.stderr[-2000:]
     assert "--run_name" in result.stdout and "--nonfinite" in result.stdout
+
+
+def test_a_document_encoded_in_pieces_gives_the_ids_of_encoding_it_whole(tmp_path):
+    import random
+
+    from llmstages.data.base import default_tokenizer
+    from llmstages.data.pretrain import document_pieces, splits_at_spaces
+
+    tok = default_tokenizer(tmp_path)
+    assert splits_at_spaces(tok.to_json())
+    rng = random.Random(0)
+    words = ["alpha", "beta", "  gap", "tab\there", "x\ny", "12.5", "épsilon", "日本語", "'s", " ", "a,b", "<|im_end|>"]
+    doc = " ".join(rng.choice(words) for _ in range(20_000))
+    pieces = list(document_pieces(doc, 500))
+    assert len(pieces) > 100 and "".join(p for p, _ in pieces) == doc and pieces[-1][1]
+    ids = [i for piece, _ in pieces for i in tok.encode(piece)]
+    assert ids == tok.encode(doc)
+
+
+@pytest.mark.slow
+def test_a_200_mb_record_is_read_and_encoded_in_under_2_gb(tmp_path):
+    """Peak RSS of a process that builds the token cache of one 200 MB JSONL record."""
+    import random
+    import subprocess
+    import sys
+
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "épsilon", "12", "x\ny", "zeta"]
+    with open(tmp_path / "huge.jsonl", "w") as f:
+        f.write('{"text": "')
+        for _ in range(200):
+            f.write(" ".join(rng.choice(words) for _ in range(170_000)).replace("\n", "\\n") + " ")
+        f.write('"}\n')
+    assert (tmp_path / "huge.jsonl").stat().st_size > 200e6
+    script = (
+        "import resource, sys\n"
+        "from llmstages.data import PretrainData\n"
+        "d = PretrainData(files=[sys.argv[1]], cache_dir=sys.argv[2], seq_len=128)\n"
+        "d.setup('fit')\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "huge.jsonl"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    peak_mb = int(result.stdout.strip().splitlines()[-1]) / 1024
+    assert peak_mb < 2048, peak_mb
+
+
+def test_stage_configs_name_no_run_paths():
+    """`--trainer.default_root_dir` alone relocates a run only if no config pins a path under runs/."""
+    from clirun import CONFIGS
+
+    for path in [*CONFIGS.glob("*.yaml"), *CONFIGS.glob("fragments/*.yaml")]:
+        settings = [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")]
+        assert not [line for line in settings if "runs/" in line or "dirpath" in line or "save_dir" in line], path
+
+
+def test_progress_bar_shows_no_negative_epoch_count():
+    import lightning as L
+
+    from llmstages.callbacks import StageProgressBar
+
+    bar = StageProgressBar()
+    trainer = L.Trainer(max_steps=300, logger=False, enable_checkpointing=False, callbacks=[bar])
+    trainer.fit_loop.max_epochs = -1  # what fit sets when only max_steps bounds the run
+    bar._trainer = trainer  # what the trainer's set-up does
+    assert bar._get_train_description(2).strip() == "Epoch 2 (max 300 steps)"

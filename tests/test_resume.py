@@ -6,15 +6,15 @@ import json
 import pytest
 import torch
 
-from clirun import fit_args, kill_when, ok, run, start, step_losses, tiny_fragment
+from clirun import CONFIGS, fit_args, kill_when, ok, run, start, step_losses, tiny_fragment
 
 pytestmark = pytest.mark.distributed  # spawns processes
 
 
-def _kill_and_resume(tmp_path, stage: str, steps: int, every: int, accumulate: int, **extra) -> None:
+def _kill_and_resume(tmp_path, stage: str, steps: int, every: int, accumulate: int, more: tuple[str, ...] = ()) -> None:
     cache = tmp_path / "cache"
-    fragment = tiny_fragment(tmp_path, cache, stage=stage, steps=steps, every=every, accumulate=accumulate, **extra)
-    args = fit_args(stage, fragment, "--trainer.default_root_dir", str(tmp_path / "runs"))
+    fragment = tiny_fragment(tmp_path, cache, stage=stage, steps=steps, every=every, accumulate=accumulate)
+    args = fit_args(stage, fragment, "--trainer.default_root_dir", str(tmp_path / "runs"), *more)
     ok(run([*args, "--run_name", "warmup", "--trainer.max_steps", "1"], tmp_path))  # builds caches once
     full = start([*args, "--run_name", "full"], tmp_path)
     killed = start([*args, "--run_name", "killed"], tmp_path)
@@ -23,7 +23,7 @@ def _kill_and_resume(tmp_path, stage: str, steps: int, every: int, accumulate: i
     saved = torch.load(stage_root / "killed" / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == every  # killed right after the first checkpoint, mid-epoch
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["consumed"] == every * accumulate
-    assert full.wait(timeout=180) == 0, full.stdout.read()[-3000:]
+    assert full.wait(timeout=240) == 0, full.stdout.read()[-3000:]
     resumed = run([*args, "--ckpt_path", "last", "--run_name", "killed"], tmp_path, timeout=180)
     ok(resumed)
     assert "not resumable" not in resumed.stderr + resumed.stdout
@@ -47,3 +47,9 @@ def test_pretrain_resumes_exactly(tmp_path):
 @pytest.mark.slow
 def test_dpo_resumes_exactly(tmp_path):
     _kill_and_resume(tmp_path, "dpo", steps=5, every=2, accumulate=2)
+
+
+@pytest.mark.slow
+def test_ddp_resumes_exactly(tmp_path):
+    ddp = ("--config", str(CONFIGS / "fragments" / "ddp.yaml"), "--trainer.devices", "2", "--trainer.accelerator", "cpu")
+    _kill_and_resume(tmp_path, "sft", steps=5, every=2, accumulate=2, more=ddp)

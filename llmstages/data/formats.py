@@ -204,18 +204,24 @@ def _bad_bytes_detail(err: UnicodeDecodeError, line_start: int = 0) -> str:
 def _lines(path: Path) -> Iterator[tuple[int, str | DataFormatError]]:
     """(1-based line number, decoded line or a not_utf8 error); line endings removed.
 
-    Streams the file, so a corpus larger than memory can be read line by line.
+    Streams the file, so a corpus larger than memory can be read line by line. One line
+    costs its bytes and its text, once each: the ending is cut by decoding a view of the
+    bytes (no stripped copy), and the bytes are released before the text is handed on.
     """
     with open(path, "rb") as handle:
         for number, chunk in enumerate(handle, start=1):
-            chunk = chunk.rstrip(b"\n")
-            if chunk.endswith(b"\r"):
-                chunk = chunk[:-1]
+            end = len(chunk)
+            if end and chunk[end - 1] == 0x0A:
+                end -= 1
+            if end and chunk[end - 1] == 0x0D:
+                end -= 1
             try:
-                line = chunk.decode("utf-8")
+                line = str(memoryview(chunk)[:end], "utf-8")
             except UnicodeDecodeError as err:
                 yield number, DataFormatError(path, number, None, "not_utf8", _bad_bytes_detail(err))
                 continue
+            finally:
+                del chunk
             if number == 1 and line.startswith(_BOM):
                 line = line[1:]
             yield number, line

@@ -6,9 +6,11 @@ Design choices:
   the tokenizer), written atomically. A cache is never a way around
   validation: a `skip` run's cache has another key than a `raise` run's, so
   the `raise` run reads (and rejects) the bad file itself.
-- Files are streamed line by line (`.txt`, `.jsonl`) and encoded in chunks,
-  so a corpus larger than memory is encoded once and trained on from the
-  memory map.
+- Files are streamed line by line (`.txt`, `.jsonl`) and encoded in batches
+  bounded in documents and characters; a huge document is encoded in pieces
+  cut where the tokenizer provably gives the same ids (`document_pieces`), so
+  memory follows the longest record's text, not its token objects, and a
+  corpus larger than memory is encoded once and trained on from the memory map.
 - `packing: documents` keeps attention inside each document (`document_ids`);
   `concat` is the classic shortcut where attention crosses documents.
 """
@@ -28,11 +30,47 @@ from rich.progress import Progress
 from torch.utils.data import Dataset
 
 from llmstages.data import synthetic
+from llmstages.data.base import StageData, _file_digest
 from llmstages.data.batch import LMBatch
-from llmstages.data.base import StageData, _chunks, _file_digest
 from llmstages.data.formats import iter_text
 from llmstages.data.packing import check_packing, stack_rows, stream_row
 from llmstages.options import OnError, TextMode, check_choice, choices
+
+
+def splits_at_spaces(tokenizer_json: str) -> bool:
+    """Whether encoding a text in pieces cut before a single space between two non-spaces gives
+    exactly the ids of encoding it whole.
+
+    True for byte-level BPE with the GPT-2 pre-tokenizer regex and no prefix space or
+    normalizer (llmstages' own tokenizers): no pre-token contains a space after a non-space,
+    and merges never cross pre-tokens. Other tokenizers are encoded whole (correct, but their
+    memory grows with the longest document).
+    """
+    spec = json.loads(tokenizer_json).get("tokenizer", {})
+    pre = spec.get("pre_tokenizer") or {}
+    if spec.get("normalizer") is not None or pre.get("type") != "ByteLevel":
+        return False
+    if pre.get("add_prefix_space") or not pre.get("use_regex", True):
+        return False
+    return not any(any(c.isspace() for c in t.get("content", "")) for t in spec.get("added_tokens", []))
+
+
+def document_pieces(doc: str, size: int):
+    """(piece, is the last) of `doc`, cut about every `size` characters before a single space
+    between two non-spaces (see `splits_at_spaces`); a stretch with no such space stays whole."""
+    start, n = 0, len(doc)
+    while n - start > size:
+        cut = doc.rfind(" ", start + 1, start + size)
+        while cut > start and (doc[cut - 1].isspace() or cut + 1 >= n or doc[cut + 1].isspace()):
+            cut = doc.rfind(" ", start + 1, cut)
+        if cut <= start:  # no safe cut in this window: look further on
+            cut = next((i for i in range(start + size, n - 1) if doc[i] == " " and not doc[i - 1].isspace()
+                        and not doc[i + 1].isspace()), -1)
+            if cut < 0:
+                break
+        yield doc[start:cut], False
+        start = cut
+    yield doc[start:], True
 
 
 class _TokenRows(Dataset):
@@ -50,7 +88,9 @@ class _TokenRows(Dataset):
 class PretrainData(StageData):
     """Text -> tokens (EOS after every document) -> rows of `seq_len`."""
 
-    encode_chunk = 1024  # documents per `encode_batch` call
+    encode_chunk = 1024  # documents (or pieces) per `encode_batch` call
+    batch_chars = 1 << 20  # ... and at most this much text: encoding holds ~300 bytes per token
+    piece_chars = 1 << 18  # a longer document is encoded in pieces (see `document_pieces`)
 
     def __init__(
         self,
@@ -91,14 +131,25 @@ class PretrainData(StageData):
         eos, n_docs = self.tokenizer.eos_id, 0
         sources = [iter_text(f, mode=self.text_mode, on_error=self.on_error) for f in self.files] if self.files else [docs]
         total = sum(f.stat().st_size for f in self.files) if self.files else sum(len(d) for d in docs)
+        split = splits_at_spaces(tok_json)
         with open(tmp, "wb") as out, Progress(disable=total < 10_000_000) as progress:
             task = progress.add_task("tokenising", total=total)
+            batch: list[tuple[str, bool]] = []  # (text, ends its document)
+
+            def flush() -> None:
+                for ids, (_, last) in zip(self.tokenizer.encode_batch([t for t, _ in batch]), batch):
+                    np.asarray(ids + [eos] if last else ids, dtype=dtype).tofile(out)
+                progress.advance(task, sum(len(t) for t, _ in batch))
+                batch.clear()
+
             for source in sources:
-                for chunk in _chunks(source, self.encode_chunk):
-                    for ids in self.tokenizer.encode_batch(chunk):
-                        np.asarray(ids + [eos], dtype=dtype).tofile(out)
-                    n_docs += len(chunk)
-                    progress.advance(task, sum(len(d) for d in chunk))
+                for doc in source:
+                    for piece, last in (document_pieces(doc, self.piece_chars) if split else [(doc, True)]):
+                        batch.append((piece, last))
+                        if len(batch) >= self.encode_chunk or sum(len(t) for t, _ in batch) >= self.batch_chars:
+                            flush()
+                    n_docs += 1
+            flush()
         if self.files:
             self._report("pretrain data", n_docs, [s.report for s in sources])
         meta = tmp.with_name(tmp.name + ".json")

@@ -196,7 +196,7 @@ class StageModule(L.LightningModule):
         saved = check_init_from(init_from)
         if saved is not None and vocab_size is not None and saved.get("vocab_size") not in (None, vocab_size):
             raise ValueError(
-                f"init_from {init_from}: its vocabulary has {saved['vocab_size']} tokens, this run's tokenizer "
+                f"init_from {init_from}: its vocabulary (embedding shape) has {saved['vocab_size']} tokens, this run's tokenizer "
                 f"{vocab_size}; use the tokenizer that checkpoint was trained with (data.init_args.tokenizer)"
             )
         if model is None and saved is not None and len(saved) > 1:
