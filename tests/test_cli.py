@@ -1,5 +1,6 @@
 """The `llmstages` command: LightningCLI runs, W&B config logging, reruns, tool commands."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,15 @@ def test_export_command_writes_a_transformers_folder(tmp_path, cache):
         ours = cli.model.backbone.eval()(ids)
         theirs = hf(ids).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    # no --tokenizer: the run's own tokenizer and template, recorded in the checkpoint, make it chat-ready
+    from transformers import AutoTokenizer
+
+    from llmstages.data.templates import ChatTemplate
+
+    tokenizer = cli.datamodule.tokenizer
+    im_end = tokenizer.token_to_id("<|im_end|>")
+    assert im_end in json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    messages = [{"role": "user", "content": "add 2 and 3"}]
+    rendered = AutoTokenizer.from_pretrained(out).apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    rendered = rendered["input_ids"] if isinstance(rendered, dict) or hasattr(rendered, "keys") else rendered
+    assert list(rendered) == ChatTemplate.get("chatml").encode_prompt(messages, tokenizer)

@@ -104,6 +104,9 @@ class StageData(L.LightningDataModule):
             cache_dir: where the default tokenizer and token caches live.
         """
         super().__init__()
+        # checkpoints carry the data's settings (datamodule_hyper_parameters): export, generate and chat
+        # find the run's tokenizer and template there
+        self.save_hyperparameters()
         if batch_size < 1 or seq_len < 2:
             raise ValueError(f"batch_size must be >= 1 and seq_len >= 2, got {batch_size} and {seq_len}")
         if not 0.0 <= val_fraction < 1.0:
