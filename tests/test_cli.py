@@ -145,3 +145,13 @@ def test_export_command_writes_a_transformers_folder(tmp_path, cache):
     rendered = AutoTokenizer.from_pretrained(out).apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     rendered = rendered["input_ids"] if isinstance(rendered, dict) or hasattr(rendered, "keys") else rendered
     assert list(rendered) == ChatTemplate.get("chatml").encode_prompt(messages, tokenizer)
+
+
+def test_generate_from_a_trained_checkpoint_finds_its_tokenizer_and_template(tmp_path, cache, capsys):
+    """The README's `llmstages generate --model runs/sft/.../last.ckpt --prompt ...`: nothing else to pass."""
+    _fit(tmp_path, cache, logger="csv")
+    capsys.readouterr()
+    main(["generate", "--model", str(tmp_path / "checkpoints" / "last.ckpt"), "--prompt", "add 2 and 3",
+          "--max-new-tokens", "4", "--jsonl"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(rows) == 1 and isinstance(rows[0].get("reply", rows[0].get("completion")), str)
