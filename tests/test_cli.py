@@ -154,4 +154,4 @@ def test_generate_from_a_trained_checkpoint_finds_its_tokenizer_and_template(tmp
     main(["generate", "--model", str(tmp_path / "checkpoints" / "last.ckpt"), "--prompt", "add 2 and 3",
           "--max-new-tokens", "4", "--jsonl"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert len(rows) == 1 and isinstance(rows[0].get("reply", rows[0].get("completion")), str)
+    assert len(rows) == 1 and isinstance(rows[0]["reply"], str) and isinstance(rows[0]["stopped"], bool)
