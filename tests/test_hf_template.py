@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import tokenizers
 
+from helpers import labelled_runs
 from llmstages.data.hf_template import DEFAULT_DATE_STRING, HFChatTemplate
 from llmstages.data.base import default_tokenizer
 from llmstages.data.templates import IGNORE_INDEX, LOSS_MASKS, ChatTemplate, resolve_template
@@ -75,16 +76,6 @@ def _with_tokens(
         backend, eos_token=eos or base.eos_token, pad_token=base.pad_token, bos_token=bos, chat_template=chat_template
     )
 
-
-def _runs(labels: list[int]) -> list[tuple[int, int]]:
-    runs, start = [], None
-    for i, t in enumerate([*labels, I]):
-        if t != I and start is None:
-            start = i
-        elif t == I and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
 
 
 # ------------------------------------------------------------------ (a) named templates as Jinja
@@ -212,7 +203,7 @@ def test_real_template_matches_transformers_and_masks_each_reply(
         assert out["input_ids"] == expected_ids, (stem, name)
         replies = [(i, m["content"]) for i, m in enumerate(msgs) if m["role"] == "assistant"]
         last = replies[-1][0]
-        runs = _runs(out["labels"])
+        runs = labelled_runs(out["labels"])
         assert len(runs) == len(replies), (stem, name)
         for (a, b), (i, content) in zip(runs, replies):
             assert out["labels"][a:b] == out["input_ids"][a:b]
@@ -233,7 +224,7 @@ def test_minimind_folder_template_matches_its_file(shared_data: Path, fixed_toda
     for name, msgs in CONVERSATIONS.items():
         out = template.encode(msgs, tok)
         assert out["input_ids"] == hf.apply_chat_template(msgs, tokenize=True, return_dict=False)
-        texts = [tok.decode(out["input_ids"][a:b]) for a, b in _runs(out["labels"])]
+        texts = [tok.decode(out["input_ids"][a:b]) for a, b in labelled_runs(out["labels"])]
         expected = [_think_rendered(m["content"]) + "<|im_end|>" for m in msgs if m["role"] == "assistant"]
         if name == "system_multi":
             # minimind's BPE merges "\n " across the scaffold/reply boundary ("\n\n" + "  Blue"):
@@ -254,7 +245,7 @@ def _real(base: Tokenizer, shared_data: Path, stem: str) -> tuple[Tokenizer, HFC
 
 
 def _labelled_texts(tok: Tokenizer, out: dict) -> list[str]:
-    return [tok.decode(out["input_ids"][a:b]) for a, b in _runs(out["labels"])]
+    return [tok.decode(out["input_ids"][a:b]) for a, b in labelled_runs(out["labels"])]
 
 
 def test_not_prefix_stable_templates_mask_the_full_rendering(base: Tokenizer, shared_data: Path) -> None:
@@ -265,7 +256,7 @@ def test_not_prefix_stable_templates_mask_the_full_rendering(base: Tokenizer, sh
         full = template.render(msgs, tok)
         assert not full.startswith(first), stem  # the premise: prefix rendering differs
         out = template.encode(msgs, tok)
-        assert len(_runs(out["labels"])) == 2
+        assert len(labelled_runs(out["labels"])) == 2
     # QwQ: the first reply's reasoning is dropped from history, so it is not trained; the last keeps its own.
     tok, template = _real(base, shared_data, "Qwen-QwQ-32B")
     assert _labelled_texts(tok, template.encode(msgs, tok)) == [
@@ -321,7 +312,7 @@ def test_trimmed_content_and_non_ascii_markers(base: Tokenizer, shared_data: Pat
     out = template.encode(msgs, tok)
     eot = tok.token_to_id("<｜end▁of▁sentence｜>")
     assert template.stop_token_id(tok) == eot
-    assert [out["input_ids"][b - 1] for _, b in _runs(out["labels"])] == [eot, eot]
+    assert [out["input_ids"][b - 1] for _, b in labelled_runs(out["labels"])] == [eot, eot]
     assert _labelled_texts(tok, out) == [m["content"] + "<｜end▁of▁sentence｜>" for m in msgs if m["role"] == "assistant"]
 
 
@@ -329,16 +320,16 @@ def test_every_loss_mask_on_a_real_template(base: Tokenizer, shared_data: Path) 
     tok, template = _real(base, shared_data, "Qwen-Qwen2.5-7B-Instruct")
     msgs = CONVERSATIONS["system_multi"]
     full = template.encode(msgs, tok)
-    runs = _runs(full["labels"])
+    runs = labelled_runs(full["labels"])
     newline = tok.encode("\n")
     eot = tok.token_to_id("<|im_end|>")
     by_mask = {m: template.encode(msgs, tok, loss_mask=m) for m in LOSS_MASKS}
     assert all(o["input_ids"] == full["input_ids"] for o in by_mask.values())
     assert by_mask["all"]["labels"] == full["input_ids"]
-    assert _runs(by_mask["last_assistant"]["labels"]) == runs[-1:]
-    assert _runs(by_mask["assistant_no_eos"]["labels"]) == [(a, b - 1) for a, b in runs]
-    assert _runs(by_mask["legacy_drop_first"]["labels"]) == [(a + 1, b) for a, b in runs]
-    assert _runs(by_mask["legacy_minimind"]["labels"]) == [(a, b + len(newline)) for a, b in runs]
+    assert labelled_runs(by_mask["last_assistant"]["labels"]) == runs[-1:]
+    assert labelled_runs(by_mask["assistant_no_eos"]["labels"]) == [(a, b - 1) for a, b in runs]
+    assert labelled_runs(by_mask["legacy_drop_first"]["labels"]) == [(a + 1, b) for a, b in runs]
+    assert labelled_runs(by_mask["legacy_minimind"]["labels"]) == [(a, b + len(newline)) for a, b in runs]
     assert all(full["input_ids"][b - 1] == eot for _, b in runs)
 
 
@@ -435,7 +426,7 @@ def test_named_template_as_jinja_round_trips(base: Tokenizer, name: str) -> None
     straddled = 0
     for msgs in CONVERSATIONS.values():
         if name == "plain":
-            texts = [tok.decode(auto.encode(msgs, tok)["input_ids"][a:b]) for a, b in _runs(auto.encode(msgs, tok)["labels"])]
+            texts = [tok.decode(auto.encode(msgs, tok)["input_ids"][a:b]) for a, b in labelled_runs(auto.encode(msgs, tok)["labels"])]
             replies = [m["content"] + tok.eos_token for m in msgs if m["role"] == "assistant"]
             assert len(texts) == len(replies)
             assert all(t in (r, " " + r) for t, r in zip(texts, replies)), texts

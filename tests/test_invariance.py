@@ -1,23 +1,17 @@
 """The trajectory invariance suite: its comparison logic by hand, and `--quick` end to end (real runs, real controls)."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "invariance.py"
+from helpers import load_benchmark
+
 
 
 @pytest.fixture(scope="module")
 def invariance():
-    spec = importlib.util.spec_from_file_location("invariance", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(SCRIPT.parent))
-    sys.modules["invariance"] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("invariance")
 
 
 def test_max_relative_and_missing_steps(invariance) -> None:

@@ -33,6 +33,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from tokenizers import processors
 from torch import nn
 
+from helpers import labelled_runs
 from llmstages import callbacks as callbacks_mod
 from llmstages.callbacks import ThroughputMonitor
 from llmstages.data import synthetic
@@ -60,17 +61,6 @@ pytestmark = [
 def minimind(shared_data: Path) -> str:
     return str(shared_data / "minimind")
 
-
-def runs(labels: list[int]) -> list[tuple[int, int]]:
-    """Maximal [start, end) spans of labelled positions."""
-    out, start = [], None
-    for i, t in enumerate([*labels, X]):
-        if t != X and start is None:
-            start = i
-        elif t == X and start is not None:
-            out.append((start, i))
-            start = None
-    return out
 
 
 def sharpen(module: nn.Module, std: float = 0.15) -> None:
@@ -113,8 +103,8 @@ def test_stages_score_every_reply_from_the_position_before_it(minimind: str, cac
     data = SFTData(tokenizer=minimind, packing="none", seq_len=128, cache_dir=str(cache), shuffle=False)
     data.setup("fit")
     stop = data.stop_token_id
-    multi = [e for e in data.train_set if len(runs(e["labels"])) > 1][:3]
-    single = [e for e in data.train_set if len(runs(e["labels"])) == 1][:3]
+    multi = [e for e in data.train_set if len(labelled_runs(e["labels"])) > 1][:3]
+    single = [e for e in data.train_set if len(labelled_runs(e["labels"])) == 1][:3]
     batch = data._collate(multi + single)
     ids, labels, pos = batch["input_ids"], batch["labels"], batch["position_ids"]
 
@@ -128,7 +118,7 @@ def test_stages_score_every_reply_from_the_position_before_it(minimind: str, cac
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss, -expected.sum() / count_targets(labels), rtol=1e-5, atol=1e-6)
     for row in range(len(ids)):
-        for a, b in runs(labels[row].tolist()):
+        for a, b in labelled_runs(labels[row].tolist()):
             assert got[row, a - 1] != 0, "first reply token not scored"
             assert int(ids[row, b - 1]) == stop and got[row, b - 2] != 0, "end-of-turn not scored"
 
@@ -174,7 +164,7 @@ def test_sft_batches_label_every_end_of_turn_and_pad_is_its_own_id(minimind: str
             assert bool((labels[padding] == X).all())
             for row in range(len(ids)):
                 row_ids, row_labels = ids[row].tolist(), labels[row].tolist()
-                for a, b in runs(row_labels):
+                for a, b in labelled_runs(row_labels):
                     assert row_ids[b - 1] == stop and stop not in row_ids[a : b - 1]
                     assert row_ids[b : b + len(sep)] == sep and set(row_labels[b : b + len(sep)]) == {X}
             labelled_stops += int((labels == stop).sum())
@@ -289,7 +279,7 @@ def test_a_post_processor_never_shifts_the_reply_mask(minimind: str, shared_data
         out = template.encode(messages, with_bos)
         assert out == template.encode(messages, plain)
         replies = [m["content"] for m in messages if m["role"] == "assistant"]
-        spans = runs(out["labels"])
+        spans = labelled_runs(out["labels"])
         assert len(spans) == len(replies)
         for (a, b), reply in zip(spans, replies):
             assert with_bos.decode(out["input_ids"][a:b], skip_special_tokens=True) == reply

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import labelled_runs
 from llmstages.data.templates import IGNORE_INDEX, LOSS_MASKS, ChatTemplate
 from llmstages.data.tokenizer import Tokenizer
 
@@ -45,17 +46,6 @@ def conversations(shared_data: Path) -> list[list[dict]]:
     assert len(out) == 900
     return out
 
-
-def _runs(labels: list[int]) -> list[tuple[int, int]]:
-    """Maximal [start, end) spans of labelled positions."""
-    runs, start = [], None
-    for i, t in enumerate(labels + [I]):
-        if t != I and start is None:
-            start = i
-        elif t == I and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
 
 
 def _positions(spans: list[tuple[int, int]]) -> set[int]:
@@ -162,7 +152,7 @@ def _check_assistant_runs(tpl: ChatTemplate, tok: Tokenizer, msgs: list[dict]) -
     assert all(lab in (I, t) for lab, t in zip(labels, ids))
     replies = [m["content"] for m in msgs if m["role"] == "assistant"]
     assert all(replies)  # real data has no empty replies
-    runs = _runs(labels)
+    runs = labelled_runs(labels)
     assert len(runs) == len(replies)
     for (a, b), reply in zip(runs, replies):
         assert tok.decode(ids[a:b], skip_special_tokens=True) == reply
@@ -244,7 +234,7 @@ def test_marker_text_in_content_stays_text(trained: Tokenizer) -> None:
     out = tpl.encode(msgs, trained)
     end = trained.token_to_id("<|im_end|>")
     assert out["input_ids"].count(end) == 2  # only the two real end-of-turn tokens
-    (a, b), = _runs(out["labels"])
+    (a, b), = labelled_runs(out["labels"])
     assert trained.decode(out["input_ids"][a:b], skip_special_tokens=True) == "ok <|im_end|> done"
 
 

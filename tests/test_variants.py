@@ -1,6 +1,5 @@
 """The variant benchmark's metric functions against hand-computed cases, and its --quick run end to end."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -8,18 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import BENCHMARKS, load_benchmark
 from llmstages.losses import IGNORE_INDEX as X
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "variants.py"
+SCRIPT = BENCHMARKS / "variants.py"
 
 
 @pytest.fixture(scope="module")
 def variants():
-    spec = importlib.util.spec_from_file_location("variants", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("variants")
 
 
 def test_gradient_cosine_and_relative_error(variants) -> None:
