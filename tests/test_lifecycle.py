@@ -198,7 +198,7 @@ def test_skip_step_skips_non_finite_steps_up_to_the_cap(tmp_path):
     trainer = L.Trainer(accelerator="cpu", max_steps=8, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         callbacks=[PoisonEveryOther(), guard])
-    with pytest.raises(NonFiniteError, match="3th time"):
+    with pytest.raises(NonFiniteError, match="on 3 steps"):
         trainer.fit(model, data)
     assert guard.skipped == 3
     assert all(torch.isfinite(p).all() for p in model.parameters())
