@@ -141,7 +141,7 @@ class NonFiniteGuard(Callback):
             self._stop(trainer, "gradient norm", "nan/inf" if bad else "on another rank")
         self.skipped += 1
         if self.skipped > self.max_skipped:
-            self._stop(trainer, f"gradient norm for the {self.skipped}th time (max_skipped_steps={self.max_skipped})", "nan/inf")
+            self._stop(trainer, f"gradient norm on {self.skipped} steps (more than max_skipped_steps={self.max_skipped})", "nan/inf")
         for p in pl_module.parameters():
             p.grad = None  # torch optimisers skip parameters without a gradient: this step changes nothing
         rank_zero_warn(f"{self.stage}: skipped step {trainer.global_step}: non-finite gradients ({self.skipped} so far)")

@@ -162,6 +162,8 @@ class StagesCLI(LightningCLI):
             rank_zero_info(f"run folder: {run_dir}")
 
     def before_instantiate_classes(self) -> None:
+        if self.subcommand is None:  # run=False: objects only, no run to give a folder
+            return
         cfg = self.config[self.subcommand]
         self._as_given = copy.deepcopy(cfg)  # saved as config.yaml: no run paths, so it can be reused as is
         run_dir = self.run_dir
@@ -192,6 +194,8 @@ class StagesCLI(LightningCLI):
                                    "as_given": self._as_given}
 
     def instantiate_trainer(self, **kwargs):
+        if self.subcommand is None:
+            return super().instantiate_trainer(**kwargs)
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         cfg = self.config[self.subcommand]
         callbacks = _items(trainer_cfg.get("callbacks"))

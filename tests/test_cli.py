@@ -47,6 +47,19 @@ def _fit(tmp_path: Path, cache: Path, logger: str = "wandb", extra: tuple[str, .
     return cli
 
 
+def _wandb_records(run_dir: Path, expected: bytes, seconds: float = 20.0) -> bytes:
+    """The offline run's record file; W&B's writer process may still be flushing it just after
+    `wandb.finish()` on a loaded machine, so wait (bounded) for `expected` to land."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        record = next(run_dir.glob("*.wandb")).read_bytes()
+        if expected in record or time.monotonic() > deadline:
+            return record
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
@@ -62,7 +75,7 @@ def test_fit_links_vocab_and_sends_resolved_config_to_wandb(tmp_path, cache):
     assert len(runs) == 1
     # the resolved config (data and trainer sections, not only the module's hparams) reached the
     # W&B run: its records are in the offline run file, waiting for `wandb sync`
-    record = next(runs[0].glob("*.wandb")).read_bytes()
+    record = _wandb_records(runs[0], b'"loss_mask":"assistant"')
     assert b'"loss_mask":"assistant"' in record
     assert b'"max_steps":2' in record
     assert cli.wandb_config["data"]["init_args"]["template"] == "chatml"

@@ -153,9 +153,13 @@ def test_latest_moves_atomically_to_a_finished_run(tmp_path):
 def test_nonfinite_loss_stops_the_run_and_no_checkpoint_holds_it(tmp_path, cache):
     fragment = tiny_fragment(tmp_path, cache, steps=30, every=1)
     root = tmp_path / "runs"
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
     result = run(fit_args("sft", fragment, "--model.init_args.lr", "1e6", "--model.init_args.warmup_steps", "0",
-                          "--trainer.gradient_clip_val", "0", "--trainer.default_root_dir", str(root)), tmp_path)
+                          "--trainer.gradient_clip_val", "0", "--trainer.default_root_dir", str(root)), tmp_path,
+                 TMPDIR=str(tmpdir))
     assert result.returncode != 0
+    assert not list(tmpdir.iterdir())  # checkpoints are written beside their final name, never via $TMPDIR
     message = result.stderr.strip().splitlines()[-1]
     assert "llmstages: sft: non-finite" in message and " at step " in message, message
     step = int(message.split(" at step ")[1].split(";")[0])
@@ -194,7 +198,7 @@ def test_skip_step_skips_non_finite_steps_up_to_the_cap(tmp_path):
     trainer = L.Trainer(accelerator="cpu", max_steps=8, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         callbacks=[PoisonEveryOther(), guard])
-    with pytest.raises(NonFiniteError, match="3th time"):
+    with pytest.raises(NonFiniteError, match="on 3 steps"):
         trainer.fit(model, data)
     assert guard.skipped == 3
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -53,3 +53,41 @@ def test_dpo_resumes_exactly(tmp_path):
 def test_ddp_resumes_exactly(tmp_path):
     ddp = ("--config", str(CONFIGS / "fragments" / "ddp.yaml"), "--trainer.devices", "2", "--trainer.accelerator", "cpu")
     _kill_and_resume(tmp_path, "sft", steps=5, every=2, accumulate=2, more=ddp)
+
+
+def _lookahead(n_items: int, accumulate: int, seed: int = 3):
+    from torch.utils.data import DataLoader
+
+    from llmstages.data.loader import ResumableSampler, StepLookaheadLoader
+
+    items = [{"k": torch.tensor([i]), "labels": torch.tensor([[-100] + [1] * (1 + i % 5)])} for i in range(n_items)]
+    sampler = ResumableSampler(items, num_replicas=1, rank=0, shuffle=True, seed=seed)
+    collate = lambda rows: {"k": torch.cat([r["k"] for r in rows]),  # noqa: E731
+                            "labels": torch.nn.utils.rnn.pad_sequence([r["labels"][0] for r in rows], True, -100)}
+    loader = DataLoader(items, batch_size=2, sampler=sampler, collate_fn=collate)
+    count = lambda b: (int((b["labels"] != -100).sum()), len(b["k"]))  # noqa: E731
+    return StepLookaheadLoader(loader, accumulate, count, sampler=sampler, batch_size=2), sampler
+
+
+@pytest.mark.parametrize("consumed", [0, 3, 4, 5, 9])
+def test_loader_resumes_anywhere_even_inside_an_accumulated_step(consumed):
+    reference, sampler = _lookahead(40, accumulate=4)
+    sampler.set_epoch(2)
+    full = [(b["k"].tolist(), int(b["num_step_tokens"])) for b in reference]
+    interrupted, sampler = _lookahead(40, accumulate=4)
+    sampler.set_epoch(2)
+    for _, batch in zip(range(consumed + 1), interrupted):  # one more than trained: Lightning's prefetch
+        pass
+    for _ in range(consumed):
+        interrupted.mark_consumed()
+    state = interrupted.state_dict()
+    assert state["epoch"] == 2 and state["consumed"] == consumed
+    resumed, sampler = _lookahead(40, accumulate=4)
+    resumed.load_state_dict(state)
+    sampler.set_epoch(2)
+    rest = [(b["k"].tolist(), int(b["num_step_tokens"])) for b in resumed]
+    assert rest == full[consumed:]  # same batches, same whole-step token counts
+    changed, _ = _lookahead(40, accumulate=2)
+    if consumed:
+        with pytest.raises(ValueError, match="accumulate: 4 -> 2"):
+            changed.load_state_dict(state)
