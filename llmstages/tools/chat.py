@@ -19,6 +19,8 @@ import argparse
 import sys
 from typing import TextIO
 
+from llmstages.checkpointing import CheckpointError
+
 HELP = "interactive multi-turn chat on stdin, streamed, from a .ckpt or a Hugging Face folder"
 
 
@@ -114,5 +116,5 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     try:
         chat(args, sys.stdin, sys.stdout)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, CheckpointError) as error:
         parser.exit(2, f"llmstages chat: error: {error}\n")

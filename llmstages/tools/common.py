@@ -62,7 +62,9 @@ def checkpoint_config(hyper_parameters: dict[str, Any]) -> ModelConfig:
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    from llmstages.checkpointing import load_checkpoint_file
+
+    checkpoint = load_checkpoint_file(path)  # a truncated or foreign file: an error naming it
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
     if "hyper_parameters" not in checkpoint:

@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from llmstages.checkpointing import CheckpointError
+
 HELP = "checkpoint -> Hugging Face folder (weights, tokenizer, chat template, generation config)"
 MODEL_OWN_TEMPLATE = ("hf", "auto")
 
@@ -131,6 +133,6 @@ def main(argv: list[str]) -> None:
     try:
         out = export(args.ckpt, args.out, tokenizer=args.tokenizer, template=args.template, kind=args.kind,
                      architecture=args.architecture, cache_dir=args.cache_dir)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, CheckpointError) as error:
         parser.exit(2, f"llmstages export: error: {error}\n")
     print(f"wrote {out}")

@@ -17,6 +17,8 @@ import argparse
 import json
 import sys
 
+from llmstages.checkpointing import CheckpointError
+
 HELP = "generate replies to prompts (file or --prompt) from a .ckpt or a Hugging Face folder"
 
 
@@ -63,7 +65,7 @@ def main(argv: list[str]) -> None:
         parser.error("--batch-size must be >= 1")
     try:
         results = run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, CheckpointError) as error:
         parser.exit(2, f"llmstages generate: error: {error}\n")
     for i, row in enumerate(results):
         if args.jsonl:

@@ -14,6 +14,8 @@ import argparse
 import os
 from pathlib import Path
 
+from llmstages.checkpointing import CheckpointError
+
 HELP = "Hugging Face folder -> llmstages checkpoint (for init_from / export)"
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -50,6 +52,6 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     try:
         out = import_hf(args.hf, args.out, args.dtype)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, CheckpointError) as error:
         parser.exit(2, f"llmstages import: error: {error}\n")
     print(f"wrote {out}")
