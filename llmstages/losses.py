@@ -165,12 +165,14 @@ class _ChunkedTargetLogps(torch.autograd.Function):
         targets: Tensor,
         chunk_size: int,
         compute_dtype: torch.dtype,
+        need_correct: bool,
     ) -> tuple[Tensor, Tensor]:
         out_dtype = _logsoftmax_dtype(compute_dtype)
         n = hidden.shape[0]
         logps = torch.empty(n, dtype=out_dtype, device=hidden.device)
         lse = torch.empty(n, dtype=out_dtype, device=hidden.device)
-        correct = torch.empty(n, dtype=torch.bool, device=hidden.device)
+        # the argmax is a full pass over the logits: only when asked for
+        correct = torch.zeros(n if need_correct else 0, dtype=torch.bool, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(compute_dtype)
             b = None if bias is None else bias.to(out_dtype)
@@ -180,7 +182,8 @@ class _ChunkedTargetLogps(torch.autograd.Function):
                 tgt = targets[start:end]
                 lse[start:end] = torch.logsumexp(logits, dim=-1)
                 logps[start:end] = logits.gather(1, tgt[:, None]).squeeze(1) - lse[start:end]
-                correct[start:end] = logits.argmax(dim=-1) == tgt
+                if need_correct:
+                    correct[start:end] = logits.argmax(dim=-1) == tgt
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk_size = chunk_size
         ctx.compute_dtype = compute_dtype
@@ -216,11 +219,15 @@ class _ChunkedTargetLogps(torch.autograd.Function):
                 if grad_h is not None:
                     grad_h[start:end] = (gl @ w).to(hidden.dtype)
                 if grad_w is not None:
-                    grad_w += (gl.t() @ h).to(out_dtype)
+                    if gl.dtype == grad_w.dtype:
+                        grad_w.addmm_(gl.t(), h)  # in place: no [V, D] temporary per chunk
+                    else:
+                        grad_w += (gl.t() @ h).to(out_dtype)
         return (
             grad_h,
             None if grad_w is None else grad_w.to(weight.dtype),
             None if grad_b is None else grad_b.to(bias.dtype),
+            None,
             None,
             None,
             None,
@@ -282,7 +289,7 @@ def token_logps(
     selected_hidden = hidden.reshape(batch * length, dim).index_select(0, index)
     compute_dtype = _compute_dtype(hidden, weight)
     selected_logps, selected_correct = _ChunkedTargetLogps.apply(
-        selected_hidden, weight, bias, selected_targets, chunk_size, compute_dtype
+        selected_hidden, weight, bias, selected_targets, chunk_size, compute_dtype, return_correct
     )
     logps = selected_logps.new_zeros(batch * length).index_copy(0, index, selected_logps)
     logps = logps.view(batch, length)
