@@ -453,14 +453,17 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers column")
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                         help="profile one llmstages step per shape (CPU, eager)")
-    parser.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time variants of our step (what was tried) on the first shape")
+    parser.add_argument("--variants", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time variants of our step (what was tried) on the first shape "
+                             "(default: on for CPU; off for CUDA, where ten more models may not fit)")
     parser.add_argument("--name", default="throughput", help="report file name (without .md)")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
     args.clock = args.clock or ("wall" if cuda else "cpu")
+    if args.variants is None:
+        args.variants = not cuda
     if cuda:
         args.threads = None
     set_threads(args)
