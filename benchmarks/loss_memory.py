@@ -170,8 +170,8 @@ def main() -> None:
         logits_mb = length * vocab * 4 / 2**20
         for method in METHODS:
             ratio = peaks["full"] / peaks[method]
-            verdict = "" if method == "full" else ("met" if ratio >= 4 else f"missed ({ratio:.1f}× < 4×)")
-            memory_rows.append([vocab, method, f"{peaks[method] / 2**20:,.0f}", f"{ratio:.1f}×", verdict])
+            verdict = "" if method == "full" else ("met" if ratio >= 4 else f"missed ({ratio:.2f}× < 4×)")
+            memory_rows.append([vocab, method, f"{peaks[method] / 2**20:,.0f}", f"{ratio:.2f}×", verdict])
         agree = agreement(vocab, length, args.dim, args.chunk_size)
         for method, diff in agree.items():
             ok = "met" if diff["loss"] <= 1e-5 and diff["grad"] <= 1e-5 else "missed"
