@@ -187,6 +187,7 @@ class Report:
         self.extra_versions = list(extra_versions)
         self.started = time.time()
         self.load_before = load_average()
+        self.commit = git_commit()  # at the start: the code that ran, not what was checked out when it ended
         self.parts: list[str] = []
 
     def text(self, markdown: str) -> None:
@@ -203,7 +204,7 @@ class Report:
         command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
         lines = [
             f"- command: `{command}`",
-            f"- commit: {git_commit()}",
+            f"- commit: {self.commit}",
             "- versions: " + ", ".join(f"{k} {v}" for k, v in versions(self.extra_versions).items()),
             f"- machine: {cpu_model()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
             f"- load average (1/5/15 min) before: {self.load_before}; after: {load_average()}"

@@ -212,6 +212,35 @@ def test_chunked_equals_full_logits_forward_and_backward(chunk_size: int, with_b
     assert (grads_c[0][~target_mask(labels)] == 0).all()
 
 
+@pytest.mark.parametrize("chunk_size", [1, 4, 64])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_saved_softmax_equals_recompute_forward_and_backward(chunk_size: int, with_bias: bool) -> None:
+    """`recompute=False` keeps the softmax instead of redoing the matmul: same values, same gradients."""
+    gen = torch.Generator().manual_seed(12)
+    labels = _random_labels(3, 7, 11, gen)
+    base = [torch.randn(3, 7, 5, generator=gen), torch.randn(11, 5, generator=gen), torch.randn(11, generator=gen)]
+    upstream = torch.randn(3, 7, generator=gen)
+
+    def run(recompute: bool) -> tuple[Tensor, list[Tensor]]:
+        h, w, b = (t.clone().requires_grad_() for t in base)
+        out = token_logps(h, w, labels, chunk_size=chunk_size, bias=b if with_bias else None, recompute=recompute)
+        graph_loss = (out * upstream).sum()
+        graph_loss.backward(retain_graph=True)
+        first = [t.grad.clone() for t in (h, w, b) if t.grad is not None]
+        for t in (h, w, b):
+            t.grad = None
+        graph_loss.backward()  # a retained graph gives the same gradients twice
+        assert all(torch.equal(a, t.grad) for a, t in zip(first, (h, w, b)))
+        return out.detach(), first
+
+    out_saved, grads_saved = run(False)
+    out_recomputed, grads_recomputed = run(True)
+    assert torch.equal(out_saved, out_recomputed)
+    assert len(grads_saved) == (3 if with_bias else 2)
+    for a, b in zip(grads_saved, grads_recomputed):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_return_correct_matches_loop_and_plain_path() -> None:
     gen = torch.Generator().manual_seed(3)
     hidden = torch.randn(2, 8, 4, generator=gen, requires_grad=True)
