@@ -40,7 +40,7 @@ from common import SHARED_DATA, Report, alternate, base_parser, med_range, outpu
 
 from llmstages.data import synthetic  # noqa: E402
 from llmstages.data.formats import iter_text  # noqa: E402
-from llmstages.data.modules import PretrainData, SFTData  # noqa: E402
+from llmstages.data import PretrainData, SFTData  # noqa: E402
 from llmstages.data.tokenizer import Tokenizer  # noqa: E402
 
 CORPORA = ("tinyshakespeare/input.txt", "llamafactory/wiki_demo.txt", "llamafactory/c4_demo.jsonl")

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED_DATA, Report, alternate, base_parser, med_range, output_dir, paired_ratios, set_threads  # noqa: E402
 
-from llmstages.data.modules import PreferenceData  # noqa: E402
+from llmstages.data import PreferenceData  # noqa: E402
 from llmstages.model.config import ModelConfig  # noqa: E402
 from llmstages.stages import DPOModule  # noqa: E402
 
@@ -48,7 +48,7 @@ class Run:
 
     def step(self, steps: int) -> None:
         for _ in range(steps):
-            loss, _, _ = self.module._loss(next(self.batches))
+            loss, _, _ = self.module.compute_loss(next(self.batches))
             loss.backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

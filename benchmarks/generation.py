@@ -19,38 +19,17 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from llmstages.model import ModelConfig, Transformer
-from llmstages.model.generate import generate_batch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model, git_commit, load_average, output_dir  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + (" (with uncommitted changes)" if dirty else "")
-    except OSError:
-        return "unknown"
+from llmstages.model import ModelConfig, Transformer  # noqa: E402
+from llmstages.model.generate import generate_batch  # noqa: E402
 
 
 def _timed(model, prompts, new_tokens: int, use_cache: bool) -> tuple[float, list]:
@@ -101,9 +80,9 @@ def run(args: argparse.Namespace) -> str:
         f"- prompt {args.prompt_len} tokens, {args.new_tokens} new tokens per row (no stop), greedy; "
         f"{args.repeats} repeats after a warm-up, cached/uncached alternating",
         "- cached and uncached outputs were identical token for token on every run",
-        f"- torch {torch.__version__}, Python {platform.python_version()}, commit {_commit()}",
-        f"- CPU: {_cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()} "
-        "(a shared machine: other work ran beside it)",
+        f"- torch {torch.__version__}, Python {platform.python_version()}, commit {git_commit()}",
+        f"- CPU: {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; load average "
+        f"{load_average()} (a shared machine: other work ran beside it)",
         f"- wall time {wall:.0f} s",
         "",
         "| batch | with cache, tokens/s: median (min-max) | without cache, tokens/s: median (min-max) | speedup (medians) |",
@@ -125,14 +104,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, default=RESULTS / "generation.md")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="report folder (default: benchmarks/results; a temporary folder with --quick)")
     args = parser.parse_args()
     if args.quick:
         args.new_tokens, args.repeats = 64, 3
     report = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
+    path = output_dir(args) / "generation.md"
+    path.write_text(report)
     print(report)
+    print(f"report: {path}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED_DATA, Report, alternate, base_parser, med_range, output_dir, set_threads  # noqa: E402
 
-from llmstages.data.modules import SFTData  # noqa: E402
+from llmstages.data import SFTData  # noqa: E402
 from llmstages.losses import IGNORE_INDEX, reduce_token_loss, token_logps  # noqa: E402
 from llmstages.model.config import ModelConfig  # noqa: E402
 from llmstages.model.transformer import Transformer  # noqa: E402

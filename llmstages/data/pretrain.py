@@ -18,6 +18,7 @@ Design choices:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -88,7 +89,7 @@ class _TokenRows(Dataset):
 class PretrainData(StageData):
     """Text -> tokens (EOS after every document) -> rows of `seq_len`."""
 
-    encode_chunk = 1024  # documents (or pieces) per `encode_batch` call
+    encode_chunk = 4096  # documents (or pieces) per `encode_batch` call
     batch_chars = 1 << 20  # ... and at most this much text: encoding holds ~300 bytes per token
     piece_chars = 1 << 18  # a longer document is encoded in pieces (see `document_pieces`)
 
@@ -135,18 +136,24 @@ class PretrainData(StageData):
         with open(tmp, "wb") as out, Progress(disable=total < 10_000_000) as progress:
             task = progress.add_task("tokenising", total=total)
             batch: list[tuple[str, bool]] = []  # (text, ends its document)
+            chars = 0
 
             def flush() -> None:
-                for ids, (_, last) in zip(self.tokenizer.encode_batch([t for t, _ in batch]), batch):
-                    np.asarray(ids + [eos] if last else ids, dtype=dtype).tofile(out)
-                progress.advance(task, sum(len(t) for t, _ in batch))
+                nonlocal chars
+                encoded = self.tokenizer.encode_batch([t for t, _ in batch])
+                # one array and one write per batch (a write per document dominated short-line corpora)
+                flat = itertools.chain.from_iterable(ids + [eos] if last else ids for ids, (_, last) in zip(encoded, batch))
+                np.fromiter(flat, dtype=dtype).tofile(out)
+                progress.advance(task, chars)
                 batch.clear()
+                chars = 0
 
             for source in sources:
                 for doc in source:
                     for piece, last in (document_pieces(doc, self.piece_chars) if split else [(doc, True)]):
                         batch.append((piece, last))
-                        if len(batch) >= self.encode_chunk or sum(len(t) for t, _ in batch) >= self.batch_chars:
+                        chars += len(piece)
+                        if len(batch) >= self.encode_chunk or chars >= self.batch_chars:
                             flush()
                     n_docs += 1
             flush()
