@@ -54,6 +54,7 @@ from llmstages.options import LossMask, Normalize, choices  # noqa: E402
 from llmstages.stages import DPOModule, PretrainModule, SFTModule  # noqa: E402
 
 FAMILIES = ("loss_mask", "normalize", "packing", "dpo")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 EVAL_SEED = 4242  # held-out prompts: synthetic's `eval` stream, which no training set draws from
 
 
@@ -381,20 +382,27 @@ HEADLINE = {"loss_mask": "exact_match", "normalize": "grad_rel_error", "packing"
 
 
 def summary_sentence(family: str, results: dict) -> str:
-    """One sentence stating what the numbers show: the headline metric's best and worst variant, with values."""
+    """What the numbers show on the family's headline metric, and nothing they do not: which variants
+    differ from the default (the first) by more than twice their seeds' combined spread."""
     metric = HEADLINE[family]
-    means = {v: statistics.mean(r[metric] for r in runs) for v, runs in results.items()
-             if not v.startswith("_") and metric in runs[0]}
+    stats = {}
+    for v, runs in results.items():
+        values = [r[metric] for r in runs if metric in r] if not v.startswith("_") else []
+        if values:
+            stats[v] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+    default = next(iter(stats))
     lower_is_better = metric in ("grad_rel_error", "val_loss")
-    best = (min if lower_is_better else max)(means, key=means.get)
-    worst = (max if lower_is_better else min)(means, key=means.get)
+    mean_d, std_d = stats[default]
+    better, worse = [], []
+    for v, (mean, std) in stats.items():
+        if v != default and abs(mean - mean_d) > 2 * (std + std_d):
+            ((mean < mean_d) == lower_is_better and better or worse).append(f"`{v}` ({mean:.3f})")
     seeds = len(bench_seeds(results))
-    over = f"means over {seeds} seed{'s' if seeds != 1 else ''}"
-    if means[best] == means[worst]:
-        text = f"On `{metric}` every variant scores {means[best]:.3f} ({over}): this run does not separate them."
-    else:
-        text = (f"On `{metric}` ({'lower' if lower_is_better else 'higher'} is better), `{best}` is best "
-                f"({means[best]:.3f}) and `{worst}` worst ({means[worst]:.3f}), {over}.")
+    text = (f"On `{metric}` ({'lower' if lower_is_better else 'higher'} is better; {seeds} seed{'s' if seeds != 1 else ''}), "
+            f"the default `{default}` scores {mean_d:.3f} ± {std_d:.3f}; ")
+    text += f"clearly worse: {', '.join(worse)}; " if worse else "no variant is clearly worse; "
+    text += f"clearly better: {', '.join(better)}" if better else "none is clearly better"
+    text += " (clearly: the means differ by more than twice the summed seed standard deviations; the rest are within noise)."
     if family == "dpo" and "sigmoid/legacy_mean_padded" in results and "sigmoid/sum@beta/T" in results:
         a, b = (statistics.mean(r["pref_accuracy"] for r in results[k]) for k in ("sigmoid/legacy_mean_padded", "sigmoid/sum@beta/T"))
         c = statistics.mean(r["pref_accuracy"] for r in results["sigmoid/sum"])
@@ -407,7 +415,35 @@ def bench_seeds(results: dict) -> list:
     return next(runs for v, runs in results.items() if not v.startswith("_"))
 
 
+def rebuild_report(family: str, out: Path) -> None:
+    """Rewrite `<out>/<family>.md` and its plots from its JSON, keeping the original run's provenance."""
+    results = json.loads((out / f"{family}.json").read_text())
+    old = (out / f"{family}.md").read_text()
+    provenance = old[old.index("## Run"):]
+    seeds = [str(s) for s in range(len(bench_seeds(results)))]
+    body = _report_body(family, results, seeds, out)
+    (out / f"{family}.md").write_text(f"# Variant family: `{family}`\n\n" + body + "\n" + provenance)
+
+
+def _report_body(family: str, results: dict, seeds: list[str], out: Path) -> str:
+    report = Report(family, "", argparse_namespace(quick=False, repeats=1, warmup=0))
+    _fill(report, family, results, seeds, out)
+    return "\n".join(report.parts)
+
+
+def argparse_namespace(**kwargs):
+    import argparse
+
+    return argparse.Namespace(**kwargs)
+
+
 def write_report(family: str, results: dict, args, out: Path, report: Report) -> None:
+    _fill(report, family, results, [str(s) for s in args.seeds], out)
+    report.write(out)
+    (out / f"{family}.json").write_text(json.dumps(results, indent=1))
+
+
+def _fill(report: Report, family: str, results: dict, seeds: list[str], out: Path) -> None:
     variants = [v for v in results if not v.startswith("_")]
     metrics = list(dict.fromkeys(k for v in variants for k, x in results[v][0].items() if isinstance(x, float)))
 
@@ -418,13 +454,11 @@ def write_report(family: str, results: dict, args, out: Path, report: Report) ->
     report.text(summary_sentence(family, results))
     report.text("Mean ± standard deviation over seeds:")
     report.table(["variant", *metrics], [[f"`{v}`", *(cell(v, m, mean_std) for m in metrics)] for v in variants])
-    report.text("Every seed (seeds " + ", ".join(map(str, args.seeds)) + "):")
+    report.text("Every seed (seeds " + ", ".join(seeds) + "):")
     per_seed = lambda values: " / ".join(f"{x:.3f}" for x in values)  # noqa: E731
     report.table(["variant", *metrics], [[f"`{v}`", *(cell(v, m, per_seed) for m in metrics)] for v in variants])
     for png in plot(family, results, metrics, out):
         report.text(f"![{png.stem}]({png.name})")
-    report.write(out)
-    (out / f"{family}.json").write_text(json.dumps(results, indent=1))
 
 
 def plot(family: str, results: dict, metrics: list[str], out: Path) -> list[Path]:
@@ -482,7 +516,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval", type=int, default=64, help="held-out prompts per evaluation")
     parser.add_argument("--cache", default=".cache/llmstages-variants", help="tokenizer, token caches, base checkpoints")
     parser.add_argument("--wandb", action="store_true", help="log every run to offline W&B, grouped by family and variant")
+    parser.add_argument("--rebuild", action="store_true", help="rewrite the reports and plots in --out from their JSON")
     args = parser.parse_args(argv)
+    if args.rebuild:
+        for family in args.families:
+            rebuild_report(family, args.out or RESULTS_DIR)
+        return
     if args.quick:
         args.seeds, args.scale, args.eval, args.preset = args.seeds[:1], 0.02, 4, "tiny"
     torch.set_num_threads(args.threads or 2)

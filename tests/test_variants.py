@@ -46,10 +46,12 @@ def test_token_weights_show_the_length_bias(variants) -> None:
     assert variants._token_weights(micro, "sum") == pytest.approx((4.0, 4.0))
 
 
-def test_summary_sentence_names_best_and_worst(variants) -> None:
-    results = {"a": [{"exact_match": 0.5}, {"exact_match": 0.7}], "b": [{"exact_match": 0.1}, {"exact_match": 0.1}]}
+def test_summary_sentence_separates_only_beyond_the_seed_spread(variants) -> None:
+    results = {"a": [{"exact_match": 0.5}, {"exact_match": 0.7}], "b": [{"exact_match": 0.1}, {"exact_match": 0.1}],
+               "c": [{"exact_match": 0.55}, {"exact_match": 0.75}]}
     text = variants.summary_sentence("loss_mask", results)
-    assert "`a` is best (0.600)" in text and "`b` worst (0.100)" in text and "2 seeds" in text
+    assert "default `a` scores 0.600 ± 0.141" in text
+    assert "clearly worse: `b` (0.100)" in text and "none is clearly better" in text and "`c`" not in text
 
 
 @pytest.mark.slow
