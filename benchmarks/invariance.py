@@ -10,7 +10,7 @@ run of an equivalence class with the class's reference run, step by step, on
 Classes (where they apply): batch split (8x1 = 4x2 = 1x8), world size
 (1 process x accumulation 4 = 2 DDP ranks x 2 = FSDP2 on 2 ranks), packing
 (SFT `documents` = `none`), DPO reference (`precompute` = `live`), model
-switches, resume (SIGKILL at step k, resume = uninterrupted), and precision
+switches (activation checkpointing on = off), resume (SIGKILL at step k, resume = uninterrupted), and precision
 (`bf16-mixed` against float32, reported as context, never pass/fail).
 
 Negative controls must fail their class by a wide margin: `normalize:
@@ -83,6 +83,9 @@ def cases(stages: list[str], classes: list[str]) -> list[Case]:
                 Run("ddp 2 x acc2", split(2, 2).args + ddp, devices=2),
                 Run("fsdp2 2 x acc2", split(2, 2).args + fsdp, devices=2),
             ]))
+        if "model_switches" in classes:
+            out.append(Case(stage, "model_switches", [split(4, 2, name="plain"), split(
+                4, 2, "--model.init_args.activation_checkpointing", "true", name="activation checkpointing")]))
         if "resume" in classes:
             out.append(Case(stage, "resume", [split(4, 2, name="uninterrupted"), Run("killed+resumed", split(4, 2).args, kill_at=2)]))
         if "precision" in classes:
@@ -311,7 +314,7 @@ def plot(results: list[dict], out: Path) -> list[Path]:
     return paths
 
 
-CLASSES = ("batch_split", "world_size", "packing", "dpo_reference", "resume", "precision")
+CLASSES = ("batch_split", "world_size", "packing", "dpo_reference", "model_switches", "resume", "precision")
 
 
 def main(argv: list[str] | None = None) -> int:
