@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +39,7 @@ pytestmark = [
 ]
 
 TOKEN_REWARD = f"{__name__}:token_reward"
+STEP_SCRIPT = Path(__file__).parent / "scripts" / "grpo_step.py"
 
 
 def token_reward(completion_ids, **_):
@@ -171,20 +175,25 @@ def test_one_step_gradients_for_one_micro_batch_of_8_and_four_of_2(cache_dir, sh
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("aggregation", ["dapo", "dr_grpo"])
-def test_one_step_gradients_across_two_ddp_ranks(cache_dir, sharp_state, tmp_path: Path, aggregation):
-    kwargs = {"loss_aggregation": aggregation}
-    whole = one_step(cache_dir, sharp_state, batch_size=4, accumulate=1, module_kwargs=kwargs)
-    prefix = str(tmp_path / "grads")
-    # DistributedSampler(shuffle=False): rank 0 gets prompts 0 and 2, rank 1 prompts 1 and 3
-    one_step(cache_dir, sharp_state, batch_size=1, accumulate=2, module_kwargs=kwargs,
-             save_to=prefix, strategy="ddp_spawn", devices=2)
-    ranks = [torch.load(f"{prefix}.rank{r}.pt") for r in (0, 1)]
-    for saved in ranks:
-        assert saved["rows"] == [1, 1]
-        assert saved["stats"]["step_tokens"] == whole.stats["step_tokens"]  # summed over both ranks
-        assert saved["stats"]["step_completions"] == 8
-        assert_grads_close(saved["grads"], whole.grads)
+@pytest.mark.parametrize(("strategy", "aggregation"), [("ddp", "dapo"), ("fsdp", "dr_grpo")])
+def test_one_step_gradients_across_two_ranks(cache_dir, sharp_state, tmp_path: Path, strategy, aggregation):
+    """2 ranks x 2 micro-batches x 2 completions (DDP, and FSDP2 with its equal forward counts) give
+    the gradients of one micro-batch of 8 in one process. DistributedSampler(shuffle=False): rank 0
+    gets prompts 0 and 2, rank 1 prompts 1 and 3; rollouts are seeded per prompt, not per rank."""
+    whole = one_step(cache_dir, sharp_state, batch_size=4, accumulate=1, module_kwargs={"loss_aggregation": aggregation})
+    torch.save(sharp_state, Path(cache_dir) / "grpo_init.pt")
+    out = tmp_path / "grads.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, str(STEP_SCRIPT), str(out), cache_dir, strategy, aggregation],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = torch.load(out, weights_only=False)
+    assert saved["world_size"] == 2
+    assert saved["step_tokens"] == whole.stats["step_tokens"] and saved["step_completions"] == 8
+    assert 0.0 <= saved["val_stop_rate"] <= 1.0  # validation generated on both ranks without hanging
+    assert_grads_close(saved["grads"], whole.grads)
 
 
 # --------------------------------------------------------------------------- zero advantage, masking, filtering
