@@ -408,3 +408,34 @@ def test_held_out_exact_match_rises_over_a_few_dozen_grpo_steps_from_sft(cache_d
     after = make_trainer(limit_val_batches=None).validate(grpo, data, verbose=False)[0]
     print(f"held-out exact match {before['val/exact_match']:.3f} -> {after['val/exact_match']:.3f}")
     assert after["val/exact_match"] > before["val/exact_match"]
+
+
+# --------------------------------------------------------------------------- the shipped config
+
+
+def test_grpo_config_runs_through_the_cli(tmp_path, cache_dir):
+    import yaml
+
+    from llmstages.cli import lightning_cli
+
+    override = {
+        "trainer": {
+            "max_steps": 2, "val_check_interval": 2, "limit_val_batches": 1, "enable_progress_bar": False, "log_every_n_steps": 1,
+            "default_root_dir": str(tmp_path), "callbacks": [],
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}},
+        },
+        "model": {"init_args": {"preset": "tiny", "group_size": 2, "max_completion_length": 4}},
+        "data": {"init_args": {"cache_dir": cache_dir, "batch_size": 2, "num_prompts": 40, "max_prompt_len": 64}},
+    }
+    fragment = tmp_path / "override.yaml"
+    fragment.write_text(yaml.safe_dump(override))
+    config = Path(__file__).resolve().parents[1] / "configs" / "grpo.yaml"
+    cli = lightning_cli(["fit", "--config", str(config), "--config", str(fragment)])
+    assert cli.trainer.global_step == 2
+    assert cli.model.config.vocab_size == cli.datamodule.vocab_size
+    assert cli.model.hparams.loss_aggregation == "dapo" and cli.model.hparams.reward == "exact_match"
+    (metrics,) = tmp_path.rglob("metrics.csv")
+    logged = metrics.read_text().splitlines()[0]
+    for name in ("train/reward", "train/completion_length_max", "train/zero_advantage_fraction",
+                 "perf/generation_seconds", "val/exact_match", "val/stop_rate"):
+        assert name in logged, name
