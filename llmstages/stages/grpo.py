@@ -38,7 +38,8 @@ Design choices:
   Rollouts are seeded per (rollout_seed, step, prompt index), so a prompt gets the same
   completions whichever rank generates it.
 - Validation asks the held-out prompts greedily (`evaluation.evaluate_replies`): exact match
-  and stop rate, plus a table of samples when the logger takes text (W&B).
+  and stop rate, plus tables of validation replies and of the last step's sampled completions
+  (with their rewards) when the logger takes text (W&B).
 """
 
 from __future__ import annotations
@@ -446,6 +447,10 @@ class GRPOModule(LMStage):
         if self.trainer.is_global_zero and logger is not None and hasattr(logger, "log_text"):
             columns = ["prompt", "reply", "reference", "stopped"]
             logger.log_text(key="val/samples", columns=columns, data=[[s[c] for c in columns] for s in samples])
+            if self._rollout is not None and self._rollout.samples:  # what the policy sampled in its last step
+                columns = ["prompt", "completion", "reward", "stopped"]
+                rows = [[s[c] for c in columns] for s in self._rollout.samples]
+                logger.log_text(key="train/samples", columns=columns, data=rows)
 
 
 def _metric_name(reward: str) -> str:
