@@ -112,7 +112,7 @@ def report(results: dict[str, list[dict]], before: dict[str, float], args) -> st
     lines = [
         "# GRPO loss aggregations (TRL 1.16 meanings)",
         "",
-        f"Same SFT checkpoint ({args.sft_steps} SFT steps, preset `{args.preset}`), {args.steps} GRPO steps of "
+        f"Same SFT checkpoint ({args.init or f'{args.sft_steps} SFT steps'}, preset `{args.preset}`), {args.steps} GRPO steps of "
         f"{args.prompts} prompts x {args.group_size} completions (max {args.max_completion_length} tokens), "
         f"lr {args.lr}, reward exact_match, seeds {args.seeds}. Held-out: {args.eval} prompts of the evaluation "
         f"stream, greedy. Median [min, max] over seeds; curve columns average the last {k} steps.",
@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--sft-steps", type=int, default=250)
+    parser.add_argument("--init", default=None, help="an SFT checkpoint to start from (default: train one, --sft-steps)")
     parser.add_argument("--preset", default="demo")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per optimiser step")
     parser.add_argument("--group-size", type=int, default=8)
@@ -161,7 +162,7 @@ def main() -> None:
     torch.set_num_threads(1)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    init = sft_checkpoint(cache, args.sft_steps, args.preset)
+    init = Path(args.init) if args.init else sft_checkpoint(cache, args.sft_steps, args.preset)
     sft = SFTModule.load_from_checkpoint(init, map_location="cpu")
     probe = PromptData(cache_dir=str(cache), batch_size=1, val_fraction=0.0)
     before = held_out(sft.backbone, probe, args.eval, args.max_completion_length)
