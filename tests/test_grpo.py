@@ -252,6 +252,16 @@ def test_on_policy_ratio_is_one_and_old_logps_are_kept_for_later_iterations(cach
     assert all(m.old_logps is None for m in single._rollout.micro_batches)  # pi_old = pi.detach(): ratio 1
 
 
+def test_log_probs_are_those_of_the_tempered_sampling_distribution(cache_dir, sharp_state):
+    module, data, batch = attached(cache_dir, sharp_state, temperature=0.7)
+    rows = completion_rows([[5, 6, 7]], [[8, 9, data.stop_token_id]], data.pad_id)
+    with torch.no_grad():
+        logits = module.backbone(rows["input_ids"], position_ids=rows["position_ids"])[0].double()
+        expected = torch.log_softmax(logits / 0.7, dim=-1)[[2, 3, 4], [8, 9, data.stop_token_id]]
+        got = module.policy_logps(rows)[0, 2:5].double()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_reference_only_with_beta_and_outside_the_state_dict(cache_dir, sharp_state):
     free, _, _ = attached(cache_dir, sharp_state)
     free.setup("fit")

@@ -5,7 +5,9 @@ Design choices:
   (`sample_completions`, the one call site of the generator; stop at the template's
   end-of-turn token, `max_completion_length`, `temperature`). The end-of-turn token of a
   completion that stopped is part of it and is trained (the policy learns to stop), as TRL's
-  completion mask includes the EOS token.
+  completion mask includes the EOS token. Log-probs (policy, old policy, reference) are those of
+  the tempered distribution the completions were sampled from, softmax(logits / temperature), as
+  TRL computes them.
 - One generation per optimiser step: the data hands every micro-batch the prompts of its whole
   step (`data.prompts.GenerationStepLoader`), and the first micro-batch generates, scores and
   prepares the whole step (advantages, old/reference log-probs, the step's completion-token and
@@ -64,6 +66,7 @@ from llmstages.losses import (
     group_advantages,
     grpo_token_losses,
     target_mask,
+    token_logps,
 )
 from llmstages.model.generate import generate
 from llmstages.options import ImportanceSampling, LossAggregation, ScaleRewards, check_choice
@@ -348,7 +351,21 @@ class GRPOModule(LMStage):
 
     def _logps(self, rows: dict[str, Tensor], model) -> Tensor:
         with self._precision_context():
-            return self.target_logps(rows["input_ids"], rows["labels"], rows["position_ids"], model=model).detach()
+            return self.policy_logps(rows, model).detach()
+
+    def policy_logps(self, rows: dict[str, Tensor], model=None) -> Tensor:
+        """Per-position log-probs of the completion tokens under the sampling distribution, softmax(logits / T).
+
+        As TRL does, the policy, old-policy and reference log-probs are those of the tempered
+        distribution the completions were sampled from (dividing the output layer's weight by T
+        divides the logits by T).
+        """
+        model = self.backbone if model is None else model
+        temperature, labels = self.hparams.temperature, rows["labels"]
+        head = lambda hidden, weight: token_logps(  # noqa: E731
+            hidden, weight / temperature if temperature != 1.0 else weight, labels, chunk_size=self.hparams.chunk_size
+        )
+        return model(rows["input_ids"], position_ids=rows["position_ids"], head=head)
 
     def _precision_context(self):
         trainer = self._trainer
@@ -362,7 +379,7 @@ class GRPOModule(LMStage):
         part = rollout.micro_batches[index]
         labels = part.rows["labels"]
         mask = target_mask(labels)
-        logps = self.target_logps(part.rows["input_ids"], labels, part.rows["position_ids"])
+        logps = self.policy_logps(part.rows)
         token_losses, stats = grpo_token_losses(
             logps, part.old_logps, part.advantages.to(logps.dtype), mask,
             epsilon=hp.epsilon, epsilon_high=hp.epsilon_high, importance_sampling_level=hp.importance_sampling_level,
