@@ -7,6 +7,7 @@ contract every module yields is documented in `data/batch.py`.
 from llmstages.data.base import StageData
 from llmstages.data.preference import PreferenceData
 from llmstages.data.pretrain import PretrainData
+from llmstages.data.prompts import PromptData
 from llmstages.data.sft import SFTData
 
-__all__ = ["StageData", "PretrainData", "SFTData", "PreferenceData"]
+__all__ = ["StageData", "PretrainData", "SFTData", "PreferenceData", "PromptData"]

@@ -1,9 +1,10 @@
-"""The four training stages, one LightningModule each, on one backbone."""
+"""The training stages, one LightningModule each, on one backbone."""
 
 from llmstages.stages.base import LMStage, StageModule, Weighted
 from llmstages.stages.dpo import DPOModule
+from llmstages.stages.grpo import GRPOModule
 from llmstages.stages.pretrain import PretrainModule
 from llmstages.stages.reward import RewardModule
 from llmstages.stages.sft import SFTModule
 
-__all__ = ["StageModule", "LMStage", "Weighted", "PretrainModule", "SFTModule", "RewardModule", "DPOModule"]
+__all__ = ["StageModule", "LMStage", "Weighted", "PretrainModule", "SFTModule", "RewardModule", "DPOModule", "GRPOModule"]

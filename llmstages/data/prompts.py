@@ -1,0 +1,274 @@
+"""PromptData: prompts only, for online RL (GRPO); the policy writes the replies.
+
+Design choices:
+- Sources: the chat formats `read_chat` reads (alpaca, sharegpt, messages), each conversation
+  cut before its final assistant turn, whose content becomes the prompt's reference `answer`;
+  or `{"prompt", "answer"}` records (`prompt` a string or a message list ending with a user
+  turn; optional `answer`, `system`, `task`). Bad records follow `on_error` with the file, line
+  and field named, as every reader in `formats` does. Default: the embedded synthetic tasks
+  (`synthetic.sft_conversations` cut before the final reply; the reply is the checkable answer).
+- Prompts are encoded with the template's `encode_prompt` (the conversation so far plus the
+  assistant header), the same path SFT evaluation uses; a prompt longer than
+  `max_prompt_len` keeps its last tokens (`truncation: left`) or is dropped (`drop`), counted.
+- A micro-batch is a list of prompts, not a padded tensor: the stage generates from each, then
+  builds the `prompt + completion` rows itself (`completion_rows`, right padding, labels on the
+  completion only, the batch contract of `data/batch.py`).
+- GRPO's step normalisation needs every completion of the optimiser step before the step's
+  first backward, and completions exist only once generated. `GenerationStepLoader` therefore
+  hands each micro-batch the prompts of its whole step (`step_prompts`) and its position in it
+  (`micro_index`, `iteration`); the stage generates for the whole step at position (0, 0).
+  With `num_iterations > 1` the step's micro-batches are yielded again (TRL's reuse of one
+  generation batch for several updates), so Lightning's accumulation still sees a plain stream.
+- Shards are disjoint per rank (`DistributedSampler`, padded to equal length), so every rank
+  generates for its own prompts, the same number of them (FSDP needs equal forward counts).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from llmstages.data import synthetic
+from llmstages.data.base import StageData, _batch_limit, _ListDataset
+from llmstages.data.batch import LMBatch
+from llmstages.data.formats import (
+    LoadReport,
+    _check_policy,
+    _check_turns,
+    _Collector,
+    _Invalid,
+    _json_records,
+    _openai_turns,
+    _req_str,
+    _system_turn,
+    _to_messages,
+    _Turn,
+    _wrong_type,
+    read_chat,
+)
+from llmstages.data.templates import ChatTemplate
+from llmstages.losses import IGNORE_INDEX
+from llmstages.options import OnError, TemplateName, check_choice, choices
+
+__all__ = ["PromptData", "GenerationStepLoader", "completion_rows", "read_prompts", "PromptRecord"]
+
+PromptFormat = Literal["auto", "prompt", "alpaca", "sharegpt", "messages"]
+PromptTruncation = Literal["left", "drop"]
+
+
+class PromptRecord(dict):
+    """`{"messages": [...] ending with a user turn, "answer": str | None, "task": str | None}`."""
+
+
+def _parse_prompt_record(value: Any) -> PromptRecord:
+    if not isinstance(value, dict):
+        raise _wrong_type(None, "an object", value)
+    if "prompt" not in value:
+        raise _Invalid("missing_field", "prompt")
+    raw = value["prompt"]
+    if isinstance(raw, str):
+        turns = _system_turn(value) + [_Turn("user", raw, "prompt", "prompt")]
+    elif isinstance(raw, list):
+        turns = _system_turn(value) + _openai_turns(raw, "prompt")
+    else:
+        raise _wrong_type("prompt", "a string or an array of messages", raw)
+    _check_turns(turns)
+    if not turns or turns[-1].role != "user":
+        raise _Invalid("prompt_not_user", turns[-1].role_field if turns else "prompt")
+    answer = _req_str(value, "answer") if "answer" in value else None
+    task = _req_str(value, "task") if "task" in value else None
+    return PromptRecord(messages=_to_messages(turns), answer=answer, task=task)
+
+
+def read_prompts(path: str | Path, *, on_error: str = "raise") -> tuple[list[PromptRecord], LoadReport]:
+    """`{"prompt", "answer"}` records from `.jsonl` / `.json` (see the module docstring)."""
+    _check_policy(on_error)
+    path = Path(path)
+    collector = _Collector(path, on_error)
+    collector.run(_json_records(path), _parse_prompt_record)
+    return collector.finish()
+
+
+def _cut_before_last_reply(messages: list[dict]) -> PromptRecord:
+    """A conversation -> its prompt (everything before the final assistant turn) and that turn as the answer."""
+    if messages and messages[-1]["role"] == "assistant":
+        return PromptRecord(messages=list(messages[:-1]), answer=messages[-1]["content"], task=None)
+    return PromptRecord(messages=list(messages), answer=None, task=None)
+
+
+def completion_rows(
+    prompts: list[list[int]], completions: list[list[int]], pad_id: int, min_width: int = 0
+) -> LMBatch:
+    """Right-padded `prompt + completion` rows; labels mark the completion's tokens only.
+
+    `completions[i]` is the whole scored completion (its end-of-turn token included when it
+    stopped). A row with an empty completion has no labelled token.
+    """
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    width = max([len(p) + len(c) for p, c in zip(prompts, completions)] + [min_width, 1])
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(prompts), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        sequence = list(prompt) + list(completion)
+        ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        if completion:
+            labels[row, len(prompt) : len(sequence)] = torch.tensor(completion, dtype=torch.long)
+    positions = torch.arange(width).expand(len(prompts), width).clone()
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+class GenerationStepLoader:
+    """Micro-batches of prompts, each told the prompts of its whole optimiser step (see the module docstring)."""
+
+    def __init__(self, loader: Iterable[dict], accumulate: int, num_iterations: int = 1, limit: int | None = None) -> None:
+        if accumulate < 1 or num_iterations < 1:
+            raise ValueError(f"accumulate and num_iterations must be >= 1, got {accumulate}, {num_iterations}")
+        self.loader, self.accumulate, self.num_iterations, self.limit = loader, accumulate, num_iterations, limit
+
+    def __len__(self) -> int:
+        n = len(self.loader) * self.num_iterations  # type: ignore[arg-type]
+        return n if self.limit is None else min(n, self.limit)
+
+    def __iter__(self) -> Iterator[dict]:
+        yielded = 0
+        source = iter(self.loader)
+        while True:
+            step = list(itertools.islice(source, self.accumulate))
+            if not step:
+                return
+            for iteration in range(self.num_iterations):
+                for index, batch in enumerate(step):
+                    if self.limit is not None and yielded >= self.limit:
+                        return
+                    yield {**batch, "step_prompts": step, "micro_index": index, "iteration": iteration}
+                    yielded += 1
+
+
+class PromptData(StageData):
+    """Prompts (with optional reference answers) -> micro-batches of token-id lists for online RL."""
+
+    def __init__(
+        self,
+        files: list[str] | None = None,
+        format: PromptFormat = "auto",
+        template: TemplateName = "chatml",
+        max_prompt_len: int = 192,
+        truncation: PromptTruncation = "left",
+        num_prompts: int = 2000,
+        on_error: OnError = "raise",
+        **kwargs,
+    ) -> None:
+        """
+        Args:
+            files: prompt files: `{"prompt", "answer"}` records, or alpaca / sharegpt / messages conversations
+                (cut before their final assistant turn, which becomes the answer); null: the embedded synthetic tasks.
+            format: prompt (records with a `prompt` field), a chat format, or auto (per file: `prompt` records when
+                the first record has a `prompt` field, else the chat formats' own detection).
+            template: the chat template whose `encode_prompt` renders a prompt (ends with the assistant header).
+            max_prompt_len: prompt tokens kept at most.
+            truncation: left (keep a long prompt's last tokens) or drop it (counted).
+            num_prompts: how many embedded synthetic prompts (when `files` is null).
+            on_error: raise (stop at the first bad record, naming file, line and field) or skip (count and go on).
+        """
+        super().__init__(**kwargs)
+        self.files = [Path(f) for f in files] if files else None
+        self.format = check_choice("format", format, choices(PromptFormat))
+        self.truncation = check_choice("truncation", truncation, choices(PromptTruncation))
+        self.on_error = check_choice("on_error", on_error, choices(OnError))
+        if max_prompt_len < 1 or num_prompts < 1:
+            raise ValueError(f"max_prompt_len and num_prompts must be >= 1, got {max_prompt_len}, {num_prompts}")
+        self.template = ChatTemplate.get(template)
+        self.max_prompt_len, self.num_prompts = max_prompt_len, num_prompts
+        self.num_iterations = 1  # set by the stage (GRPOModule.num_iterations) before the loaders are built
+
+    # ----------------------------------------------------------------- reading
+
+    def _records(self) -> tuple[list[PromptRecord], list[LoadReport]]:
+        if not self.files:
+            conversations = synthetic.sft_conversations(n=self.num_prompts, seed=self.seed)
+            records = []
+            for c in conversations:
+                record = _cut_before_last_reply(c["messages"])
+                record["task"] = c["task"]
+                records.append(record)
+            return records, []
+        records, reports = [], []
+        for file in self.files:
+            fmt = self.format
+            if fmt == "auto":
+                fmt = "prompt" if _first_record_has_prompt(file) else "auto"
+            if fmt == "prompt":
+                items, report = read_prompts(file, on_error=self.on_error)
+            else:
+                conversations, report = read_chat(file, format=fmt, on_error=self.on_error)
+                items = [_cut_before_last_reply(m) for m in conversations]
+            records += items
+            reports.append(report)
+        return records, reports
+
+    def encode(self, record: PromptRecord) -> dict | None:
+        ids = self.template.encode_prompt(record["messages"], self.tokenizer)
+        if len(ids) > self.max_prompt_len:
+            if self.truncation == "drop":
+                self.skipped["prompt_too_long_dropped"] += 1
+                return None
+            ids = ids[-self.max_prompt_len :]
+        return {"prompt_ids": ids, "answer": record.get("answer"), "task": record.get("task"),
+                "messages": record["messages"]}
+
+    def _build(self) -> None:
+        records, reports = self._records()
+        items = [e for e in (self.encode(r) for r in records) if e is not None]
+        self._report("prompt data", len(items), reports)
+        train, val = self._split(items)
+        for i, item in enumerate(train):
+            item["index"] = i
+        for i, item in enumerate(val):
+            item["index"] = i
+        self.train_set = _ListDataset(train)
+        self.val_set = _ListDataset(val) if val else None
+
+    def _collate(self, items: list[dict]) -> dict:
+        return {
+            "prompt_ids": [item["prompt_ids"] for item in items],
+            "answers": [item["answer"] for item in items],
+            "tasks": [item["task"] for item in items],
+            "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+        }
+
+    def train_dataloader(self) -> GenerationStepLoader:
+        self.setup("fit")
+        loader = self._loader(self.train_set, self.shuffle)
+        trainer = self.trainer
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        limit = _batch_limit(trainer, len(loader) * self.num_iterations)
+        wrapped = GenerationStepLoader(loader, accumulate, self.num_iterations, limit)
+        wrapped.sampler = loader.sampler  # Lightning calls sampler.set_epoch through this attribute
+        return wrapped
+
+    # ----------------------------------------------------------------- what the stage asks
+
+    def generation_prompts(self, n: int) -> list[tuple[list[int], str]]:
+        """(prompt ids, reference answer) of up to `n` validation prompts that have an answer."""
+        self.setup("validate")
+        out = [(item["prompt_ids"], item["answer"]) for item in (self.val_set or []) if item["answer"] is not None]
+        return out[:n]
+
+    @property
+    def stop_token_id(self) -> int:
+        return self.template.stop_token_id(self.tokenizer)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_id
+
+
+def _first_record_has_prompt(path: Path) -> bool:
+    for _, _, value in _json_records(path):
+        return isinstance(value, dict) and "prompt" in value
+    return False
