@@ -219,12 +219,18 @@ def attached(cache_dir, sharp_state, **kwargs) -> tuple[GRPOModule, PromptData, 
 
 
 def test_mask_truncated_completions_removes_them_from_loss_and_counts(cache_dir, sharp_state):
-    plain, _, batch = attached(cache_dir, sharp_state)
-    masked, _, _ = attached(cache_dir, sharp_state, mask_truncated_completions=True)
-    a, b = plain.rollout(batch["step_prompts"]), masked.rollout(batch["step_prompts"])
+    # the first rollout seed whose completions partly stop and partly run out of the budget
+    for seed in range(16):
+        plain, _, batch = attached(cache_dir, sharp_state, group_size=4, max_completion_length=12, rollout_seed=seed)
+        a = plain.rollout(batch["step_prompts"])
+        if 0 < a.stats["stop_rate"] < 1:
+            break
+    assert 0 < a.stats["stop_rate"] < 1
+    masked, _, _ = attached(cache_dir, sharp_state, group_size=4, max_completion_length=12, rollout_seed=seed,
+                            mask_truncated_completions=True)
+    b = masked.rollout(batch["step_prompts"])
     a.stats.pop("generation_seconds"), b.stats.pop("generation_seconds")
     assert a.stats == b.stats  # the same completions and rewards; only what trains differs
-    assert 0 < a.stats["stop_rate"] < 1
     for pa, pb in zip(a.micro_batches, b.micro_batches):
         # a completion stopped when its last labelled token is the end-of-turn token
         rows_stopped = torch.tensor([row[row != -100][-1] == plain._data.stop_token_id for row in pa.rows["labels"]])
@@ -426,7 +432,7 @@ def test_held_out_exact_match_rises_over_a_few_dozen_grpo_steps_from_sft(cache_d
 def test_grpo_config_runs_through_the_cli(tmp_path, cache_dir):
     import yaml
 
-    from llmstages.cli import lightning_cli
+    from llmstages.trainer_cli import lightning_cli
 
     override = {
         "trainer": {

@@ -91,6 +91,11 @@ def load_backbone_weights(model: Transformer, source: str | Path) -> None:
     model.load_state_dict(state, strict=False)  # every base weight checked above; adapters stay
 
 
+def data_parallel_mesh(mesh):
+    """The data-parallel dimension of a Lightning ModelParallelStrategy mesh (every rank, with FSDP2Strategy)."""
+    return mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+
+
 def _check_model_folder_vocab(init_from: str | None, vocab_size: int | None) -> None:
     """A Hugging Face folder's tokenizer and this run's must be the same size (before any data is built).
 
@@ -238,7 +243,7 @@ class StageModule(L.LightningModule):
             return
         from torch.distributed.fsdp import fully_shard
 
-        dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        dp_mesh = data_parallel_mesh(mesh)
         world = self.trainer.world_size
         if dp_mesh.size() != world:
             # a smaller data-parallel mesh would leave gradients unreduced while ranks see different data
@@ -320,11 +325,11 @@ class StageModule(L.LightningModule):
                 step_loss = self.trainer.strategy.reduce(step_loss, reduce_op="sum")
             self.log("train/step_loss", (step_loss[0] / step_loss[1].clamp(min=1)).float(), sync_dist=False)
         # before clipping (Lightning clips after this hook): what the invariance suite compares
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads)
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: DTensor -> global norm
-            self.log("train/grad_norm", norm, sync_dist=False)
+        norms = [p.grad.norm() for p in self.parameters() if p.grad is not None]
+        if norms:
+            # FSDP2: each norm is a DTensor on its parameter's mesh (meshes may differ): make each global first
+            norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
+            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)), sync_dist=False)
 
     def on_validation_epoch_end(self) -> None:
         means = self.val_means.compute_and_reset()

@@ -68,7 +68,7 @@ from llmstages.losses import (
     target_mask,
     token_logps,
 )
-from llmstages.model.generate import generate
+from llmstages.model.generate import generate_batch
 from llmstages.options import ImportanceSampling, LossAggregation, ScaleRewards, check_choice
 from llmstages.rewards import Completions, Rewards
 from llmstages.stages.base import LMStage
@@ -86,16 +86,18 @@ def sample_completions(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     fixed_steps: bool = False,
+    top_k: int | None = None,
+    top_p: float | None = None,
 ) -> list[tuple[list[int], bool]]:
     """`group_size` sampled continuations of one prompt: (tokens without the stop token, stopped).
 
-    The one place GRPO generates; a batched, KV-cached generator replaces this loop.
+    The one place GRPO generates: the group as one batch through the KV cache. One
+    generator per prompt keeps a prompt's group the same on whichever rank samples it.
     """
-    return [
-        generate(model, prompt_ids, max_new_tokens, stop_id=stop_id, temperature=temperature,
-                 generator=generator, fixed_steps=fixed_steps)
-        for _ in range(group_size)
-    ]
+    return generate_batch(
+        model, [prompt_ids] * group_size, max_new_tokens, stop_ids=[stop_id], temperature=temperature,
+        top_k=top_k, top_p=top_p, generator=generator, fixed_steps=fixed_steps,
+    )
 
 
 @dataclass
@@ -129,6 +131,8 @@ class GRPOModule(LMStage):
         group_size: int = 8,
         max_completion_length: int = 24,
         temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
         loss_aggregation: LossAggregation = "dapo",
         scale_rewards: ScaleRewards = "group",
         importance_sampling_level: ImportanceSampling = "token",
@@ -152,6 +156,9 @@ class GRPOModule(LMStage):
             group_size: completions sampled per prompt (G); advantages are relative to the group.
             max_completion_length: generation budget per completion (tokens, end-of-turn included); also dr_grpo's constant.
             temperature: sampling temperature for rollouts (> 0; validation is greedy).
+            top_k: sample rollouts from the k most likely tokens only (null: all).
+            top_p: sample rollouts from the smallest set of tokens with this much probability (null: all).
+                As in TRL, the log-probs the loss uses are those of softmax(logits / temperature).
             loss_aggregation: dapo (sum / completion tokens of the whole optimiser step, all micro-batches and ranks),
                 dr_grpo (sum / (completions x max_completion_length)), grpo (mean per completion, then per micro-batch,
                 / accumulation steps), bnpo (sum / the micro-batch's completion tokens / accumulation steps).
@@ -261,7 +268,7 @@ class GRPOModule(LMStage):
             for ids, answer, task, index in zip(micro["prompt_ids"], micro["answers"], micro["tasks"], micro["index"].tolist()):
                 completions = sample_completions(
                     self.backbone, ids, group, hp.max_completion_length, stop_id, hp.temperature,
-                    generator=self._generator(index), fixed_steps=self._world_size > 1,
+                    generator=self._generator(index), fixed_steps=self._world_size > 1, top_k=hp.top_k, top_p=hp.top_p,
                 )
                 prompts += [ids] * group
                 answers += [answer] * group

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from llmstages.losses import last_target_positions, reduce_pair_loss, reward_loss
-from llmstages.stages.base import StageModule, concat_pairs
+from llmstages.stages.base import StageModule, concat_pairs, data_parallel_mesh
 
 
 class RewardModule(StageModule):
@@ -69,5 +69,6 @@ class RewardModule(StageModule):
         if mesh is not None and not getattr(self, "_head_sharded", False):
             from torch.distributed.fsdp import fully_shard
 
-            fully_shard(self.value_head, mesh=mesh)  # else its gradient would not be reduced across ranks
+            # the backbone's data-parallel mesh: one mesh for every gradient, so clipping and norms combine them
+            fully_shard(self.value_head, mesh=data_parallel_mesh(mesh))  # else its gradient would not be reduced
             self._head_sharded = True
