@@ -1,12 +1,12 @@
-"""`llmstages demo`: the four stages end to end on the embedded data, on a CPU.
+"""`llmstages demo`: the five stages end to end on the embedded data, on a CPU.
 
 Each stage is an ordinary `llmstages fit` run of the YAML in `configs/`
 (the same path a user takes), chained by `init_from`: pretrain -> SFT ->
-reward model and DPO (both from the SFT checkpoint). At the end it prints
-what each stage learned, measured on held-out prompts with checkable
-answers: exact-match accuracy and how often greedy generation stops at the
-end-of-turn token, before SFT, after SFT and after DPO, plus the reward
-model's pairwise accuracy.
+reward model, DPO and GRPO (all three from the SFT checkpoint). At the end
+it prints what each stage learned, measured on held-out prompts with
+checkable answers: exact-match accuracy and how often greedy generation
+stops at the end-of-turn token, before SFT, after SFT, after DPO and after
+GRPO, plus the reward model's pairwise accuracy.
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ from rich.table import Table
 from llmstages.data import synthetic
 from llmstages.evaluation import evaluate_replies
 
-HELP = "train pretrain -> SFT -> reward model -> DPO on the embedded data and report what each learned"
+HELP = "train pretrain -> SFT -> reward model -> DPO -> GRPO on the embedded data and report what each learned"
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 STAGES = (  # name, config, init_from stage, default steps
     ("pretrain", "pretrain.yaml", None, 400),
     ("sft", "sft.yaml", "pretrain", 300),
     ("reward", "reward.yaml", "sft", 150),
     ("dpo", "dpo.yaml", "sft", 150),
+    ("grpo", "grpo.yaml", "sft", 30),
 )
 
 
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         cli = run_stage(name, CONFIGS / config, out, init_from, max(2, int(steps * args.scale)), [])
         checkpoints[name] = Path(cli.trainer.checkpoint_callback.last_model_path)
         results[name] = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
-        if name in ("pretrain", "sft", "dpo"):
+        if name in ("pretrain", "sft", "dpo", "grpo"):
             quality[name] = answer_quality(cli.model.backbone, _chat_view(cli.datamodule))
     _report(console, results, quality, time.time() - started, out)
 
@@ -125,6 +126,7 @@ def _report(console: Console, results: dict, quality: dict, seconds: float, out:
         "sft": ("val/loss", "val/first_reply_token_acc", "val/stop_rate"),
         "reward": ("val/accuracy", "val/margin"),
         "dpo": ("val/rewards/accuracies", "val/rewards/margins"),
+        "grpo": ("val/exact_match", "val/stop_rate"),
     }
     for stage, metrics in results.items():
         shown = ", ".join(f"{k[4:]}={metrics[k]:.3f}" for k in keys[stage] if k in metrics)
