@@ -383,7 +383,27 @@ HEADLINE = {"loss_mask": "exact_match", "normalize": "grad_rel_error", "packing"
 
 def summary_sentence(family: str, results: dict) -> str:
     """What the numbers show on the family's headline metric, and nothing they do not: which variants
-    differ from the default (the first) by more than twice their seeds' combined spread."""
+    differ from the default by more than twice their seeds' combined spread. Variants named `stage:value`
+    (the packing family) are compared within their stage only, against that stage's `documents` default."""
+    names = [v for v in results if not v.startswith("_")]
+    groups: dict[str, list[str]] = {}
+    for v in names:
+        groups.setdefault(v.split(":")[0] if ":" in v else "", []).append(v)
+    sentences = []
+    for prefix, members in groups.items():
+        default = f"{prefix}:documents" if f"{prefix}:documents" in members else members[0]
+        sentences.append(_compare(family, {v: results[v] for v in [default, *(m for m in members if m != default)]}))
+    text = " ".join(sentences)
+    if family == "dpo" and "sigmoid/legacy_mean_padded" in results and "sigmoid/sum@beta/T" in results:
+        a, b = (statistics.mean(r["pref_accuracy"] for r in results[k]) for k in ("sigmoid/legacy_mean_padded", "sigmoid/sum@beta/T"))
+        c = statistics.mean(r["pref_accuracy"] for r in results["sigmoid/sum"])
+        text += (f" `legacy_mean_padded` reaches preference accuracy {a:.3f}, `sum` at beta/T̄ {b:.3f} and `sum` at beta "
+                 f"{c:.3f}: |legacy - rescaled| {'<' if abs(a - b) < abs(a - c) else '>='} |legacy - sum|.")
+    return text
+
+
+def _compare(family: str, results: dict) -> str:
+    """One group's sentence; the first variant is the default."""
     metric = HEADLINE[family]
     stats = {}
     for v, runs in results.items():
@@ -396,18 +416,13 @@ def summary_sentence(family: str, results: dict) -> str:
     better, worse = [], []
     for v, (mean, std) in stats.items():
         if v != default and abs(mean - mean_d) > 2 * (std + std_d):
-            ((mean < mean_d) == lower_is_better and better or worse).append(f"`{v}` ({mean:.3f})")
+            (better if (mean < mean_d) == lower_is_better else worse).append(f"`{v}` ({mean:.3f})")
     seeds = len(bench_seeds(results))
     text = (f"On `{metric}` ({'lower' if lower_is_better else 'higher'} is better; {seeds} seed{'s' if seeds != 1 else ''}), "
             f"the default `{default}` scores {mean_d:.3f} ± {std_d:.3f}; ")
     text += f"clearly worse: {', '.join(worse)}; " if worse else "no variant is clearly worse; "
     text += f"clearly better: {', '.join(better)}" if better else "none is clearly better"
     text += " (clearly: the means differ by more than twice the summed seed standard deviations; the rest are within noise)."
-    if family == "dpo" and "sigmoid/legacy_mean_padded" in results and "sigmoid/sum@beta/T" in results:
-        a, b = (statistics.mean(r["pref_accuracy"] for r in results[k]) for k in ("sigmoid/legacy_mean_padded", "sigmoid/sum@beta/T"))
-        c = statistics.mean(r["pref_accuracy"] for r in results["sigmoid/sum"])
-        text += (f" `legacy_mean_padded` reaches preference accuracy {a:.3f}, `sum` at beta/T̄ {b:.3f} and `sum` at beta "
-                 f"{c:.3f}: |legacy - rescaled| {'<' if abs(a - b) < abs(a - c) else '>='} |legacy - sum|.")
     return text
 
 

@@ -416,6 +416,9 @@ def test_grpo_raises_its_reward_from_an_sft_checkpoint(cache_dir, tmp_path):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
             self.values.append(float(trainer.callback_metrics["train/completion_length"]))
 
+    from llmstages.data import SFTData
+    from llmstages.stages import SFTModule
+
     torch.manual_seed(0)
     sft_data = SFTData(cache_dir=cache_dir, batch_size=16, seq_len=128, val_fraction=0.0)
     sft = SFTModule(preset="demo", vocab_size=sft_data.vocab_size, lr=2e-3, warmup_steps=10, generate_samples=0)

@@ -52,6 +52,10 @@ def test_summary_sentence_separates_only_beyond_the_seed_spread(variants) -> Non
     text = variants.summary_sentence("loss_mask", results)
     assert "default `a` scores 0.600 ± 0.141" in text
     assert "clearly worse: `b` (0.100)" in text and "none is clearly better" in text and "`c`" not in text
+    results["d"] = [{"exact_match": 0.99}, {"exact_match": 0.99}]
+    assert "clearly better: `d` (0.990)" in variants.summary_sentence("loss_mask", results)
+    lower = {"token": [{"val_loss": 2.0}, {"val_loss": 2.0}], "sum": [{"val_loss": 3.0}, {"val_loss": 3.0}]}
+    assert "clearly worse: `sum` (3.000)" in variants.summary_sentence("packing", lower)
 
 
 @pytest.mark.slow
