@@ -59,3 +59,15 @@ def evaluate_replies(
     model.train(was_training)
     n = len(prompts)
     return {"first_token_acc": first / n, "stop_rate": stopped / n, "exact_match": exact / n, "samples": samples}
+
+
+def log_reply_samples(module, samples: list[dict], tag: str = "sample", key: str = "val/samples") -> None:
+    """Print the first few replies (rank 0) and send all of them to a logger that takes tables (W&B)."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    for sample in samples[:3]:
+        rank_zero_info(f"[{tag}] {sample['reply']!r} (reference {sample['reference']!r}, stopped={sample['stopped']})")
+    logger = module.logger
+    if module.trainer.is_global_zero and logger is not None and hasattr(logger, "log_text"):
+        columns = ["prompt", "reply", "reference", "stopped"]
+        logger.log_text(key=key, columns=columns, data=[[s[c] for c in columns] for s in samples])

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 from llmstages.losses import IGNORE_INDEX
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -32,3 +34,14 @@ def load_benchmark(name: str) -> ModuleType:
     sys.modules[name] = module  # dataclasses resolve their module through sys.modules
     spec.loader.exec_module(module)
     return module
+
+
+def sharpen(module: torch.nn.Module, std: float = 0.15, seed: int = 1) -> None:
+    """Replace the weights with larger random ones so outputs depend visibly on every input."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.ndim >= 2:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+            elif "norm" in name:
+                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=gen))

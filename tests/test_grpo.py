@@ -26,6 +26,7 @@ import lightning as L
 import pytest
 import torch
 
+from helpers import sharpen
 from llmstages.data import PromptData
 from llmstages.data.formats import DataFormatError
 from llmstages.data.prompts import GenerationStepLoader, completion_rows
@@ -74,15 +75,6 @@ def make_trainer(**kwargs) -> L.Trainer:
     )
     return L.Trainer(**{**defaults, **kwargs})
 
-
-def sharpen(module: torch.nn.Module, std: float = 0.15, seed: int = 1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if param.ndim >= 2:
-                param.copy_(torch.randn(param.shape, generator=gen) * std)
-            elif "norm" in name:
-                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=gen))
 
 
 class GradCapture(L.Callback):

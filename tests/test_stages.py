@@ -24,6 +24,7 @@ import lightning as L
 import pytest
 import torch
 
+from helpers import sharpen
 from llmstages.data import synthetic
 from llmstages.data import PreferenceData, PretrainData, SFTData
 from llmstages.data.packing import IGNORE_INDEX, pack_examples, pad_examples, stack_rows
@@ -76,16 +77,6 @@ def make_trainer(**kwargs) -> L.Trainer:
     )
     return L.Trainer(**{**defaults, **kwargs})
 
-
-def sharpen(module: torch.nn.Module, std: float = 0.15, seed: int = 1) -> None:
-    """Replace the weights with larger random ones so outputs depend visibly on every input."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if param.ndim >= 2:
-                param.copy_(torch.randn(param.shape, generator=gen) * std)
-            elif "norm" in name:
-                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=gen))
 
 
 def targets_per_document(logps: torch.Tensor, labels: torch.Tensor, document_ids: torch.Tensor | None) -> list[float]:

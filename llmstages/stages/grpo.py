@@ -53,11 +53,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from llmstages.data.prompts import completion_rows
-from llmstages.evaluation import evaluate_replies
+from llmstages.evaluation import evaluate_replies, log_reply_samples
 from llmstages.losses import (
     IMPORTANCE_SAMPLING_LEVELS,
     LOSS_AGGREGATIONS,
@@ -465,12 +464,9 @@ class GRPOModule(LMStage):
         samples = getattr(self, "_val_samples", [])
         if self._trainer is None or self.trainer.sanity_checking or not samples:
             return
-        for sample in samples[:3]:
-            rank_zero_info(f"[grpo sample] {sample['reply']!r} (reference {sample['reference']!r}, stopped={sample['stopped']})")
+        log_reply_samples(self, samples, tag="grpo sample")
         logger = self.logger
         if self.trainer.is_global_zero and logger is not None and hasattr(logger, "log_text"):
-            columns = ["prompt", "reply", "reference", "stopped"]
-            logger.log_text(key="val/samples", columns=columns, data=[[s[c] for c in columns] for s in samples])
             if self._rollout is not None and self._rollout.samples:  # what the policy sampled in its last step
                 columns = ["prompt", "completion", "reward", "stopped"]
                 rows = [[s[c] for c in columns] for s in self._rollout.samples]

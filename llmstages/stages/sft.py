@@ -13,10 +13,9 @@ The loss is `PretrainModule`'s; what is trained is decided by the data's
 from __future__ import annotations
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 
 from llmstages.losses import target_mask
-from llmstages.evaluation import evaluate_replies
+from llmstages.evaluation import evaluate_replies, log_reply_samples
 from llmstages.stages.base import Weighted
 from llmstages.stages.pretrain import PretrainModule
 
@@ -68,10 +67,4 @@ class SFTModule(PretrainModule):
         # every rank generated the same prompts: logged without cross-rank sync
         self.log("val/stop_rate", quality["stop_rate"], rank_zero_only=True)
         self.log("val/exact_match", quality["exact_match"], rank_zero_only=True)
-        samples = quality["samples"]
-        for sample in samples[:3]:
-            rank_zero_info(f"[sample] {sample['reply']!r} (reference {sample['reference']!r}, stopped={sample['stopped']})")
-        logger = self.logger
-        if self.trainer.is_global_zero and logger is not None and hasattr(logger, "log_text"):
-            columns = ["prompt", "reply", "reference", "stopped"]
-            logger.log_text(key="val/samples", columns=columns, data=[[s[c] for c in columns] for s in samples])
+        log_reply_samples(self, quality["samples"])
