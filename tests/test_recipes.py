@@ -30,19 +30,25 @@ SHAPES = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(SHAPES))
-def model_folder(request, tmp_path_factory, cache: Path) -> tuple[str, Path]:
-    """A Hugging Face folder as a download has it: config.json, safetensors, tokenizer with its chat template."""
-    name = request.param
-    config_class, model_class, template, fields = SHAPES[name]
-    folder = tmp_path_factory.mktemp(name)
-    tokenizer = Tokenizer.from_file(cache / "default-tokenizer-1024")
-    tokenizer.chat_template = ChatTemplate.get(template).jinja
-    tokenizer.save(folder)
-    config = getattr(transformers, config_class)(vocab_size=tokenizer.vocab_size, **fields)
-    torch.manual_seed(0)
-    getattr(transformers, model_class)(config).save_pretrained(folder)
-    return name, folder
+@pytest.fixture(scope="module")
+def model_folders(tmp_path_factory, cache: Path):
+    """shape -> a Hugging Face folder as a download has it: config.json, safetensors, tokenizer and chat template."""
+    made: dict[str, Path] = {}
+
+    def folder_of(name: str) -> Path:
+        if name not in made:
+            config_class, model_class, template, fields = SHAPES[name]
+            folder = tmp_path_factory.mktemp(name)
+            tokenizer = Tokenizer.from_file(cache / "default-tokenizer-1024")
+            tokenizer.chat_template = ChatTemplate.get(template).jinja
+            tokenizer.save(folder)
+            config = getattr(transformers, config_class)(vocab_size=tokenizer.vocab_size, **fields)
+            torch.manual_seed(0)
+            getattr(transformers, model_class)(config).save_pretrained(folder)
+            made[name] = folder
+        return made[name]
+
+    return folder_of
 
 
 def _fit(stage: str, recipe: str, folder: Path, tmp_path: Path, cache: Path, lora: bool):
@@ -65,12 +71,14 @@ def _fit(stage: str, recipe: str, folder: Path, tmp_path: Path, cache: Path, lor
     return lightning_cli(args)
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_recipe_runs_two_steps(model_folder, stage: str, lora: bool, tmp_path: Path, cache: Path) -> None:
-    name, folder = model_folder
-    if (stage, lora) not in (("sft", True), ("dpo", True)) and name != "qwen2.5-0.5b":
-        pytest.skip("one shape covers the full and reward variants; both shapes run SFT and DPO with LoRA")
+# every stage, full and LoRA, on the Qwen2.5 shape; SFT and DPO with LoRA on the Llama-3.2 shape too
+CASES = [("qwen2.5-0.5b", stage, lora) for stage in ("sft", "reward", "dpo") for lora in (False, True)]
+CASES += [("llama3.2-1b", "sft", True), ("llama3.2-1b", "dpo", True)]
+
+
+@pytest.mark.parametrize("shape,stage,lora", CASES, ids=[f"{s}-{st}-{'lora' if lo else 'full'}" for s, st, lo in CASES])
+def test_recipe_runs_two_steps(model_folders, shape: str, stage: str, lora: bool, tmp_path: Path, cache: Path) -> None:
+    name, folder = shape, model_folders(shape)
     cli = _fit(stage, name, folder, tmp_path, cache, lora)
     assert cli.trainer.global_step == 2
     assert cli.trainer.precision == "bf16-mixed"
