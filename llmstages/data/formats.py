@@ -439,6 +439,16 @@ def _system_turn(rec: dict[str, Any]) -> list[_Turn]:
     return [_Turn("system", text, "system", "system")] if text.strip() else []
 
 
+def prompt_turns(rec: dict[str, Any]) -> list[_Turn]:
+    """A record's `prompt` field (a string: one user turn; or a message list), after its optional system prompt."""
+    raw = rec["prompt"]
+    if isinstance(raw, str):
+        return _system_turn(rec) + [_Turn("user", raw, "prompt", "prompt")]
+    if isinstance(raw, list):
+        return _system_turn(rec) + _openai_turns(raw, "prompt")
+    raise _wrong_type("prompt", "a string or an array of messages", raw)
+
+
 def _check_turns(turns: list[_Turn], *, prev_role: Role | None = None, allow_system: bool = True) -> None:
     """Roles in order, no empty user/assistant turns. `prev_role` continues a prompt."""
     for i, turn in enumerate(turns):
@@ -593,13 +603,7 @@ def _parse_preference(value: Any) -> PreferencePair:
         prompt = _system_turn(rec) + _sharegpt_turns(_req_list(rec, "conversations"), "conversations")
     elif "prompt" in rec:
         sharegpt = False
-        raw = rec["prompt"]
-        if isinstance(raw, str):
-            prompt = _system_turn(rec) + [_Turn("user", raw, "prompt", "prompt")]
-        elif isinstance(raw, list):
-            prompt = _system_turn(rec) + _openai_turns(raw, "prompt")
-        else:
-            raise _wrong_type("prompt", "a string or an array of messages", raw)
+        prompt = prompt_turns(rec)
     else:
         raise _Invalid("missing_field", "prompt", "expected 'conversations' (sharegpt) or 'prompt'")
     _check_turns(prompt)

@@ -42,15 +42,13 @@ from llmstages.data.formats import (
     _Collector,
     _Invalid,
     _json_records,
-    _openai_turns,
     _req_str,
-    _system_turn,
     _to_messages,
-    _Turn,
     _wrong_type,
+    prompt_turns,
     read_chat,
 )
-from llmstages.data.templates import ChatTemplate
+from llmstages.data.templates import resolve_template
 from llmstages.losses import IGNORE_INDEX
 from llmstages.options import OnError, TemplateName, check_choice, choices
 
@@ -69,13 +67,7 @@ def _parse_prompt_record(value: Any) -> PromptRecord:
         raise _wrong_type(None, "an object", value)
     if "prompt" not in value:
         raise _Invalid("missing_field", "prompt")
-    raw = value["prompt"]
-    if isinstance(raw, str):
-        turns = _system_turn(value) + [_Turn("user", raw, "prompt", "prompt")]
-    elif isinstance(raw, list):
-        turns = _system_turn(value) + _openai_turns(raw, "prompt")
-    else:
-        raise _wrong_type("prompt", "a string or an array of messages", raw)
+    turns = prompt_turns(value)
     _check_turns(turns)
     if not turns or turns[-1].role != "user":
         raise _Invalid("prompt_not_user", turns[-1].role_field if turns else "prompt")
@@ -182,7 +174,7 @@ class PromptData(StageData):
         self.on_error = check_choice("on_error", on_error, choices(OnError))
         if max_prompt_len < 1 or num_prompts < 1:
             raise ValueError(f"max_prompt_len and num_prompts must be >= 1, got {max_prompt_len}, {num_prompts}")
-        self.template = ChatTemplate.get(template)
+        self.template = resolve_template(template, self.tokenizer)  # named, or auto/hf: the tokenizer's own
         self.max_prompt_len, self.num_prompts = max_prompt_len, num_prompts
         self.num_iterations = 1  # set by the stage (GRPOModule.num_iterations) before the loaders are built
 
