@@ -32,6 +32,7 @@ value; runs are grouped in offline W&B by family (`group`) and variant
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -441,15 +442,9 @@ def rebuild_report(family: str, out: Path) -> None:
 
 
 def _report_body(family: str, results: dict, seeds: list[str], out: Path) -> str:
-    report = Report(family, "", argparse_namespace(quick=False, repeats=1, warmup=0))
+    report = Report(family, "", argparse.Namespace(quick=False, repeats=1, warmup=0))
     _fill(report, family, results, seeds, out)
     return "\n".join(report.parts)
-
-
-def argparse_namespace(**kwargs):
-    import argparse
-
-    return argparse.Namespace(**kwargs)
 
 
 def write_report(family: str, results: dict, args, out: Path, report: Report) -> None:
