@@ -31,7 +31,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,11 +121,18 @@ def cases(stages: list[str], classes: list[str]) -> list[Case]:
 
 def env() -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("LLMSTAGES_", "WANDB_"))}
-    return {**base, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore"}
+    path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parent), base.get("PYTHONPATH")) if p)
+    return {**base, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore",
+            "PYTHONPATH": path}  # PYTHONPATH: the runs import fault_injection
 
 
-def fragment(work: Path, stage: str, steps: int, every: int) -> Path:
-    """Tiny model, short rows, no validation, CSV logging every step, checkpoints every `every` steps."""
+def fragment(work: Path, stage: str, steps: int, every: int, kill_at: int | None = None) -> Path:
+    """Tiny model, short rows, no validation, CSV logging every step, checkpoints every `every` steps
+    (and, with `kill_at`, a SIGKILL of the run right after step `kill_at`'s checkpoint)."""
+    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"save_last": True, "every_n_train_steps": every}}]
+    if kill_at is not None:
+        callbacks.append({"class_path": "fault_injection.KillAtStep", "init_args": {"step": kill_at}})
     model = {"preset": "tiny", "warmup_steps": 2}
     if stage == "sft":
         model["generate_samples"] = 0
@@ -135,8 +141,7 @@ def fragment(work: Path, stage: str, steps: int, every: int) -> Path:
             "accelerator": "cpu", "devices": 1, "max_steps": steps, "log_every_n_steps": 1,
             "val_check_interval": 100_000, "limit_val_batches": 0, "num_sanity_val_steps": 0,
             "enable_progress_bar": False, "enable_model_summary": False,
-            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                           "init_args": {"save_last": True, "every_n_train_steps": every}}],
+            "callbacks": callbacks,
             "logger": {"class_path": "llmstages.loggers.CSVLogger", "init_args": {"flush_logs_every_n_steps": 1}},
         },
         "model": {"init_args": model},
@@ -144,7 +149,7 @@ def fragment(work: Path, stage: str, steps: int, every: int) -> Path:
     }
     if stage == "sft":
         override["data"]["init_args"]["packing"] = "none"  # examples of very different lengths per micro-batch
-    path = work / f"{stage}.yaml"
+    path = work / f"{stage}{'-kill' if kill_at is not None else ''}.yaml"
     path.write_text(yaml.safe_dump(override))
     return path
 
@@ -160,14 +165,14 @@ def small_sft_file(work: Path) -> Path:
     return path
 
 
-def command(work: Path, case: Case, run: Run, steps: int) -> list[str]:
+def command(work: Path, case: Case, run: Run, steps: int, kill: bool = False) -> list[str]:
     args = []
     for arg in run.args:
         args += (["--data.init_args.files", f"[{small_sft_file(work)}]", "--data.init_args.val_fraction", "0"]
                  if arg == "@small" else [arg])
     every = run.kill_at or steps
     return [str(BIN / "llmstages"), "fit", "--config", str(CONFIGS / f"{case.stage}.yaml"),
-            "--config", str(fragment(work, case.stage, steps, every)),
+            "--config", str(fragment(work, case.stage, steps, every, run.kill_at if kill else None)),
             "--trainer.default_root_dir", str(work / "runs"), "--run_name", run_dir_name(case, run), *args]
 
 
@@ -176,29 +181,29 @@ def run_dir_name(case: Case, run: Run) -> str:
 
 
 def launch(work: Path, case: Case, run: Run, steps: int, timeout: float) -> Path:
-    cmd = command(work, case, run, steps)
     folder = work / "runs" / case.stage / run_dir_name(case, run)
-    if run.kill_at is not None:
-        process = subprocess.Popen(cmd, cwd=work, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True, start_new_session=True)
-        target = folder / "checkpoints" / "last.ckpt"
-        deadline = time.monotonic() + timeout
-        while not target.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                os.killpg(process.pid, signal.SIGKILL)
-                raise RuntimeError(f"{case.stage}/{run.name}: no checkpoint at step {run.kill_at}:\n{process.stdout.read()[-2000:]}")
-            time.sleep(0.05)
-        os.killpg(process.pid, signal.SIGKILL)  # mid-epoch, right after step kill_at's checkpoint
-        process.wait(timeout=30)
+    cmd = command(work, case, run, steps)
+    if run.kill_at is not None:  # the first attempt kills itself right after step kill_at's checkpoint
+        killed = execute(command(work, case, run, steps, kill=True), work, case, run, timeout)
+        saved = folder / "checkpoints" / "last.ckpt"
+        if killed.returncode != -signal.SIGKILL or not saved.exists():
+            raise RuntimeError(f"{case.stage}/{run.name}: expected a SIGKILL after the checkpoint of step {run.kill_at}, "
+                               f"got exit {killed.returncode}, {saved} {'exists' if saved.exists() else 'missing'}:\n"
+                               f"{killed.stderr[-2000:]}")
         cmd = [*cmd, "--ckpt_path", "last"]
-    try:
-        result = subprocess.run(cmd, cwd=work, env=env(), capture_output=True, text=True, timeout=timeout,
-                                start_new_session=True)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"{case.stage}/{run.name}: timed out after {timeout} s (a hang?): {' '.join(cmd)}") from None
+    result = execute(cmd, work, case, run, timeout)
     if result.returncode != 0:
         raise RuntimeError(f"{case.stage}/{run.name} exited {result.returncode}:\n{result.stderr[-3000:]}")
     return folder
+
+
+def execute(cmd: list[str], work: Path, case: Case, run: Run, timeout: float) -> subprocess.CompletedProcess:
+    """One attempt in its own session (so a kill takes all its ranks and nothing else), bounded by `timeout`."""
+    try:
+        return subprocess.run(cmd, cwd=work, env=env(), capture_output=True, text=True, timeout=timeout,
+                              start_new_session=True)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{case.stage}/{run.name}: timed out after {timeout} s (a hang?): {' '.join(cmd)}") from None
 
 
 def trajectory(folder: Path, key: str) -> dict[int, float]:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,15 +20,20 @@ TORCHRUN = str(BIN / "torchrun")
 
 def env(**extra: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("LLMSTAGES_", "WANDB_"))}
+    path = os.pathsep.join(p for p in (str(ROOT / "benchmarks"), base.get("PYTHONPATH")) if p)  # fault_injection
     return {**base, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-            "PYTHONWARNINGS": "ignore", **extra}
+            "PYTHONWARNINGS": "ignore", "PYTHONPATH": path, **extra}
 
 
 def tiny_fragment(tmp: Path, cache: Path, *, steps: int, every: int | None = None, stage: str = "sft",
-                  seq_len: int = 64, batch_size: int = 4, accumulate: int = 1, extra: dict | None = None) -> Path:
-    """A config fragment: tiny model, short rows, CSV logging every step, checkpoints every `every` steps."""
+                  seq_len: int = 64, batch_size: int = 4, accumulate: int = 1, extra: dict | None = None,
+                  kill_at: int | None = None) -> Path:
+    """A config fragment: tiny model, short rows, CSV logging every step, checkpoints every `every` steps;
+    with `kill_at`, the run SIGKILLs itself (its whole group) right after step `kill_at`'s checkpoint."""
     callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                   "init_args": {"save_last": True, "every_n_train_steps": every or steps}}]
+    if kill_at is not None:
+        callbacks.append({"class_path": "fault_injection.KillAtStep", "init_args": {"step": kill_at}})
     model = {"preset": "tiny"}
     if stage == "sft":
         model.update(generate_samples=0)
@@ -72,20 +75,6 @@ def run(args: list[str], cwd: Path, timeout: float = 120, launcher: list[str] | 
 def start(args: list[str], cwd: Path, **env_extra: str) -> subprocess.Popen:
     return subprocess.Popen([LLMSTAGES, *args], cwd=cwd, env=env(**env_extra), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def kill_when(process: subprocess.Popen, exists: Path, timeout: float = 120) -> None:
-    """SIGKILL `process` (its whole group) as soon as `exists` appears."""
-    deadline = time.monotonic() + timeout
-    while not exists.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"finished before {exists} appeared:\n{process.stdout.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
-            raise AssertionError(f"{exists} did not appear within {timeout} s")
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
 
 
 def step_losses(run_dir: Path, key: str = "train/loss") -> dict[int, list[float]]:

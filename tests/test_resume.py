@@ -6,7 +6,9 @@ import json
 import pytest
 import torch
 
-from clirun import CONFIGS, fit_args, kill_when, ok, run, start, step_losses, tiny_fragment
+import signal
+
+from clirun import CONFIGS, fit_args, ok, run, start, step_losses, tiny_fragment
 
 pytestmark = pytest.mark.distributed  # spawns processes
 
@@ -14,12 +16,14 @@ pytestmark = pytest.mark.distributed  # spawns processes
 def _kill_and_resume(tmp_path, stage: str, steps: int, every: int, accumulate: int, more: tuple[str, ...] = ()) -> None:
     cache = tmp_path / "cache"
     fragment = tiny_fragment(tmp_path, cache, stage=stage, steps=steps, every=every, accumulate=accumulate)
+    kill = tiny_fragment(tmp_path, cache, stage=stage, steps=steps, every=every, accumulate=accumulate, kill_at=every)
     args = fit_args(stage, fragment, "--trainer.default_root_dir", str(tmp_path / "runs"), *more)
     ok(run([*args, "--run_name", "warmup", "--trainer.max_steps", "1"], tmp_path))  # builds caches once
     full = start([*args, "--run_name", "full"], tmp_path)
-    killed = start([*args, "--run_name", "killed"], tmp_path)
+    killed = run([*fit_args(stage, kill, "--trainer.default_root_dir", str(tmp_path / "runs"), *more),
+                  "--run_name", "killed"], tmp_path, timeout=180)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     stage_root = tmp_path / "runs" / stage
-    kill_when(killed, stage_root / "killed" / "checkpoints" / "last.ckpt")
     saved = torch.load(stage_root / "killed" / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == every  # killed right after the first checkpoint, mid-epoch
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["consumed"] == every * accumulate
