@@ -45,7 +45,8 @@ def tiny_fragment(tmp: Path, cache: Path, *, steps: int, every: int | None = Non
             "logger": {"class_path": "llmstages.loggers.CSVLogger", "init_args": {"flush_logs_every_n_steps": 1}},
         },
         "model": {"init_args": model},
-        "data": {"init_args": {"cache_dir": str(cache), "batch_size": batch_size, "seq_len": seq_len}},
+        "data": {"init_args": {"cache_dir": str(cache), "batch_size": batch_size,
+                               **({"seq_len": seq_len} if stage != "grpo" else {})}},
     }
     for section, values in (extra or {}).items():
         for key, value in values.items():

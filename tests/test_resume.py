@@ -95,3 +95,66 @@ def test_loader_resumes_anywhere_even_inside_an_accumulated_step(consumed):
     if consumed:
         with pytest.raises(ValueError, match="accumulate: 4 -> 2"):
             changed.load_state_dict(state)
+
+
+def _generation_loader(n_items: int, accumulate: int, num_iterations: int, seed: int = 3):
+    from torch.utils.data import DataLoader
+
+    from llmstages.data.loader import ResumableSampler
+    from llmstages.data.prompts import GenerationStepLoader
+
+    items = list(range(n_items))
+    sampler = ResumableSampler(items, num_replicas=1, rank=0, shuffle=True, seed=seed)
+    loader = DataLoader(items, batch_size=2, sampler=sampler, collate_fn=lambda rows: {"prompt_ids": rows})
+    return GenerationStepLoader(loader, accumulate, num_iterations, sampler=sampler, batch_size=2), sampler
+
+
+@pytest.mark.parametrize("consumed", [0, 2, 3, 4, 7, 9])
+def test_prompt_loader_resumes_anywhere_even_inside_a_reused_generation_batch(consumed):
+    """GRPO's loader (accumulation 2, each generation batch used for 2 updates): a resume after any
+    number of trained micro-batches yields exactly what an uninterrupted epoch would have yielded next."""
+    def view(batches):
+        return [(b["prompt_ids"], b["micro_index"], b["iteration"], b["step_prompts"]) for b in batches]
+
+    reference, sampler = _generation_loader(24, 2, 2)
+    sampler.set_epoch(1)
+    full = view(reference)
+    interrupted, sampler = _generation_loader(24, 2, 2)
+    sampler.set_epoch(1)
+    for _, _batch in zip(range(consumed + 1), interrupted):  # one more than trained: Lightning's prefetch
+        pass
+    for _ in range(consumed):
+        interrupted.mark_consumed()
+    state = interrupted.state_dict()
+    resumed, sampler = _generation_loader(24, 2, 2)
+    resumed.load_state_dict(state)
+    sampler.set_epoch(1)
+    assert view(resumed) == full[consumed:]
+    if consumed:
+        with pytest.raises(ValueError, match="num_iterations: 2 -> 1"):
+            _generation_loader(24, 2, 1)[0].load_state_dict(state)
+
+
+def test_grpo_reusing_its_generation_batch_resumes_exactly(tmp_path):
+    """num_iterations 2: the kill lands between the two updates of one generation batch; the checkpoint
+    carries that batch, so the resumed update trains on the same completions."""
+    init = tmp_path / "init.ckpt"
+    sft = tiny_fragment(tmp_path, tmp_path / "cache", stage="sft", steps=30)
+    ok(run([*fit_args("sft", sft, "--trainer.default_root_dir", str(tmp_path / "runs")), "--run_name", "init"], tmp_path))
+    (tmp_path / "runs" / "sft" / "init" / "checkpoints" / "last.ckpt").rename(init)
+    grpo = {"model": {"init_args": {"preset": "tiny", "group_size": 4, "max_completion_length": 8, "reward": "length",
+                                    "init_from": str(init), "num_iterations": 2, "warmup_steps": 1}},
+            "data": {"init_args": {"max_prompt_len": 48, "num_prompts": 64, "batch_size": 2}}}
+    steps, every = 5, 3  # after 3 steps: between the two updates of the generation batch of steps 2 and 3
+    fragment = tiny_fragment(tmp_path, tmp_path / "cache", stage="grpo", steps=steps, every=every, extra=grpo)
+    kill = tiny_fragment(tmp_path, tmp_path / "cache", stage="grpo", steps=steps, every=every, extra=grpo, kill_at=every)
+    root = ("--trainer.default_root_dir", str(tmp_path / "runs"))
+    ok(run([*fit_args("grpo", fragment, *root), "--run_name", "full"], tmp_path, timeout=180))
+    killed = run([*fit_args("grpo", kill, *root), "--run_name", "killed"], tmp_path, timeout=180)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    ok(run([*fit_args("grpo", fragment, *root), "--ckpt_path", "last", "--run_name", "killed"], tmp_path, timeout=180))
+    stage_root = tmp_path / "runs" / "grpo"
+    reference, interrupted = step_losses(stage_root / "full", "train/step_loss"), step_losses(stage_root / "killed", "train/step_loss")
+    assert sorted(reference) == list(range(steps)) and sorted(interrupted) == list(range(steps)), (reference, interrupted)
+    for step in range(every, steps):
+        assert interrupted[step][-1] == pytest.approx(reference[step][-1], rel=1e-6, abs=1e-9), step

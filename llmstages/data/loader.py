@@ -99,17 +99,22 @@ class StepLookaheadLoader:
     # ----------------------------------------------------------------- iteration
 
     def __iter__(self) -> Iterator[dict]:
+        start = self._begin_epoch()
+        step_start = start - start % self.accumulate  # the interrupted step is re-read for its counts
+        if step_start:
+            self.sampler.start = step_start * self.batch_size
+        return self._batches(step_start, start - step_start)
+
+    def _begin_epoch(self) -> int:
+        """The micro-batches of this epoch already trained (non-zero only when resuming into it)."""
         epoch, start = self._sampler_epoch(), 0
         resume, self._resume = self._resume, None
         if resume is not None and int(resume.get("epoch", -1)) == epoch:
             start = int(resume.get("consumed", 0))
         if start and self.sampler is None:
             raise ValueError("this training loader has no ResumableSampler: it can only resume at an epoch boundary")
-        step_start = start - start % self.accumulate  # the interrupted step is re-read for its counts
-        if step_start:
-            self.sampler.start = step_start * self.batch_size
         self._epoch, self._consumed = epoch, start
-        return self._batches(step_start, start - step_start)
+        return start
 
     def _batches(self, first: int, skip: int) -> Iterator[dict]:
         buffer: list[dict] = []

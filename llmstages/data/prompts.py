@@ -34,6 +34,7 @@ import torch
 
 from llmstages.data import synthetic
 from llmstages.data.base import StageData, _batch_limit, _ListDataset
+from llmstages.data.loader import ResumableSampler, StepLookaheadLoader
 from llmstages.data.batch import LMBatch
 from llmstages.data.formats import (
     LoadReport,
@@ -114,20 +115,39 @@ def completion_rows(
     return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
-class GenerationStepLoader:
-    """Micro-batches of prompts, each told the prompts of its whole optimiser step (see the module docstring)."""
+class GenerationStepLoader(StepLookaheadLoader):
+    """Micro-batches of prompts, each told the prompts of its whole optimiser step (see the module docstring).
 
-    def __init__(self, loader: Iterable[dict], accumulate: int, num_iterations: int = 1, limit: int | None = None) -> None:
-        if accumulate < 1 or num_iterations < 1:
-            raise ValueError(f"accumulate and num_iterations must be >= 1, got {accumulate}, {num_iterations}")
-        self.loader, self.accumulate, self.num_iterations, self.limit = loader, accumulate, num_iterations, limit
+    Resumable mid-epoch like every training loader (`StepLookaheadLoader`'s state): a resumed
+    epoch starts the sampler at its interrupted generation batch and yields from the first
+    micro-batch not yet trained.
+    """
+
+    def __init__(
+        self, loader: Iterable[dict], accumulate: int, num_iterations: int = 1, limit: int | None = None,
+        sampler: ResumableSampler | None = None, batch_size: int | None = None,
+    ) -> None:
+        if num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
+        self.num_iterations = num_iterations
+        super().__init__(loader, accumulate, count=None, limit=limit, sampler=sampler, batch_size=batch_size)
 
     def __len__(self) -> int:
         n = len(self.loader) * self.num_iterations  # type: ignore[arg-type]
         return n if self.limit is None else min(n, self.limit)
 
+    def _order(self) -> dict:
+        return {**super()._order(), "num_iterations": self.num_iterations}
+
     def __iter__(self) -> Iterator[dict]:
-        yielded = 0
+        start = self._begin_epoch()
+        span = self.accumulate * self.num_iterations  # what one generation batch yields
+        first = start - start % span
+        if first:
+            self.sampler.start = first // self.num_iterations * self.batch_size
+        return itertools.islice(self._steps(first), start - first, None)
+
+    def _steps(self, yielded: int) -> Iterator[dict]:
         source = iter(self.loader)
         while True:
             step = list(itertools.islice(source, self.accumulate))
@@ -239,8 +259,9 @@ class PromptData(StageData):
         trainer = self.trainer
         accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
         limit = _batch_limit(trainer, len(loader) * self.num_iterations)
-        wrapped = GenerationStepLoader(loader, accumulate, self.num_iterations, limit)
-        wrapped.sampler = loader.sampler  # Lightning calls sampler.set_epoch through this attribute
+        wrapped = GenerationStepLoader(loader, accumulate, self.num_iterations, limit,
+                                       sampler=loader.sampler, batch_size=self.batch_size)  # set_epoch goes through it
+        self._train_loader = wrapped  # told of each micro-batch training takes (StageData.on_before_batch_transfer)
         return wrapped
 
     # ----------------------------------------------------------------- what the stage asks

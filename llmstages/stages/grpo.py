@@ -21,7 +21,8 @@ Design choices:
   `group_size` completions of one prompt and never straddle micro-batches or ranks (each rank
   generates for its own prompts). `scale_rewards: batch` takes the std over every rank's rewards.
 - `num_iterations` > 1 reuses one generation batch for that many optimiser steps (TRL's mu);
-  old-policy log-probs are computed once per generation batch, before any update. With
+  old-policy log-probs are computed once per generation batch, before any update. The batch in
+  use is saved in every checkpoint, so a resume inside it continues on the same completions. With
   `num_iterations: 1` the ratio is exactly 1 (pi_old is pi detached, as TRL does).
 - The frozen reference (`beta > 0`, k3 KL per token) is a copy of the initial policy, held
   outside state_dict like DPO's; `beta: 0` never builds it. `use_bias_correction_kl` multiplies
@@ -35,6 +36,9 @@ Design choices:
 - What backward sees is TRL's micro-batch loss (`losses.aggregate_grpo_loss`) times
   `accumulate_grad_batches`, undoing Lightning's division; DDP's mean over ranks is part of
   TRL's semantics (its dapo/dr_grpo divisors carry the number of ranks).
+- `train/step_loss` is the objective whose gradient the step takes: the sum of the step's
+  micro-batch losses, averaged over ranks (as DDP averages gradients); with `train/grad_norm`
+  (before clipping) it is what the invariance suite compares across batch splits and ranks.
 - Under DDP/FSDP every rank generates for its own prompts, with `fixed_steps` when there is
   more than one rank (FSDP gathers weights in every forward, so ranks run the same number).
   Rollouts are seeded per (rollout_seed, step, prompt index), so a prompt gets the same
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,6 +78,8 @@ from llmstages.rewards import Completions, Rewards
 from llmstages.stages.base import LMStage
 
 __all__ = ["GRPOModule", "sample_completions", "Rollout", "MicroBatch"]
+
+ROLLOUT_KEY = "grpo_rollout"  # checkpoint entry: the generation batch in use (num_iterations > 1)
 
 
 @torch.no_grad()
@@ -201,6 +208,7 @@ class GRPOModule(LMStage):
         self._rollout: Rollout | None = None
         self._data = None
         self._step_started = 0.0
+        self._step_objective = torch.zeros((), dtype=torch.float64)
 
     # ----------------------------------------------------------------- set-up
 
@@ -225,13 +233,21 @@ class GRPOModule(LMStage):
         if self._rewards is None:
             self._rewards = Rewards(hp.reward, hp.reward_weights, hp.reward_model, data.pad_id, self.config.vocab_size)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.hparams.num_iterations > 1 and self._rollout is not None:
+            # a resume may land inside a generation batch: its later updates reuse this rollout
+            checkpoint[ROLLOUT_KEY] = dataclasses.asdict(self._rollout)
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # before the checkpoint's weights load: the backbone still holds the initial policy
         if not self._initialised and self.hparams.init_from is not None:
             super().setup("fit")
         self._copy_reference()
         super().on_load_checkpoint(checkpoint)
-        self._rollout = None
+        saved = checkpoint.get(ROLLOUT_KEY)
+        self._rollout = None if saved is None else Rollout(
+            **{**saved, "micro_batches": [MicroBatch(**m) for m in saved["micro_batches"]]})
 
     def _copy_reference(self) -> None:
         if self.hparams.beta > 0 and self._reference is None:
@@ -241,6 +257,11 @@ class GRPOModule(LMStage):
     def on_fit_start(self) -> None:
         if self._reference is not None:
             self._reference.to(self.device)
+        if self._rollout is not None:  # restored from a checkpoint
+            move = lambda t: None if t is None else t.to(self.device)  # noqa: E731
+            for part in self._rollout.micro_batches:
+                part.rows = {k: v.to(self.device) for k, v in part.rows.items()}
+                part.advantages, part.old_logps, part.ref_logps = map(move, (part.advantages, part.old_logps, part.ref_logps))
         if self._rewards is not None:
             self._rewards.to(self.device)
 
@@ -411,6 +432,7 @@ class GRPOModule(LMStage):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss, stats, _ = self.compute_loss(batch)
+        self._step_objective += stats["loss"].double()
         for name, value in stats.items():
             self.log(f"train/{name}", value, prog_bar=name in self.PROGRESS_BAR, batch_size=1)
         return loss
@@ -418,6 +440,16 @@ class GRPOModule(LMStage):
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if batch["micro_index"] == 0:
             self._step_started = time.perf_counter()
+            self._step_objective = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # the objective the step's gradient is the gradient of: the sum of TRL's micro-batch losses,
+        # averaged over ranks as DDP averages their gradients (split-invariant for dapo and dr_grpo)
+        objective = self._step_objective
+        if self._world_size > 1:
+            objective = self.trainer.strategy.reduce(objective, reduce_op="sum") / self._world_size
+        self.log("train/step_loss", objective.float(), sync_dist=False)
+        super().on_before_optimizer_step(optimizer)  # train/grad_norm
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if batch["micro_index"] == len(batch["step_prompts"]) - 1 and self._rollout is not None:
