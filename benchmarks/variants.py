@@ -9,7 +9,9 @@ on the same data with several seeds, and only the family's option differs:
 - `normalize` (token, micro_batch, sequence, sum): for one optimiser step of 4
   accumulated micro-batches of very different lengths, the cosine and the
   relative norm error of each variant's gradient against the full-batch
-  token-mean gradient, and the effective per-token weight of the shortest and
+  token-mean gradient, in one process (`grad_*`) and split over 2 gloo
+  processes of 2 micro-batches each with gradients averaged as DDP does
+  (`ddp_grad_*`), and the effective per-token weight of the shortest and
   longest example (the length bias); then validation loss and exact match
   after training with that accumulation.
 - `packing`: SFT `none` vs `documents` (exact match, held-out loss on
@@ -27,7 +29,8 @@ on the same data with several seeds, and only the family's option differs:
 
 Reports: `<out>/<family>.md` with PNG plots beside them and a JSON of every
 value; runs are grouped in offline W&B by family (`group`) and variant
-(`job_type`) when `--wandb` is given.
+(`job_type`), in `<cache>/wandb` (never beside the committed reports); `--no-wandb` turns it off,
+`wandb sync <cache>/wandb/offline-run-*` uploads them.
 """
 
 from __future__ import annotations
@@ -47,14 +50,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Report, base_parser, output_dir  # noqa: E402
 
 from llmstages.callbacks import batch_tokens  # noqa: E402
-from llmstages.data import PreferenceData, PretrainData, SFTData, synthetic  # noqa: E402
+from llmstages.data import PreferenceData, PretrainData, PromptData, SFTData, synthetic  # noqa: E402
 from llmstages.evaluation import evaluate_replies  # noqa: E402
-from llmstages.losses import count_sequences, count_targets, reduce_token_loss  # noqa: E402
+from llmstages.losses import count_sequences, count_targets, reduce_token_loss, target_mask  # noqa: E402
 from llmstages.model.generate import generate  # noqa: E402
-from llmstages.options import LossMask, Normalize, choices  # noqa: E402
-from llmstages.stages import DPOModule, PretrainModule, SFTModule  # noqa: E402
+from llmstages.options import LossAggregation, LossMask, Normalize, choices  # noqa: E402
+from llmstages.stages import DPOModule, GRPOModule, PretrainModule, SFTModule  # noqa: E402
 
-FAMILIES = ("loss_mask", "normalize", "packing", "dpo")
+FAMILIES = ("loss_mask", "normalize", "packing", "dpo", "grpo")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 EVAL_SEED = 4242  # held-out prompts: synthetic's `eval` stream, which no training set draws from
 
@@ -98,18 +101,19 @@ class StepLosses(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.seconds += time.perf_counter() - self._start
-        self.labelled += batch_tokens(batch)[1]
+        if "prompt_ids" not in batch:  # GRPO's prompt batches carry no labels (RolloutCurves measures them)
+            self.labelled += batch_tokens(batch)[1]
         if (batch_idx + 1) % trainer.accumulate_grad_batches == 0 and "train/loss" in trainer.callback_metrics:
             self.losses.append(float(trainer.callback_metrics["train/loss"]))
 
 
-def fit(module, data, steps: int, accumulate: int = 1, logger=None) -> tuple[list[float], float]:
+def fit(module, data, steps: int, accumulate: int = 1, logger=None, callbacks=(), **trainer_args) -> tuple[list[float], float]:
     """Train; returns the loss curve and labelled (trained) tokens per second of training step."""
     curve = StepLosses()
     trainer = L.Trainer(
         accelerator="cpu", max_steps=steps, accumulate_grad_batches=accumulate, logger=logger or False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[curve],
+        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[curve, *callbacks], **trainer_args,
     )
     trainer.fit(module, data)
     if logger is not None:
@@ -164,7 +168,7 @@ class Bench:
         from llmstages.loggers import WandbAutoLogger
 
         return WandbAutoLogger(project="llmstages-variants", name=f"{family}-{variant}-s{seed}", group=family,
-                               job_type=variant, save_dir=str(self.out / "wandb"), offline=True)
+                               job_type=variant, save_dir=str(self.cache), offline=True)  # W&B adds wandb/
 
     def checkpoint(self, name: str, build: Callable[[], tuple[object, object, int]]) -> Path:
         path = self.cache / f"{name}-{self.args.preset}-{self.args.scale}.ckpt"
@@ -190,6 +194,15 @@ class Bench:
             return module, data, self.steps(300)
 
         return self.checkpoint("sft", build)
+
+    def short_sft(self, steps: int) -> Path:
+        def build():
+            data = self.data("sft")
+            module = SFTModule(preset=self.args.preset, vocab_size=data.vocab_size, init_from=str(self.pretrained()),
+                               lr=1e-3, generate_samples=0)
+            return module, data, self.steps(steps)
+
+        return self.checkpoint(f"sft{steps}", build)
 
     def steps(self, n: int) -> int:
         return max(4, int(n * self.args.scale))
@@ -238,6 +251,48 @@ def _step_gradient(module, micro: list[dict], normalize: str) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
 
 
+def _ddp_worker(rank: int, world: int, rendezvous: str, build: dict, micro: list[dict], normalize: str, out: str) -> None:
+    """One of `world` gloo processes: this rank's share of the step's micro-batches, with the step's counts
+    summed over ranks (as the stage does), then gradients averaged over ranks (as DDP does)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        module = SFTModule(**build)
+        module.setup("fit")
+        module.zero_grad(set_to_none=True)
+        mine = micro[rank::world]
+        counts = torch.tensor([sum(count_targets(b["labels"]) for b in mine),
+                               sum(count_sequences(b["labels"]) for b in mine)], dtype=torch.float64)
+        dist.all_reduce(counts)
+        for batch in mine:
+            logps = module.target_logps(batch["input_ids"], batch["labels"], batch["position_ids"])
+            loss = reduce_token_loss(-logps, batch["labels"], normalize=normalize, num_step_tokens=int(counts[0]),
+                                     num_step_sequences=int(counts[1]), grad_scale=len(mine) * world)
+            (loss / len(mine)).backward()  # Lightning divides by the accumulation steps
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        for grad in grads:
+            dist.all_reduce(grad)
+            grad /= world
+        if rank == 0:
+            torch.save(torch.cat([g.flatten() for g in grads]), out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_step_gradient(build: dict, micro: list[dict], normalize: str, world: int = 2) -> torch.Tensor:
+    """The step's gradient from `world` real CPU processes (gloo), each accumulating its share of `micro`."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="llmstages-ddp-") as tmp:
+        out = f"{tmp}/grad.pt"
+        mp.spawn(_ddp_worker, args=(world, f"{tmp}/rendezvous", build, micro, normalize, out), nprocs=world)
+        return torch.load(out)
+
+
 def _token_weights(micro: list[dict], normalize: str) -> tuple[float, float]:
     """d loss / d token-NLL of one token of the shortest and of the longest example, relative to `token`'s 1/N."""
     tokens = sum(count_targets(b["labels"]) for b in micro)
@@ -261,18 +316,21 @@ def family_normalize(bench: Bench) -> dict:
         for seed in bench.args.seeds:
             L.seed_everything(seed, verbose=False)
             data = bench.data("sft", seed, packing="none", batch_size=2, shuffle=False)
-            module = SFTModule(preset=bench.args.preset, vocab_size=data.vocab_size, init_from=str(bench.pretrained()),
-                               normalize=variant, lr=1e-3, generate_samples=0)
+            build = dict(preset=bench.args.preset, vocab_size=data.vocab_size, init_from=str(bench.pretrained()),
+                         normalize=variant, lr=1e-3, generate_samples=0)
+            module = SFTModule(**build)
             module.setup("fit")
             micro = _length_mixed_step(data)
             reference = _step_gradient(module, [_merge(micro)], "token")
             gradient = _step_gradient(module, micro, variant)
+            ddp = _ddp_step_gradient(build, micro, variant)
             short, long = _token_weights(micro, variant)
             curve, _ = fit(module, data, bench.steps(150), accumulate=accumulate,
                            logger=bench.logger("normalize", variant, seed))
             scored = bench.data("sft", seed)
             scored.setup("validate")
             row = {"grad_cosine": cosine(gradient, reference), "grad_rel_error": relative_error(gradient, reference),
+                   "ddp_grad_cosine": cosine(ddp, reference), "ddp_grad_rel_error": relative_error(ddp, reference),
                    "weight_short": short, "weight_long": long, "val_loss": held_out_loss(module, scored)["loss"],
                    **reply_quality(module.backbone, scored, bench.args.eval), "curve": curve}
             results.setdefault(variant, []).append(row)
@@ -317,6 +375,13 @@ def family_packing(bench: Bench) -> dict:
             print(f"packing {variant} seed {seed}: " + _short(row), flush=True)
     return results
 
+
+# GRPO runs: exact-match reward, from a short SFT run (held-out exact match ~0.1: room to improve; from the
+# demo's 0.65 it does not move within 100 steps). Temperature 0.5: measured on this model, 120 steps, seeds 0-2,
+# held-out exact match 0.125 -> 0.21/0.17/0.14 at 0.5, 0.20/0.14/0.13 at 0.7, 0.14 at 1.0 (seed 0); at 1.0 the
+# sampled answers are too far from the greedy ones for greedy accuracy to follow the reward.
+GRPO = {"sft_steps": 100, "steps": 120, "prompts": 16, "group_size": 8, "max_completion_length": 16,
+        "temperature": 0.5, "lr": 1e-4}
 
 DPO_VARIANTS = [(loss, red, 0.0) for loss in ("sigmoid", "ipo", "simpo") for red in ("sum", "mean", "legacy_mean_padded")]
 DPO_VARIANTS += [("sigmoid", "sum", 1.0)]
@@ -373,13 +438,74 @@ def family_dpo(bench: Bench) -> dict:
     return results
 
 
+class RolloutCurves(L.Callback):
+    """Per optimiser step of GRPO: mean reward, mean completion length, mean length of the completions
+    with a negative advantage (the wrong answers, under exact match)."""
+
+    def __init__(self) -> None:
+        self.reward, self.length, self.negative_length = [], [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch["micro_index"] != 0 or batch["iteration"] != 0:
+            return
+        rollout = pl_module._rollout
+        self.reward.append(rollout.stats["reward"])
+        self.length.append(rollout.stats["completion_length"])
+        lengths = torch.cat([target_mask(part.rows["labels"]).sum(1).double() for part in rollout.micro_batches])
+        advantages = torch.cat([part.advantages.double().cpu() for part in rollout.micro_batches])
+        negative = lengths[advantages < 0]
+        self.negative_length.append(float(negative.mean()) if negative.numel() else float("nan"))
+
+
+def _mean_of(values: list[float]) -> float:
+    finite = [v for v in values if v == v]
+    return statistics.fmean(finite) if finite else float("nan")
+
+
+def family_grpo(bench: Bench) -> dict:
+    """Every aggregation from one SFT checkpoint, on the same prompts and rollout seeds."""
+    results = {}
+    sft_path = bench.short_sft(GRPO["sft_steps"])
+    scored = bench.data("sft")
+    sft_model = SFTModule(preset=bench.args.preset, vocab_size=scored.vocab_size, init_from=str(sft_path))
+    sft_model.setup("fit")
+    before = reply_quality(sft_model.backbone, scored, bench.args.eval)
+    steps = bench.steps(GRPO["steps"])
+    k = max(1, steps // 4)  # first / last quarter of the run
+    for aggregation in choices(LossAggregation):
+        for seed in bench.args.seeds:
+            L.seed_everything(seed, verbose=False)
+            data = PromptData(cache_dir=str(bench.cache), batch_size=GRPO["prompts"], seed=seed, max_prompt_len=96,
+                              val_fraction=0.0)
+            module = GRPOModule(preset=bench.args.preset, vocab_size=data.vocab_size, init_from=str(sft_path),
+                                lr=GRPO["lr"], warmup_steps=3, group_size=GRPO["group_size"],
+                                max_completion_length=GRPO["max_completion_length"], temperature=GRPO["temperature"],
+                                loss_aggregation=aggregation, rollout_seed=seed)
+            rollouts = RolloutCurves()
+            fit(module, data, steps, logger=bench.logger("grpo", aggregation, seed), callbacks=[rollouts],
+                gradient_clip_val=1.0)
+            quality = reply_quality(module.backbone, scored, bench.args.eval)
+            row = {"exact_match": quality["exact_match"], "exact_match_gain": quality["exact_match"] - before["exact_match"],
+                   "stop_rate": quality["stop_rate"], "reward_first": _mean_of(rollouts.reward[:k]),
+                   "reward_last": _mean_of(rollouts.reward[-k:]), "length_first": _mean_of(rollouts.length[:k]),
+                   "length_last": _mean_of(rollouts.length[-k:]),
+                   "wrong_length_first": _mean_of(rollouts.negative_length[:k]),
+                   "wrong_length_last": _mean_of(rollouts.negative_length[-k:]),
+                   "curve": rollouts.reward, "length_curve": rollouts.length}
+            results.setdefault(aggregation, []).append(row)
+            print(f"grpo {aggregation} seed {seed}: " + _short(row), flush=True)
+    results["_meta"] = {"before": before, "settings": {**GRPO, "steps": steps}}
+    return results
+
+
 def _short(row: dict) -> str:
     return ", ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float))
 
 
 # --------------------------------------------------------------------------- reports and plots
 
-HEADLINE = {"loss_mask": "exact_match", "normalize": "grad_rel_error", "packing": "val_loss", "dpo": "exact_match"}
+HEADLINE = {"loss_mask": "exact_match", "normalize": "grad_rel_error", "packing": "val_loss", "dpo": "exact_match",
+            "grpo": "exact_match"}
 
 
 def summary_sentence(family: str, results: dict) -> str:
@@ -400,6 +526,13 @@ def summary_sentence(family: str, results: dict) -> str:
         c = statistics.mean(r["pref_accuracy"] for r in results["sigmoid/sum"])
         text += (f" `legacy_mean_padded` reaches preference accuracy {a:.3f}, `sum` at beta/T̄ {b:.3f} and `sum` at beta "
                  f"{c:.3f}: |legacy - rescaled| {'<' if abs(a - b) < abs(a - c) else '>='} |legacy - sum|.")
+    if family == "grpo" and "_meta" in results:
+        before = results["_meta"]["before"]["exact_match"]
+        drift = {v: statistics.mean(r["wrong_length_last"] - r["wrong_length_first"] for r in results[v])
+                 for v in names if all("wrong_length_last" in r for r in results[v])}
+        text = (f"Before GRPO the SFT checkpoint scores exact match {before:.3f}. " + text + " Wrong answers' length, "
+                "last quarter minus first quarter of the run (tokens; the length bias the Dr. GRPO paper attributes "
+                "to `grpo` would show as a larger rise there): " + ", ".join(f"`{v}` {d:+.2f}" for v, d in drift.items()) + ".")
     return text
 
 
@@ -494,27 +627,34 @@ def plot(family: str, results: dict, metrics: list[str], out: Path) -> list[Path
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for v in variants:
-        curves = [r["curve"] for r in results[v] if r["curve"]]
-        if not curves:
-            continue
-        n = min(map(len, curves))
-        stacked = torch.tensor([c[:n] for c in curves])
-        mean, low, high = stacked.mean(0), stacked.min(0).values, stacked.max(0).values
-        ax.plot(mean, label=v, linewidth=1)
-        ax.fill_between(range(n), low, high, alpha=0.2)
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel("train/loss (mean, min-max over seeds)")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    paths.append(out / f"{family}_curves.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    for key, label in CURVES.get(family, CURVES["default"]):
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for v in variants:
+            curves = [r[key] for r in results[v] if r.get(key)]
+            if not curves:
+                continue
+            n = min(map(len, curves))
+            stacked = torch.tensor([c[:n] for c in curves])
+            mean, low, high = stacked.mean(0), stacked.min(0).values, stacked.max(0).values
+            ax.plot(mean, label=v, linewidth=1)
+            ax.fill_between(range(n), low, high, alpha=0.2)
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel(f"{label} (mean, min-max over seeds)")
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        paths.append(out / f"{family}_{key.replace('curve', 'curves')}.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
     return paths
 
 
-RUNNERS = {"loss_mask": family_loss_mask, "normalize": family_normalize, "packing": family_packing, "dpo": family_dpo}
+# the curves each family plots: (row key, y-axis label)
+CURVES = {"default": [("curve", "train/loss")],
+          "grpo": [("curve", "mean reward of the step's rollouts"), ("length_curve", "mean completion length (tokens)")]}
+
+
+RUNNERS = {"loss_mask": family_loss_mask, "normalize": family_normalize, "packing": family_packing, "dpo": family_dpo,
+           "grpo": family_grpo}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -525,7 +665,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=0.5, help="multiply every run's steps (1.0: 200 SFT, 150 DPO steps)")
     parser.add_argument("--eval", type=int, default=48, help="held-out prompts per evaluation")
     parser.add_argument("--cache", default=".cache/llmstages-variants", help="tokenizer, token caches, base checkpoints")
-    parser.add_argument("--wandb", action="store_true", help="log every run to offline W&B, grouped by family and variant")
+    parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=True,
+                        help="log every run to offline W&B under <cache>/wandb, grouped by family and variant")
     parser.add_argument("--rebuild", action="store_true", help="rewrite the reports and plots in --out from their JSON")
     args = parser.parse_args(argv)
     if args.rebuild:
@@ -533,7 +674,7 @@ def main(argv: list[str] | None = None) -> None:
             rebuild_report(family, args.out or RESULTS_DIR)
         return
     if args.quick:
-        args.seeds, args.scale, args.eval, args.preset = args.seeds[:1], 0.02, 4, "tiny"
+        args.seeds, args.scale, args.eval, args.preset, args.wandb = args.seeds[:1], 0.02, 4, "tiny", False
     torch.set_num_threads(args.threads or 2)
     out = output_dir(args)
     bench = Bench(args, out)

@@ -429,6 +429,36 @@ def test_grpo_raises_its_reward_from_an_sft_checkpoint(cache_dir, tmp_path):
     assert last < first
 
 
+@pytest.mark.slow
+def test_grpo_raises_held_out_exact_match_from_a_short_sft_run(cache_dir, tmp_path):
+    """pretrain (400 steps) -> SFT (100 steps, held-out exact match ~0.1) -> 120 GRPO steps of 16 prompts x 8
+    completions rewarded by exact match: held-out exact match (128 prompts no training set draws from, greedy)
+    rises. The settings are those of benchmarks/variants.py's grpo family (temperature 0.5)."""
+    from llmstages.data import PretrainData, SFTData
+    from llmstages.stages import PretrainModule, SFTModule
+    from llmstages.tools.demo import answer_quality
+
+    L.seed_everything(0, verbose=False)
+    pre_data = PretrainData(cache_dir=cache_dir, batch_size=16, seq_len=128)
+    pre = PretrainModule(preset="demo", vocab_size=pre_data.vocab_size, lr=3e-3)
+    make_trainer(max_steps=400).fit(pre, pre_data)
+    torch.save({"state_dict": pre.state_dict(), "hyper_parameters": dict(pre.hparams)}, tmp_path / "pre.ckpt")
+    sft_data = SFTData(cache_dir=cache_dir, batch_size=8, seq_len=256)
+    sft = SFTModule(preset="demo", vocab_size=sft_data.vocab_size, init_from=str(tmp_path / "pre.ckpt"), lr=1e-3,
+                    generate_samples=0)
+    make_trainer(max_steps=100).fit(sft, sft_data)
+    torch.save({"state_dict": sft.state_dict(), "hyper_parameters": dict(sft.hparams)}, tmp_path / "sft.ckpt")
+
+    data = PromptData(cache_dir=cache_dir, batch_size=16, max_prompt_len=96, val_fraction=0.0)
+    before = answer_quality(sft.backbone, sft_data, n=128)["exact_match"]
+    grpo = GRPOModule(preset="demo", vocab_size=data.vocab_size, init_from=str(tmp_path / "sft.ckpt"), lr=1e-4,
+                      warmup_steps=3, group_size=8, max_completion_length=16, temperature=0.5)
+    make_trainer(max_steps=120, gradient_clip_val=1.0).fit(grpo, data)
+    after = answer_quality(grpo.backbone, sft_data, n=128)["exact_match"]
+    print(f"held-out exact match: SFT {before:.3f}, after GRPO {after:.3f}")
+    assert before < 0.3 and after > before
+
+
 # --------------------------------------------------------------------------- the shipped config
 
 

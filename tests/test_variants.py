@@ -46,6 +46,36 @@ def test_token_weights_show_the_length_bias(variants) -> None:
     assert variants._token_weights(micro, "sum") == pytest.approx((4.0, 4.0))
 
 
+@pytest.mark.distributed
+def test_two_process_gradient_matches_the_full_batch_only_when_normalisation_is_exact(variants, tmp_path) -> None:
+    """2 gloo processes x 2 micro-batches of very different lengths: `token` gives the full-batch token-mean
+    gradient; `micro_batch` gives the single-process micro_batch gradient, which is not the full-batch one."""
+    from llmstages.stages import SFTModule
+
+    torch.manual_seed(0)
+    module = SFTModule(preset="tiny", vocab_size=64, generate_samples=0)
+    init = tmp_path / "init.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, init)
+    build = dict(preset="tiny", vocab_size=64, init_from=str(init), generate_samples=0)
+
+    def batch(lengths: list[int], width: int = 20) -> dict:
+        labels = torch.full((len(lengths), width), X)
+        for row, n in enumerate(lengths):
+            labels[row, 1:1 + n] = torch.randint(0, 64, (n,))
+        return {"input_ids": torch.randint(0, 64, (len(lengths), width)), "labels": labels,
+                "position_ids": torch.arange(width).expand(len(lengths), width)}
+
+    micro = [batch([1, 2]), batch([18, 19]), batch([3, 1]), batch([17, 16])]
+    single = SFTModule(**build)
+    single.setup("fit")
+    reference = variants._step_gradient(single, [variants._merge(micro)], "token")
+    token = variants._ddp_step_gradient({**build, "normalize": "token"}, micro, "token")
+    assert variants.relative_error(token, reference) < 1e-5
+    per_micro = variants._ddp_step_gradient({**build, "normalize": "micro_batch"}, micro, "micro_batch")
+    assert variants.relative_error(per_micro, variants._step_gradient(single, micro, "micro_batch")) < 1e-5
+    assert variants.relative_error(per_micro, reference) > 0.05
+
+
 def test_summary_sentence_separates_only_beyond_the_seed_spread(variants) -> None:
     results = {"a": [{"exact_match": 0.5}, {"exact_match": 0.7}], "b": [{"exact_match": 0.1}, {"exact_match": 0.1}],
                "c": [{"exact_match": 0.55}, {"exact_match": 0.75}]}
@@ -66,7 +96,9 @@ def test_quick_run_writes_reports(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    for family in ("loss_mask", "normalize", "packing", "dpo"):
+    for family in ("loss_mask", "normalize", "packing", "dpo", "grpo"):
         text = (out / f"{family}.md").read_text()
         assert "Mean ± standard deviation" in text and "command:" in text
         assert (out / f"{family}_metrics.png").stat().st_size > 0
+    assert "ddp_grad_rel_error" in (out / "normalize.md").read_text()
+    assert (out / "grpo_length_curves.png").stat().st_size > 0 and "Before GRPO" in (out / "grpo.md").read_text()
