@@ -40,6 +40,7 @@ pytestmark = [
 ]
 
 TOKEN_REWARD = f"{__name__}:token_reward"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STEP_SCRIPT = Path(__file__).parent / "scripts" / "grpo_step.py"
 
 
@@ -398,8 +399,7 @@ def test_bad_options_are_rejected_by_name():
 @pytest.mark.slow
 def test_grpo_raises_its_reward_from_an_sft_checkpoint(cache_dir, tmp_path):
     """The online loop optimises what it is rewarded for: with `reward: length` (shorter is better), the mean
-    completion length of the last steps is below that of the first. (With `exact_match` the held-out accuracy
-    of this tiny model did not rise within a few dozen steps: that reward is too sparse at this scale.)"""
+    completion length of the last steps is below that of the first."""
 
     class Lengths(L.Callback):
         def __init__(self) -> None:
@@ -430,33 +430,35 @@ def test_grpo_raises_its_reward_from_an_sft_checkpoint(cache_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_grpo_raises_held_out_exact_match_from_a_short_sft_run(cache_dir, tmp_path):
-    """pretrain (400 steps) -> SFT (100 steps, held-out exact match ~0.1) -> 120 GRPO steps of 16 prompts x 8
-    completions rewarded by exact match: held-out exact match (128 prompts no training set draws from, greedy)
-    rises. The settings are those of benchmarks/variants.py's grpo family (temperature 0.5)."""
-    from llmstages.data import PretrainData, SFTData
-    from llmstages.stages import PretrainModule, SFTModule
-    from llmstages.tools.demo import answer_quality
+def test_grpo_raises_held_out_exact_match_from_a_short_sft_run(tmp_path):
+    """The demo's pretraining (400 steps), then 100 SFT steps of configs/sft.yaml (held-out exact match 0.125:
+    room to improve), then 120 GRPO steps of 16 prompts x 8 completions rewarded by exact match at temperature
+    0.5: held-out exact match (128 prompts no training set draws from, greedy) rises, 0.125 -> 0.211 when this
+    test was written. How much varies with the seed (benchmarks/results/grpo.md: several seeds, every aggregation)."""
+    from llmstages.stages import SFTModule
+    from llmstages.tools import demo
+    from llmstages.trainer_cli import lightning_cli
+
+    out = tmp_path / "runs"
+    demo.main(["--out", str(out), "--stages", "pretrain"])
+    lightning_cli(["fit", "--config", str(CONFIGS / "sft.yaml"), "--model.init_args.init_from",
+                   str(out / "pretrain" / "latest" / "checkpoints" / "last.ckpt"), "--trainer.max_steps", "100",
+                   "--trainer.val_check_interval", "100", "--data.init_args.cache_dir", str(out / "cache"),
+                   "--trainer.default_root_dir", str(out), "--run_name", "short", "--trainer.enable_progress_bar",
+                   "false", "--model.init_args.generate_samples", "0"])
+    sft_ckpt = str(out / "sft" / "short" / "checkpoints" / "last.ckpt")
 
     L.seed_everything(0, verbose=False)
-    pre_data = PretrainData(cache_dir=cache_dir, batch_size=16, seq_len=128)
-    pre = PretrainModule(preset="demo", vocab_size=pre_data.vocab_size, lr=3e-3)
-    make_trainer(max_steps=400).fit(pre, pre_data)
-    torch.save({"state_dict": pre.state_dict(), "hyper_parameters": dict(pre.hparams)}, tmp_path / "pre.ckpt")
-    sft_data = SFTData(cache_dir=cache_dir, batch_size=8, seq_len=256)
-    sft = SFTModule(preset="demo", vocab_size=sft_data.vocab_size, init_from=str(tmp_path / "pre.ckpt"), lr=1e-3,
-                    generate_samples=0)
-    make_trainer(max_steps=100).fit(sft, sft_data)
-    torch.save({"state_dict": sft.state_dict(), "hyper_parameters": dict(sft.hparams)}, tmp_path / "sft.ckpt")
-
-    data = PromptData(cache_dir=cache_dir, batch_size=16, max_prompt_len=96, val_fraction=0.0)
-    before = answer_quality(sft.backbone, sft_data, n=128)["exact_match"]
-    grpo = GRPOModule(preset="demo", vocab_size=data.vocab_size, init_from=str(tmp_path / "sft.ckpt"), lr=1e-4,
-                      warmup_steps=3, group_size=8, max_completion_length=16, temperature=0.5)
+    data = PromptData(cache_dir=str(out / "cache"), batch_size=16, max_prompt_len=96, val_fraction=0.0)
+    data.setup("fit")
+    before = demo.answer_quality(SFTModule.load_from_checkpoint(sft_ckpt, map_location="cpu").backbone, data, n=128)
+    grpo = GRPOModule(preset="demo", vocab_size=data.vocab_size, init_from=sft_ckpt, lr=1e-4, warmup_steps=3,
+                      group_size=8, max_completion_length=16, temperature=0.5)
     make_trainer(max_steps=120, gradient_clip_val=1.0).fit(grpo, data)
-    after = answer_quality(grpo.backbone, sft_data, n=128)["exact_match"]
-    print(f"held-out exact match: SFT {before:.3f}, after GRPO {after:.3f}")
-    assert before < 0.3 and after > before
+    after = demo.answer_quality(grpo.backbone, data, n=128)
+    print(f"held-out exact match: SFT {before['exact_match']:.3f}, after GRPO {after['exact_match']:.3f}")
+    assert before["exact_match"] < 0.3 and after["exact_match"] > before["exact_match"]
+    assert after["stop_rate"] > 0.9
 
 
 # --------------------------------------------------------------------------- the shipped config
