@@ -26,6 +26,7 @@ on the same data with several seeds, and only the family's option differs:
     python benchmarks/variants.py                     # every family, 3 seeds
     python benchmarks/variants.py --families dpo      # one family
     python benchmarks/variants.py --quick             # smoke run into a temp folder
+    python benchmarks/variants.py --families loss_mask --sft-data ../shared/data/llamafactory/alpaca_en_demo.json
 
 Reports: `<out>/<family>.md` with PNG plots beside them and a JSON of every
 value; runs are grouped in offline W&B by family (`group`) and variant
@@ -36,6 +37,7 @@ value; runs are grouped in offline W&B by family (`group`) and variant
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -160,6 +162,9 @@ class Bench:
         cls = {"pretrain": PretrainData, "sft": SFTData, "preference": PreferenceData}[kind]
         kwargs.setdefault("batch_size", 8 if kind != "pretrain" else 16)
         kwargs.setdefault("seq_len", 256 if kind == "sft" else 128)
+        files = {"sft": self.args.sft_data, "preference": self.args.pref_data}.get(kind)
+        if files:
+            kwargs.setdefault("files", [str(f) for f in files])
         return cls(cache_dir=str(self.cache), seed=seed, **kwargs)
 
     def logger(self, family: str, variant: str, seed: int):
@@ -171,7 +176,9 @@ class Bench:
                                job_type=variant, save_dir=str(self.cache), offline=True)  # W&B adds wandb/
 
     def checkpoint(self, name: str, build: Callable[[], tuple[object, object, int]]) -> Path:
-        path = self.cache / f"{name}-{self.args.preset}-{self.args.scale}.ckpt"
+        given = [*(self.args.sft_data or []), *(self.args.pref_data or [])]
+        tag = "-" + hashlib.sha1("\n".join(map(str, given)).encode()).hexdigest()[:8] if given else ""
+        path = self.cache / f"{name}-{self.args.preset}-{self.args.scale}{tag}.ckpt"  # one per data choice
         if not path.exists():
             L.seed_everything(0, verbose=False)
             module, data, steps = build()
@@ -663,6 +670,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--preset", default="demo", help="model preset (tiny, demo, small, ...)")
+    parser.add_argument("--sft-data", nargs="+", type=Path, default=None,
+                        help="SFT files (alpaca, sharegpt, messages) instead of the embedded tasks, e.g. "
+                             "../shared/data/llamafactory/alpaca_en_demo.json; exact match stays on the embedded tasks")
+    parser.add_argument("--pref-data", nargs="+", type=Path, default=None,
+                        help="preference files for the dpo family instead of the embedded pairs")
     parser.add_argument("--scale", type=float, default=0.5, help="multiply every run's steps (1.0: 200 SFT, 150 DPO steps)")
     parser.add_argument("--eval", type=int, default=48, help="held-out prompts per evaluation")
     parser.add_argument("--cache", default=".cache/llmstages-variants", help="tokenizer, token caches, base checkpoints")

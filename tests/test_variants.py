@@ -76,6 +76,24 @@ def test_two_process_gradient_matches_the_full_batch_only_when_normalisation_is_
     assert variants.relative_error(per_micro, reference) > 0.05
 
 
+def test_real_data_files_reach_the_data_modules_and_key_the_checkpoints(variants, tmp_path, monkeypatch) -> None:
+    import argparse
+
+    from llmstages.stages import PretrainModule
+
+    def bench(**files):
+        args = argparse.Namespace(cache=str(tmp_path), preset="tiny", scale=0.1, **{"sft_data": None, "pref_data": None,
+                                                                                     **files})
+        return variants.Bench(args, tmp_path)
+
+    given, embedded = bench(sft_data=[Path("a.json")], pref_data=[Path("b.json")]), bench()
+    assert given.data("sft").files == [Path("a.json")] and given.data("preference").files == [Path("b.json")]
+    assert embedded.data("sft").files is None and embedded.data("preference").files is None
+    monkeypatch.setattr(variants, "fit", lambda *args, **kwargs: ([], 0.0))  # no training: only the file names
+    build = lambda: (PretrainModule(preset="tiny", vocab_size=32), None, 1)  # noqa: E731
+    assert given.checkpoint("x", build) != embedded.checkpoint("x", build)  # other data never reuses a checkpoint
+
+
 def test_summary_sentence_separates_only_beyond_the_seed_spread(variants) -> None:
     results = {"a": [{"exact_match": 0.5}, {"exact_match": 0.7}], "b": [{"exact_match": 0.1}, {"exact_match": 0.1}],
                "c": [{"exact_match": 0.55}, {"exact_match": 0.75}]}
