@@ -337,18 +337,23 @@ def _rms_norm_fused(self, x):
     return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def _attention_fused_qkv(self, x, cos, sin, mask):
+def _attention_fused_qkv(self, x, cos, sin, mask, cache=None, layer=0):
+    """`Attention.forward` (training: no KV cache) with one matmul for q, k and v."""
     from llmstages.model.transformer import apply_rope
 
+    if cache is not None:
+        raise ValueError("the fused-QKV variant is timed in training only (no KV cache)")
     batch, length, _ = x.shape
     weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
     bias = None if self.q_proj.bias is None else torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
     kv = self.n_kv_head * self.head_dim
     q, k, v = F.linear(x, weight, bias).split([self.n_head * self.head_dim, kv, kv], dim=-1)
-    q = q.view(batch, length, self.n_head, self.head_dim).transpose(1, 2)
-    k = k.view(batch, length, self.n_kv_head, self.head_dim).transpose(1, 2)
+    q = q.view(batch, length, self.n_head, self.head_dim)
+    k = k.view(batch, length, self.n_kv_head, self.head_dim)
     v = v.view(batch, length, self.n_kv_head, self.head_dim).transpose(1, 2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if self.q_norm is not None:
+        q, k = self.q_norm(q), self.k_norm(k)
+    q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
     y = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_head != self.n_head
     )
