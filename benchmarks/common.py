@@ -35,6 +35,14 @@ RESULTS = ROOT / "benchmarks" / "results"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def data_files(path: Path, embedded: str) -> tuple[list[str] | None, str]:
+    """(files for a data module, what the report names as the source): `path` when it exists,
+    else None (the embedded data, described by `embedded`)."""
+    if path.is_file():
+        return [str(path)], str(path)
+    return None, f"{embedded} (real data not found)"
+
+
 # --------------------------------------------------------------------------- timing
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED_DATA, Report, alternate, base_parser, med_range, output_dir, paired_ratios, set_threads  # noqa: E402
+from common import SHARED_DATA, Report, alternate, base_parser, data_files, med_range, output_dir, paired_ratios, set_threads  # noqa: E402
 
 from llmstages.data import PreferenceData  # noqa: E402
 from llmstages.model.config import ModelConfig  # noqa: E402
@@ -67,8 +67,7 @@ def main() -> None:
     if args.quick:
         args.repeats = min(args.repeats, 3)
     out = output_dir(args)
-    files = [str(args.data)] if args.data.is_file() else None
-    source = str(args.data) if files else "the embedded preference pairs (real data not found)"
+    files, source = data_files(args.data, "the embedded preference pairs")
     report = Report("dpo_reference", "DPO reference cost: `reference: precompute` vs `live`", args)
 
     with tempfile.TemporaryDirectory() as cache:

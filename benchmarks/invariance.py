@@ -78,11 +78,17 @@ def split(batch: int, accumulate: int, *extra: str, name: str | None = None) -> 
                                                  "--trainer.accumulate_grad_batches", str(accumulate), *extra])
 
 
+def batch_splits(*extra: str, suffix: str = "") -> list[Run]:
+    """Global batch 8 as 8x1 (the reference), 4x2 and 1x8, each with the same extra arguments."""
+    return [split(batch, accumulate, *extra, name=f"{batch}x{accumulate}{suffix}")
+            for batch, accumulate in ((8, 1), (4, 2), (1, 8))]
+
+
 def cases(stages: list[str], classes: list[str]) -> list[Case]:
     out: list[Case] = []
     for stage in stages:
         if "batch_split" in classes:
-            out.append(Case(stage, "batch_split", [split(8, 1), split(4, 2), split(1, 8)]))
+            out.append(Case(stage, "batch_split", batch_splits()))
         if "world_size" in classes:
             ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
             fsdp = ["--config", str(CONFIGS / "fragments" / "fsdp.yaml"), "--trainer.devices", "2"]
@@ -106,15 +112,11 @@ def cases(stages: list[str], classes: list[str]) -> list[Case]:
                             note="context only: bf16 rounds every matmul"))
     if "batch_split" in classes and "sft" in stages:  # sequence: exact by construction (the step's sequence count)
         sequence = ["--model.init_args.normalize", "sequence"]
-        out.append(Case("sft", "batch_split", [split(8, 1, *sequence, name="8x1 sequence"),
-                                               split(4, 2, *sequence, name="4x2 sequence"),
-                                               split(1, 8, *sequence, name="1x8 sequence")], note="normalize: sequence"))
+        out.append(Case("sft", "batch_split", batch_splits(*sequence, suffix=" sequence"), note="normalize: sequence"))
     if "batch_split" in classes and "grpo" in stages:  # grpo: exact when every micro-batch holds as many completions
         agg = ["--model.init_args.loss_aggregation"]
         for name in ("dr_grpo", "grpo"):
-            out.append(Case("grpo", "batch_split", [split(8, 1, *agg, name, name=f"8x1 {name}"),
-                                                    split(4, 2, *agg, name, name=f"4x2 {name}"),
-                                                    split(1, 8, *agg, name, name=f"1x8 {name}")],
+            out.append(Case("grpo", "batch_split", batch_splits(*agg, name, suffix=f" {name}"),
                             note=f"loss_aggregation: {name}"))
     if "packing" in classes and "sft" in stages:
         # one step = the whole (small) training set, so packed and unpacked steps hold the same examples
@@ -134,12 +136,11 @@ def cases(stages: list[str], classes: list[str]) -> list[Case]:
     if "batch_split" in classes:  # negative controls
         if "sft" in stages:
             micro = ["--model.init_args.normalize", "micro_batch"]
-            out.append(Case("sft", "batch_split", [split(8, 1, *micro), split(4, 2, *micro), split(1, 8, *micro)],
-                            control=True, note="normalize: micro_batch"))
+            out.append(Case("sft", "batch_split", batch_splits(*micro), control=True, note="normalize: micro_batch"))
         if "grpo" in stages:
             bnpo = ["--model.init_args.loss_aggregation", "bnpo"]
-            out.append(Case("grpo", "batch_split", [split(8, 1, *bnpo), split(4, 2, *bnpo), split(1, 8, *bnpo)],
-                            control=True, note="loss_aggregation: bnpo (divides by each micro-batch's own tokens)"))
+            out.append(Case("grpo", "batch_split", batch_splits(*bnpo), control=True,
+                            note="loss_aggregation: bnpo (divides by each micro-batch's own tokens)"))
         if "dpo" in stages:
             legacy = ["--model.init_args.logp_reduction", "legacy_mean_padded"]
             out.append(Case("dpo", "batch_split", [split(8, 1, *legacy), split(1, 8, *legacy)], control=True,

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED_DATA, Report, alternate, base_parser, med_range, output_dir, set_threads  # noqa: E402
+from common import SHARED_DATA, Report, alternate, base_parser, data_files, med_range, output_dir, set_threads  # noqa: E402
 
 from llmstages.data import SFTData  # noqa: E402
 from llmstages.losses import IGNORE_INDEX, reduce_token_loss, token_logps  # noqa: E402
@@ -121,8 +121,7 @@ def main() -> None:
     if args.quick:
         args.repeats = min(args.repeats, 3)
     out = output_dir(args)
-    files = [str(args.data)] if args.data.is_file() else None
-    source = str(args.data) if files else "the embedded SFT conversations (real data not found)"
+    files, source = data_files(args.data, "the embedded SFT conversations")
     report = Report("packing_throughput", "Packing: labelled tokens/s with `packing: documents` vs `none`", args)
 
     ratio_rows, layout_rows = [], []

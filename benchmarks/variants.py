@@ -245,16 +245,24 @@ def _length_mixed_step(data: SFTData, per_micro: int = 2, micro_batches: int = 4
     return [data._collate(chosen[i * per_micro:(i + 1) * per_micro]) for i in range(micro_batches)]
 
 
-def _step_gradient(module, micro: list[dict], normalize: str) -> torch.Tensor:
-    """The optimiser step's gradient as the stage computes it: loss(grad_scale = A) / A per micro-batch (Lightning)."""
-    module.zero_grad(set_to_none=True)
-    tokens = sum(count_targets(b["labels"]) for b in micro)
-    sequences = sum(count_sequences(b["labels"]) for b in micro)
+def _counts(micro: list[dict]) -> tuple[int, int]:
+    """Target tokens and sequences of the given micro-batches."""
+    return sum(count_targets(b["labels"]) for b in micro), sum(count_sequences(b["labels"]) for b in micro)
+
+
+def _accumulate(module, micro: list[dict], normalize: str, counts: tuple[int, int], grad_scale: float) -> None:
+    """Backward over `micro` as the stage does it: loss(step counts, grad_scale) / accumulation steps (Lightning)."""
     for batch in micro:
         logps = module.target_logps(batch["input_ids"], batch["labels"], batch["position_ids"])
-        loss = reduce_token_loss(-logps, batch["labels"], normalize=normalize, num_step_tokens=tokens,
-                                 num_step_sequences=sequences, grad_scale=len(micro))
+        loss = reduce_token_loss(-logps, batch["labels"], normalize=normalize, num_step_tokens=counts[0],
+                                 num_step_sequences=counts[1], grad_scale=grad_scale)
         (loss / len(micro)).backward()
+
+
+def _step_gradient(module, micro: list[dict], normalize: str) -> torch.Tensor:
+    """The optimiser step's gradient in one process accumulating `micro` (grad_scale = accumulation steps)."""
+    module.zero_grad(set_to_none=True)
+    _accumulate(module, micro, normalize, _counts(micro), grad_scale=len(micro))
     return torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
 
 
@@ -270,14 +278,9 @@ def _ddp_worker(rank: int, world: int, rendezvous: str, build: dict, micro: list
         module.setup("fit")
         module.zero_grad(set_to_none=True)
         mine = micro[rank::world]
-        counts = torch.tensor([sum(count_targets(b["labels"]) for b in mine),
-                               sum(count_sequences(b["labels"]) for b in mine)], dtype=torch.float64)
+        counts = torch.tensor(_counts(mine), dtype=torch.float64)
         dist.all_reduce(counts)
-        for batch in mine:
-            logps = module.target_logps(batch["input_ids"], batch["labels"], batch["position_ids"])
-            loss = reduce_token_loss(-logps, batch["labels"], normalize=normalize, num_step_tokens=int(counts[0]),
-                                     num_step_sequences=int(counts[1]), grad_scale=len(mine) * world)
-            (loss / len(mine)).backward()  # Lightning divides by the accumulation steps
+        _accumulate(module, mine, normalize, (int(counts[0]), int(counts[1])), grad_scale=len(mine) * world)
         grads = [p.grad for p in module.parameters() if p.grad is not None]
         for grad in grads:
             dist.all_reduce(grad)
@@ -302,8 +305,7 @@ def _ddp_step_gradient(build: dict, micro: list[dict], normalize: str, world: in
 
 def _token_weights(micro: list[dict], normalize: str) -> tuple[float, float]:
     """d loss / d token-NLL of one token of the shortest and of the longest example, relative to `token`'s 1/N."""
-    tokens = sum(count_targets(b["labels"]) for b in micro)
-    sequences = sum(count_sequences(b["labels"]) for b in micro)
+    tokens, sequences = _counts(micro)
     weights = []
     for batch in micro:
         nll = torch.zeros(batch["labels"].shape, dtype=torch.float64, requires_grad=True)

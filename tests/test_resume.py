@@ -73,18 +73,23 @@ def _lookahead(n_items: int, accumulate: int, seed: int = 3):
     return StepLookaheadLoader(loader, accumulate, count, sampler=sampler, batch_size=2), sampler
 
 
+def _interrupt(loader, sampler, *, epoch: int, consumed: int) -> dict:
+    """The loader's checkpoint state after training took `consumed` micro-batches of `epoch`
+    (Lightning has fetched one more: its prefetch)."""
+    sampler.set_epoch(epoch)
+    for _, _batch in zip(range(consumed + 1), loader):
+        pass
+    for _ in range(consumed):
+        loader.mark_consumed()
+    return loader.state_dict()
+
+
 @pytest.mark.parametrize("consumed", [0, 3, 4, 5, 9])
 def test_loader_resumes_anywhere_even_inside_an_accumulated_step(consumed):
     reference, sampler = _lookahead(40, accumulate=4)
     sampler.set_epoch(2)
     full = [(b["k"].tolist(), int(b["num_step_tokens"])) for b in reference]
-    interrupted, sampler = _lookahead(40, accumulate=4)
-    sampler.set_epoch(2)
-    for _, batch in zip(range(consumed + 1), interrupted):  # one more than trained: Lightning's prefetch
-        pass
-    for _ in range(consumed):
-        interrupted.mark_consumed()
-    state = interrupted.state_dict()
+    state = _interrupt(*_lookahead(40, accumulate=4), epoch=2, consumed=consumed)
     assert state["epoch"] == 2 and state["consumed"] == consumed
     resumed, sampler = _lookahead(40, accumulate=4)
     resumed.load_state_dict(state)
@@ -119,13 +124,7 @@ def test_prompt_loader_resumes_anywhere_even_inside_a_reused_generation_batch(co
     reference, sampler = _generation_loader(24, 2, 2)
     sampler.set_epoch(1)
     full = view(reference)
-    interrupted, sampler = _generation_loader(24, 2, 2)
-    sampler.set_epoch(1)
-    for _, _batch in zip(range(consumed + 1), interrupted):  # one more than trained: Lightning's prefetch
-        pass
-    for _ in range(consumed):
-        interrupted.mark_consumed()
-    state = interrupted.state_dict()
+    state = _interrupt(*_generation_loader(24, 2, 2), epoch=1, consumed=consumed)
     resumed, sampler = _generation_loader(24, 2, 2)
     resumed.load_state_dict(state)
     sampler.set_epoch(1)

@@ -14,20 +14,7 @@ from llmstages.data import SFTData
 from llmstages.stages import SFTModule
 from llmstages.strategies import FSDP2Strategy
 
-
-class CaptureGrads(L.Callback):
-    def __init__(self, out: str) -> None:
-        self.out = out
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if trainer.global_step != 0:
-            return
-        grads = {}
-        for name, p in pl_module.backbone.named_parameters():
-            g = p.grad
-            grads[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
-        if trainer.is_global_zero:
-            torch.save({"grads": grads, "world_size": trainer.world_size}, self.out)
+from grad_capture import FirstStepGrads  # tests/scripts, this script's folder
 
 
 def main(out: str, cache: str, devices: int) -> None:
@@ -39,7 +26,7 @@ def main(out: str, cache: str, devices: int) -> None:
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=1, num_sanity_val_steps=0, callbacks=[CaptureGrads(out)],
+        limit_val_batches=1, num_sanity_val_steps=0, callbacks=[FirstStepGrads(out)],
     )
     trainer.fit(model, data)
     # SFT validation generates on every rank: under FSDP2 each forward all-gathers, so a

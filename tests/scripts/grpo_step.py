@@ -17,22 +17,7 @@ from llmstages.data import PromptData  # noqa: E402
 from llmstages.stages import GRPOModule  # noqa: E402
 from llmstages.strategies import FSDP2Strategy  # noqa: E402
 
-
-class CaptureGrads(L.Callback):
-    def __init__(self, out: str) -> None:
-        self.out = out
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if trainer.global_step != 0:
-            return
-        grads = {}
-        for name, p in pl_module.backbone.named_parameters():
-            g = p.grad
-            grads[f"backbone.{name}"] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
-        rollout = pl_module._rollout
-        if trainer.is_global_zero:
-            torch.save({"grads": grads, "world_size": trainer.world_size, "step_tokens": rollout.step_tokens,
-                        "step_completions": rollout.step_completions}, self.out)
+from grad_capture import FirstStepGrads  # noqa: E402  (tests/scripts, this script's folder)
 
 
 def main(out: str, cache: str, strategy: str, aggregation: str) -> None:
@@ -45,7 +30,8 @@ def main(out: str, cache: str, strategy: str, aggregation: str) -> None:
         accelerator="cpu", devices=2, strategy=FSDP2Strategy() if strategy == "fsdp" else "ddp",
         max_steps=1, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1, num_sanity_val_steps=0,
-        callbacks=[CaptureGrads(out)],
+        callbacks=[FirstStepGrads(out, prefix="backbone.", extra=lambda module: {
+            "step_tokens": module._rollout.step_tokens, "step_completions": module._rollout.step_completions})],
     )
     trainer.fit(model, data)
     # validation generates on every rank (FSDP2 all-gathers in each forward: a rank-zero-only one would hang)
