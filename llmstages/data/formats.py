@@ -4,7 +4,7 @@ Design choices:
 
 - Records are plain data, never tokens: a text document is a `str`, a chat
   conversation is a `list[Message]` (`{"role", "content"}`, roles
-  system/user/assistant, the schema DESIGN.md uses), a preference pair is a
+  system/user/assistant, defined once in `data/chat/messages.py`), a preference pair is a
   `PreferencePair` of three message lists. Templates tokenise; losses live
   elsewhere.
 - Strict by default. `on_error="raise"` stops at the first bad record, before
@@ -46,26 +46,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypedDict
 
+from llmstages.data.chat.messages import ROLES, Message, Role
 from llmstages.options import OnError, choices
 
 __all__ = [
     "CHAT_FORMATS",
     "DataFormatError",
     "LoadReport",
-    "Message",
     "PreferencePair",
     "read_chat",
     "read_preference",
     "read_text",
 ]
-
-Role = Literal["system", "user", "assistant"]
-
-
-class Message(TypedDict):
-    role: Role
-    content: str
-
 
 class PreferencePair(TypedDict):
     prompt: list[Message]  # ends with a user turn; may hold earlier turns and a system prompt
@@ -86,7 +78,7 @@ _SHAREGPT_ROLES: dict[str, Role] = {
     "function_call": "assistant",
     "observation": "user",
 }
-_MESSAGE_ROLES: dict[str, Role] = {"system": "system", "user": "user", "assistant": "assistant"}
+_MESSAGE_ROLES: dict[str, Role] = {role: role for role in ROLES}  # type: ignore[misc]
 
 # Human wording for the reasons whose key alone reads badly.
 _REASON_TEXT = {

@@ -20,7 +20,7 @@ from llmstages.data.batch import SIDES, PreferenceBatch
 from llmstages.data.base import StageData, _ListDataset
 from llmstages.data.formats import LoadReport, read_preference
 from llmstages.data.packing import pad_examples, truncate
-from llmstages.data.templates import resolve_template
+from llmstages.data.chat import resolve_template
 from llmstages.losses import IGNORE_INDEX, count_targets
 from llmstages.options import OnError, TemplateName, Truncation, check_choice, choices
 

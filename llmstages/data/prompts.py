@@ -49,7 +49,7 @@ from llmstages.data.formats import (
     prompt_turns,
     read_chat,
 )
-from llmstages.data.templates import resolve_template
+from llmstages.data.chat import resolve_template
 from llmstages.losses import IGNORE_INDEX
 from llmstages.options import OnError, TemplateName, check_choice, choices
 

@@ -2,7 +2,7 @@
 
 Design choices:
 - The loss mask is decided here, by the template and `loss_mask`
-  (`llmstages.data.templates`); the stage only sums what is labelled.
+  (`llmstages.data.chat.loss_mask`); the stage only sums what is labelled.
 - `packing: documents` bin-packs examples into rows (best-fit decreasing)
   with attention isolated per document; `none` pads one example per row.
 - Validation conversations are kept as messages too, so the stage can ask
@@ -24,7 +24,7 @@ from llmstages.data.batch import LMBatch
 from llmstages.data.base import StageData, _ListDataset
 from llmstages.data.formats import LoadReport, read_chat
 from llmstages.data.packing import best_fit_decreasing, check_packing, fill_ratio, pack_examples, pad_examples, stack_rows, truncate
-from llmstages.data.templates import resolve_template
+from llmstages.data.chat import resolve_template
 from llmstages.options import ChatFormat, LossMask, OnError, TemplateName, Truncation, check_choice, choices
 
 

@@ -153,7 +153,7 @@ def resolve_tokenizer(loaded: LoadedModel, tokenizer: str | None, cache_dir: str
 
 def model_template(loaded: LoadedModel, template: str | None, tokenizer):
     """The chat template: the one given, else the run's recorded one, else chatml; auto/hf: the tokenizer's own."""
-    from llmstages.data.templates import resolve_template
+    from llmstages.data.chat import resolve_template
 
     name = template or loaded.data_hyper_parameters.get("template") or DEFAULT_TEMPLATE
     return resolve_template(name, tokenizer)

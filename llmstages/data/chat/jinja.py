@@ -60,13 +60,15 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from llmstages.data.templates import (
-    Message,
-    _check_loss_mask,
-    _require_targets,
-    _validate,
+from llmstages.data.chat.loss_mask import (
+    check_loss_mask,
+    check_reply_target,
+    labels_everything,
     reply_labels,
+    require_targets,
+    trained_replies,
 )
+from llmstages.data.chat.messages import Message, validate_messages
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.losses import IGNORE_INDEX
 
@@ -143,7 +145,7 @@ def _reasoning(content: str) -> str:
 
 
 class HFChatTemplate:
-    """A chat template rendered from Jinja source, with the `ChatTemplate` interface.
+    """A chat template rendered from Jinja source (a `protocol.Template`).
 
     `source` is usually `tokenizer.chat_template`; `date_string` pins the date
     templates print (None: today); `dropped_system` says what a system message
@@ -219,7 +221,7 @@ class HFChatTemplate:
         Special tokens come from `tokenizer` (or just `eos_token` when no
         tokenizer is given, as in `ChatTemplate.render`).
         """
-        msgs = [{"role": r, "content": c} for r, c in _validate(messages)]
+        msgs = [{"role": r, "content": c} for r, c in validate_messages(messages)]
         if tokenizer is not None:
             variables: dict[str, Any] = dict(tokenizer.special_tokens_map)
         else:
@@ -386,56 +388,64 @@ class HFChatTemplate:
         markers = self._markers_of(tokenizer)
         text = self._checked_render(msgs, tokenizer, add_generation_prompt=False)
         ids, offsets = tokenizer.encode_rendered(text)
-        if loss_mask == "all":
+        if labels_everything(loss_mask):
             return {"input_ids": ids, "labels": list(ids)}
-        replies = [r for r in self._locate(text, msgs, markers) if r.message >= trained_from]
-        if loss_mask == "last_assistant":
-            replies = replies[-1:]
+        trained = set(trained_replies([role for role, _ in msgs], loss_mask, trained_from))
         labels = [IGNORE_INDEX] * len(ids)
         token = 0
-        for reply in replies:
-            while token < len(ids) and offsets[token][1] <= reply.start and offsets[token][0] < reply.end:
-                token += 1
-            body = []
-            while token < len(ids) and offsets[token][0] < reply.end:
-                body.append(token)
-                token += 1
-            if token == len(ids) or ids[token] != markers.eot_id or offsets[token][0] != reply.end:
-                raise ValueError(
-                    f"message {reply.message}: the end-of-turn marker {markers.eot!r} after this reply "
-                    "is not a token of its own in the tokenised rendering"
-                )
-            eot = token
-            tail = []
-            nxt = eot + 1
-            while nxt < len(ids) and ids[nxt] not in tokenizer.special_ids and not text[slice(*offsets[nxt])].strip():
-                tail.append(nxt)
-                nxt += 1
+        for reply in self._locate(text, msgs, markers):
+            if reply.message not in trained:
+                continue
+            body, eot, tail = self._reply_tokens(text, ids, offsets, reply, markers, tokenizer, token)
             positions = [*body, eot, *tail]
             segment = reply_labels([ids[t] for t in body], [ids[eot]], [ids[t] for t in tail], loss_mask)
-            target = [t for t, label in zip(positions, segment) if label != IGNORE_INDEX]
-            if reply.start == reply.end and not target:
-                raise ValueError(
-                    f"message {reply.message}: empty assistant reply has no target tokens under "
-                    f"loss_mask={loss_mask!r} (an empty reply is trainable only through its end-of-turn token)"
-                )
-            for t in target:
-                labels[t] = ids[t]
+            try:
+                check_reply_target(reply.start == reply.end, segment, loss_mask)
+            except ValueError as e:
+                raise ValueError(f"message {reply.message}: {e}") from None
+            for t, label in zip(positions, segment):
+                if label != IGNORE_INDEX:
+                    labels[t] = ids[t]
             token = eot + 1
         return {"input_ids": ids, "labels": labels}
+
+    @staticmethod
+    def _reply_tokens(
+        text: str, ids: list[int], offsets: list[tuple[int, int]], reply: _Reply, markers: _Markers,
+        tokenizer: Tokenizer, token: int,
+    ) -> tuple[list[int], int, list[int]]:
+        """Token positions of one reply from `token` on: its body (tokens overlapping its span), its
+        end-of-turn token, and the whitespace tokens after it (what `legacy_minimind` labels)."""
+        while token < len(ids) and offsets[token][1] <= reply.start and offsets[token][0] < reply.end:
+            token += 1
+        body = []
+        while token < len(ids) and offsets[token][0] < reply.end:
+            body.append(token)
+            token += 1
+        if token == len(ids) or ids[token] != markers.eot_id or offsets[token][0] != reply.end:
+            raise ValueError(
+                f"message {reply.message}: the end-of-turn marker {markers.eot!r} after this reply "
+                "is not a token of its own in the tokenised rendering"
+            )
+        tail = []
+        nxt = token + 1
+        while nxt < len(ids) and ids[nxt] not in tokenizer.special_ids and not text[slice(*offsets[nxt])].strip():
+            tail.append(nxt)
+            nxt += 1
+        return body, token, tail
 
     def encode(
         self, messages: Sequence[Message], tokenizer: Tokenizer, loss_mask: str = "assistant"
     ) -> dict[str, list[int]]:
         """`{"input_ids", "labels"}` of a whole conversation (labels unshifted)."""
-        _check_loss_mask(loss_mask)
-        out = self._encode_full(_validate(messages), tokenizer, loss_mask)
-        _require_targets(out["labels"], loss_mask)
+        check_loss_mask(loss_mask)
+        out = self._encode_full(validate_messages(messages), tokenizer, loss_mask)
+        require_targets(out["labels"], loss_mask)
         return out
 
     def encode_prompt(self, messages: Sequence[Message], tokenizer: Tokenizer) -> list[int]:
         """The conversation so far rendered with the template's generation prompt."""
-        text = self._checked_render(_validate(messages), tokenizer, add_generation_prompt=True)
+        text = self._checked_render(validate_messages(messages), tokenizer, add_generation_prompt=True)
         return tokenizer.encode_rendered(text)[0]
 
     def encode_pair(
@@ -447,14 +457,14 @@ class HFChatTemplate:
         longest token prefix the sides share that holds no target, so the
         completion's header (and inserted scaffolding) is context.
         """
-        context = _validate(prompt)
+        context = validate_messages(prompt)
         full = {}
         for side, messages in completions.items():
             try:
-                full[side] = self._encode_full(context + _validate(messages), tokenizer, "assistant", len(context))
+                full[side] = self._encode_full(context + validate_messages(messages), tokenizer, "assistant", len(context))
             except ValueError as e:
                 raise ValueError(f"{side}: {e}") from None
-            _require_targets(full[side]["labels"], "assistant")
+            require_targets(full[side]["labels"], "assistant")
         sides = list(full.values())
         split = min(next(i for i, t in enumerate(s["labels"]) if t != IGNORE_INDEX) for s in sides)
         first = sides[0]["input_ids"]
@@ -481,10 +491,10 @@ class HFChatTemplate:
         DeepSeek-R1, whose generation prompt opens a `<think>`); `encode_pair`
         does not rely on it.
         """
-        _check_loss_mask(loss_mask)
+        check_loss_mask(loss_mask)
         if not isinstance(content, str):
             raise ValueError(f"reply content must be a str, got {type(content).__name__}")
-        context = _validate(prompt) if prompt is not None else [("user", _PROBE_USER)]
+        context = validate_messages(prompt) if prompt is not None else [("user", _PROBE_USER)]
         msgs = context + [("assistant", content)]
         markers = self._markers_of(tokenizer)
         full = self._encode_full(msgs, tokenizer, loss_mask, len(context))
@@ -493,5 +503,5 @@ class HFChatTemplate:
         _, offsets = tokenizer.encode_rendered(text)
         start = next(i for i, (a, b) in enumerate(offsets) if b > reply.start or a >= reply.end)
         out = {"input_ids": full["input_ids"][start:], "labels": full["labels"][start:]}
-        _require_targets(out["labels"], loss_mask)
+        require_targets(out["labels"], loss_mask)
         return out
