@@ -7,10 +7,11 @@
 | `loss_mask.py` | which tokens carry a loss (every `loss_mask` variant), for every template |
 | `named.py` | the named layouts (`chatml`, `llama3`, `plain`): `ChatTemplate` |
 | `jinja.py` | the model's own Jinja template (`auto`/`hf`): `HFChatTemplate` |
+| `spans.py` | where each reply sits in a Jinja rendering (character spans) |
 | `resolve.py` | `resolve_template`: a `template:` name -> a `Template` |
 
-Imports go down this table's dependencies only: `named` and `jinja` import
-`messages` and `loss_mask`, never each other; `resolve` imports both.
+Imports go one way: `named` and `jinja` import `messages` and `loss_mask`
+(and `jinja` imports `spans`), never each other; `resolve` imports both.
 """
 
 from llmstages.data.chat.jinja import DEFAULT_DATE_STRING, HFChatTemplate

@@ -17,18 +17,10 @@ Design choices:
   Granite's date do not change daily. `date_string=None` uses today.
 - The mask comes from one full rendering (`add_generation_prompt=False`),
   never from rendering prefixes and diffing them (Qwen3, QwQ and Phi-3.5 are
-  not prefix-stable). Each message is located in the rendered text in order:
-  a reply is the template's rendering of its content (as is, trimmed,
-  newline-stripped, or with `<think>` dropped, as templates do) followed
-  directly by the end-of-turn marker. Tokens overlapping that span (by
-  character offsets) plus the end-of-turn token are the reply's targets; a
+  not prefix-stable). `spans.py` finds each reply's characters in that text;
+  tokens overlapping a reply's span (by character offsets) plus the
+  end-of-turn token are its targets, labelled by `loss_mask.py`'s rules; a
   token straddling the span's start is labelled (it carries reply text).
-- Only what the template renders can carry loss: reasoning a template drops
-  from history is not trained; reasoning it keeps (even reformatted, Qwen3's
-  final turn) is. Scaffolding the model did not write, such as the empty
-  `<think>\\n\\n</think>\\n\\n` Qwen3/minimind/SmolLM3 insert between header and
-  reply, is never labelled, so a model is not taught to emit it. A reply the
-  template rewrites beyond these forms is an error, not a guess.
 - The end-of-turn marker is the special token the template writes right
   after a reply (found by rendering a probe conversation): `<|im_end|>`,
   `<|eot_id|>`, `<｜end▁of▁sentence｜>`, `<end_of_turn>`, `<|end|>`, `</s>`...
@@ -51,7 +43,6 @@ import json
 import logging
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -69,6 +60,7 @@ from llmstages.data.chat.loss_mask import (
     trained_replies,
 )
 from llmstages.data.chat.messages import Message, validate_messages
+from llmstages.data.chat.spans import Markers, ReplySpan, locate_replies, special_at
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.losses import IGNORE_INDEX
 
@@ -103,45 +95,6 @@ def compile_template(source: str) -> jinja2.Template:
         return env.from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise ValueError(f"chat template does not compile (line {e.lineno}): {e.message}") from None
-
-
-# ---------------------------------------------------------------- per-tokenizer facts
-@dataclass(frozen=True)
-class _Markers:
-    specials: tuple[str, ...]  # special token strings, longest first
-    eot: str
-    eot_id: int
-
-
-@dataclass(frozen=True)
-class _Reply:
-    message: int  # index in the conversation
-    start: int  # character span of the rendered reply
-    end: int
-
-
-def _special_at(text: str, pos: int, specials: Sequence[str]) -> str | None:
-    for token in specials:  # longest first, so a marker never matches by its prefix
-        if text.startswith(token, pos):
-            return token
-    return None
-
-
-def _reply_forms(content: str) -> tuple[list[str], bool]:
-    """How templates render a reply (as is, trimmed, think dropped), and whether one form is empty."""
-    forms = [content, content.strip(), content.lstrip("\n"), content.strip("\n"), content.rstrip()]
-    if "</think>" in content:
-        answer = content.split("</think>")[-1]
-        forms += [answer, answer.lstrip("\n"), answer.strip(), answer.lstrip()]
-    unique = list(dict.fromkeys(forms))
-    return [f for f in unique if f], "" in unique
-
-
-def _reasoning(content: str) -> str:
-    """The reasoning the model wrote before `</think>` (empty when none)."""
-    if "</think>" not in content:
-        return ""
-    return content.split("</think>")[0].split("<think>")[-1].strip()
 
 
 class HFChatTemplate:
@@ -179,7 +132,7 @@ class HFChatTemplate:
         self.dropped_system = dropped_system
         self.template_kwargs = dict(template_kwargs or {})
         self._compiled = compile_template(source)
-        self._markers: weakref.WeakKeyDictionary[Tokenizer, _Markers] = weakref.WeakKeyDictionary()
+        self._markers: weakref.WeakKeyDictionary[Tokenizer, Markers] = weakref.WeakKeyDictionary()
         self._warned_system = False
 
     def __repr__(self) -> str:
@@ -273,7 +226,7 @@ class HFChatTemplate:
                 self._warned_system = True
 
     # ----------------------------------------------------------- markers
-    def _markers_of(self, tokenizer: Tokenizer) -> _Markers:
+    def _markers_of(self, tokenizer: Tokenizer) -> Markers:
         cached = self._markers.get(tokenizer)
         if cached is not None:
             return cached
@@ -287,98 +240,19 @@ class HFChatTemplate:
                 f"(probe reply {_PROBE_REPLY!r} is not in its rendering), so no loss mask can be derived from it"
             )
         end = at + len(_PROBE_REPLY)
-        eot = _special_at(text, end, specials)
+        eot = special_at(text, end, specials)
         if eot is None:
             raise ValueError(
                 f"chat template {self.name!r}: no end-of-turn marker: after a reply it writes "
                 f"{text[end:end + 24]!r}, which does not start with a special token of this tokenizer"
             )
-        markers = _Markers(specials, eot, tokenizer.token_to_id(eot))
+        markers = Markers(specials, eot, tokenizer.token_to_id(eot))
         self._markers[tokenizer] = markers
         return markers
 
     def stop_token_id(self, tokenizer: Tokenizer) -> int:
         """The end-of-turn id: the special token the template writes right after a reply."""
         return self._markers_of(tokenizer).eot_id
-
-    # ----------------------------------------------------------- locating
-    def _locate(self, text: str, msgs: list[tuple[str, str]], markers: _Markers) -> list[_Reply]:
-        """Every assistant reply's character span in the full rendering, in order."""
-        replies: list[_Reply] = []
-        cursor = 0
-        for i, (role, content) in enumerate(msgs):
-            if role == "assistant":
-                reply = self._locate_reply(text, content, cursor, markers)
-                if reply is None:
-                    raise ValueError(
-                        f"message {i}: chat template {self.name!r} renders this assistant reply in a form "
-                        "the loss mask cannot locate (not as written, trimmed, or with <think> dropped)"
-                    )
-                start, end = reply
-                replies.append(_Reply(i, start, end))
-                cursor = end + len(markers.eot)
-            else:
-                moved = self._skip_context(text, role, content, cursor, markers)
-                if moved is None:
-                    raise ValueError(
-                        f"message {i}: chat template {self.name!r} does not render this {role} message as "
-                        "written (or trimmed), so the replies around it cannot be located exactly"
-                    )
-                cursor = moved
-        return replies
-
-    @staticmethod
-    def _skip_context(text: str, role: str, content: str, cursor: int, markers: _Markers) -> int | None:
-        """The cursor past a user/system message, so a reply never matches inside it.
-
-        A match is the first occurrence from the cursor (preferably followed by
-        a marker), so the cursor never passes the message's true place; a user
-        message the template does not render as written (or trimmed) is None
-        (an error: its reply could be mistaken for it). A system message the
-        rendering lacks leaves the cursor (`_check_system` reports it).
-        """
-        forms = [f for f in dict.fromkeys((content, content.strip())) if f]
-        for form in forms:  # ended by a marker, as turns usually are
-            at = text.find(form, cursor)
-            while at >= 0:
-                special = _special_at(text, at + len(form), markers.specials)
-                if special is not None:
-                    return at + len(form) + len(special)
-                at = text.find(form, at + 1)
-        for form in forms:  # templates whose turns end in plain text (e.g. "User: ...\n\n")
-            at = text.find(form, cursor)
-            if at >= 0:
-                return at + len(form)
-        return cursor if role == "system" or not forms else None
-
-    @staticmethod
-    def _locate_reply(text: str, content: str, cursor: int, markers: _Markers) -> tuple[int, int] | None:
-        forms, may_be_empty = _reply_forms(content)
-        best: tuple[int, int] | None = None  # (end, -length): earliest end, then the longest form
-        for form in forms:
-            at = text.find(form + markers.eot, cursor)
-            if at >= 0:
-                key = (at + len(form), -len(form))
-                best = key if best is None or key < best else best
-        if best is not None:
-            end = best[0]
-            start = end + best[1]
-        elif may_be_empty:
-            end = text.find(markers.eot, cursor)
-            if end < 0:
-                return None
-            start = end
-        else:
-            return None
-        # Reasoning the template kept (possibly reformatted) is the model's text: include it.
-        if _reasoning(content) and "</think>" not in text[start:end]:
-            before = text[cursor:start]
-            close = before.rstrip().rfind("</think>")
-            if close >= 0 and not before[close + len("</think>"):].strip():
-                open_ = before.rfind("<think>", 0, close)
-                if open_ >= 0 and _reasoning(content) in before[open_:close]:
-                    start = cursor + open_
-        return start, end
 
     # ----------------------------------------------------------- encoding
     def _encode_full(
@@ -393,7 +267,7 @@ class HFChatTemplate:
         trained = set(trained_replies([role for role, _ in msgs], loss_mask, trained_from))
         labels = [IGNORE_INDEX] * len(ids)
         token = 0
-        for reply in self._locate(text, msgs, markers):
+        for reply in locate_replies(text, msgs, markers, self.name):
             if reply.message not in trained:
                 continue
             body, eot, tail = self._reply_tokens(text, ids, offsets, reply, markers, tokenizer, token)
@@ -411,7 +285,7 @@ class HFChatTemplate:
 
     @staticmethod
     def _reply_tokens(
-        text: str, ids: list[int], offsets: list[tuple[int, int]], reply: _Reply, markers: _Markers,
+        text: str, ids: list[int], offsets: list[tuple[int, int]], reply: ReplySpan, markers: Markers,
         tokenizer: Tokenizer, token: int,
     ) -> tuple[list[int], int, list[int]]:
         """Token positions of one reply from `token` on: its body (tokens overlapping its span), its
@@ -499,7 +373,7 @@ class HFChatTemplate:
         markers = self._markers_of(tokenizer)
         full = self._encode_full(msgs, tokenizer, loss_mask, len(context))
         text = self._checked_render(msgs, tokenizer, add_generation_prompt=False)
-        reply = self._locate(text, msgs, markers)[-1]
+        reply = locate_replies(text, msgs, markers, self.name)[-1]
         _, offsets = tokenizer.encode_rendered(text)
         start = next(i for i, (a, b) in enumerate(offsets) if b > reply.start or a >= reply.end)
         out = {"input_ids": full["input_ids"][start:], "labels": full["labels"][start:]}
