@@ -95,3 +95,26 @@ def test_data_modules_import_each_other_without_cycles() -> None:
     for name in sorted(graph):
         if name not in state:
             visit(name, [name])
+
+
+def test_loss_mask_rules_written_out() -> None:
+    """Each variant's labels of one reply (content 1 2, end-of-turn 9, newline 5), by hand."""
+    from llmstages.data.chat.loss_mask import LOSS_MASKS, reply_labels, trained_replies
+    from llmstages.losses import IGNORE_INDEX as I
+
+    expected = {
+        "assistant": [1, 2, 9, I],
+        "last_assistant": [1, 2, 9, I],
+        "assistant_no_eos": [1, 2, I, I],
+        "legacy_drop_first": [I, 2, 9, I],
+        "legacy_minimind": [1, 2, 9, 5],
+        "all": [1, 2, 9, 5],
+    }
+    assert sorted(expected) == sorted(LOSS_MASKS)
+    assert {mask: reply_labels([1, 2], [9], [5], mask) for mask in LOSS_MASKS} == expected
+    roles = ["system", "user", "assistant", "user", "assistant"]
+    assert trained_replies(roles, "assistant") == [2, 4]
+    assert trained_replies(roles, "last_assistant") == [4]
+    assert trained_replies(roles, "assistant", first=3) == [4]
+    with pytest.raises(ValueError, match="unknown loss_mask 'nope'"):
+        reply_labels([1], [9], [], "nope")

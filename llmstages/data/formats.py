@@ -70,6 +70,7 @@ __all__ = [
     "read_text",
 ]
 
+
 class PreferencePair(TypedDict):
     prompt: list[Message]  # ends with a user turn; may hold earlier turns and a system prompt
     chosen: list[Message]  # starts and ends with an assistant turn (normally one message)
@@ -452,7 +453,7 @@ def _system_turn(rec: dict[str, Any]) -> list[_Turn]:
     return [_Turn("system", text, "system", "system")] if text.strip() else []
 
 
-def prompt_turns(rec: dict[str, Any]) -> list[_Turn]:
+def _prompt_turns(rec: dict[str, Any]) -> list[_Turn]:
     """A record's `prompt` field (a string: one user turn; or a message list), after its optional system prompt."""
     raw = rec["prompt"]
     if isinstance(raw, str):
@@ -616,7 +617,7 @@ def _parse_preference(value: Any) -> PreferencePair:
         prompt = _system_turn(rec) + _sharegpt_turns(_req_list(rec, "conversations"), "conversations")
     elif "prompt" in rec:
         sharegpt = False
-        prompt = prompt_turns(rec)
+        prompt = _prompt_turns(rec)
     else:
         raise _Invalid("missing_field", "prompt", "expected 'conversations' (sharegpt) or 'prompt'")
     _check_turns(prompt)
@@ -748,7 +749,7 @@ def _parse_prompt_record(value: Any) -> PromptRecord:
     rec = value
     if "prompt" not in rec:
         raise _Invalid("missing_field", "prompt")
-    messages = _prompt_messages(prompt_turns(rec), "prompt")
+    messages = _prompt_messages(_prompt_turns(rec), "prompt")
     answer = _req_str(rec, "answer") if "answer" in rec else None
     task = _req_str(rec, "task") if "task" in rec else None
     return PromptRecord(messages=messages, answer=answer, task=task, text=_plain_text(rec))
@@ -763,7 +764,7 @@ def _parse_prompt_line(value: Any) -> PromptRecord:
             answer = turns.pop().content
         return PromptRecord(messages=_prompt_messages(turns, "messages"), answer=answer, task=None, text=None)
     if isinstance(value, dict) and isinstance(value.get("prompt"), str):
-        return PromptRecord(messages=_prompt_messages(prompt_turns(value), "prompt"), answer=None, task=None,
+        return PromptRecord(messages=_prompt_messages(_prompt_turns(value), "prompt"), answer=None, task=None,
                             text=_plain_text(value))
     raise _Invalid("no_prompt")
 

@@ -27,6 +27,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from llmstages.data.chat.loss_mask import (
+    check_loss_mask,
+    check_reply_target,
+    labels_everything,
+    reply_labels,
+    require_targets,
+    trained_replies,
+)
+from llmstages.data.chat.messages import ROLES, Message, validate_messages
 from llmstages.data.tokenizer import (
     BEGIN_OF_TEXT,
     END_HEADER,
@@ -37,18 +46,10 @@ from llmstages.data.tokenizer import (
     START_HEADER,
     Tokenizer,
 )
-from llmstages.data.chat.loss_mask import (
-    check_loss_mask,
-    check_reply_target,
-    labels_everything,
-    reply_labels,
-    require_targets,
-    trained_replies,
-)
-from llmstages.data.chat.messages import ROLES, Message, validate_messages
 from llmstages.losses import IGNORE_INDEX
 
 __all__ = ["ChatTemplate", "Piece", "Special"]
+
 
 @dataclass(frozen=True)
 class Special:
