@@ -41,11 +41,11 @@ def test_every_template_implements_the_protocol_with_its_signatures(template) ->
     assert isinstance(template.jinja, str) and template.jinja
 
 
-def test_a_named_reply_is_the_same_after_any_prompt(tmp_path: Path) -> None:
+def test_a_named_reply_is_the_same_after_any_prompt(cache: Path) -> None:
     """`prompt=` is part of the shared `encode_reply`; a named layout's reply does not depend on it."""
     from llmstages.data.base import default_tokenizer
 
-    tok: Tokenizer = default_tokenizer(tmp_path)
+    tok: Tokenizer = default_tokenizer(cache)
     chatml = resolve_template("chatml", tok)
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert chatml.encode_reply("Hello!", tok, prompt=prompt) == chatml.encode_reply("Hello!", tok)
