@@ -8,7 +8,7 @@ Design choices:
 - The tuples of values (`choices(Normalize)`, ...) are derived from the
   Literals, never written twice.
 - What each value means is documented where it is implemented (the loss
-  masks in `data/templates.py`, normalisation and reductions in `losses.py`,
+  masks in `data/chat/loss_mask.py`, normalisation and reductions in `losses.py`,
   packing in `data/packing.py`) and summarised in `docs/design.md`.
 """
 
@@ -37,7 +37,7 @@ __all__ = [
     "check_choice",
 ]
 
-# SFT: which tokens of a conversation carry a loss (data/templates.py)
+# SFT: which tokens of a conversation carry a loss (data/chat/loss_mask.py)
 LossMask = Literal["assistant", "last_assistant", "all", "assistant_no_eos", "legacy_drop_first", "legacy_minimind"]
 # how summed token losses are divided (losses.reduce_token_loss)
 Normalize = Literal["token", "micro_batch", "sequence", "sum"]
@@ -53,7 +53,7 @@ DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust", "simpo"]
 Reference = Literal["live", "precompute"]
 # a bad record in a data file (data/formats.py)
 OnError = Literal["raise", "skip"]
-# chat templates (data/templates.py); auto/hf render the tokenizer's own Jinja template (data/hf_template.py)
+# chat templates (data/chat/named.py); auto/hf render the tokenizer's own Jinja template (data/chat/jinja.py)
 TemplateName = Literal["chatml", "llama3", "plain", "auto", "hf"]
 # chat data file formats (data/formats.py)
 ChatFormat = Literal["auto", "alpaca", "sharegpt", "messages"]

@@ -149,7 +149,7 @@ def test_export_command_writes_a_transformers_folder(tmp_path, cache):
     # no --tokenizer: the run's own tokenizer and template, recorded in the checkpoint, make it chat-ready
     from transformers import AutoTokenizer
 
-    from llmstages.data.templates import ChatTemplate
+    from llmstages.data.chat import ChatTemplate
 
     tokenizer = cli.datamodule.tokenizer
     im_end = tokenizer.token_to_id("<|im_end|>")

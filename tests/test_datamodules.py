@@ -569,7 +569,7 @@ def test_multi_turn_completions_label_only_their_assistant_turns(tmp_path: Path,
 
 def test_template_auto_from_a_tokenizer_folder_equals_the_named_template(cache: Path, tmp_path: Path) -> None:
     """A model folder's own Jinja chat template (template: auto) trains exactly the tokens the named template does."""
-    from llmstages.data.templates import ChatTemplate
+    from llmstages.data.chat import ChatTemplate
 
     tokenizer = Tokenizer.from_file(cache / "default-tokenizer-1024")
     tokenizer.chat_template = ChatTemplate.get("chatml").jinja

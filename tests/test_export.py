@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmstages.data.templates import ChatTemplate
+from llmstages.data.chat import ChatTemplate
 from llmstages.data.tokenizer import IM_END, Tokenizer
 from llmstages.model import ModelConfig, Transformer
 from llmstages.model.hf import from_hf, to_hf, to_hf_reward

@@ -545,3 +545,65 @@ def test_iter_text_streams_lazily_and_reports_at_the_end(tmp_path):
     skipping = iter_text(path, on_error="skip")
     assert list(skipping) == ["first doc", "second doc", "last"]
     assert skipping.report.kept == 3 and skipping.report.skipped["not_utf8"] == 1
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def test_prompt_lines_read_text_files_and_mixed_jsonl_rows(tmp_path: Path) -> None:
+    """`lines` is what `llmstages generate --prompts` reads: a text line is a user prompt;
+    a `.jsonl` row holds `messages` (a final assistant turn is the reference answer) or `prompt`."""
+    from llmstages.data.formats import read_prompts
+
+    text = tmp_path / "p.txt"
+    text.write_text("hello there\n\n  \n the fox? \n", encoding="utf-8")
+    records, report = read_prompts(text, format="lines")
+    assert [(r["messages"], r["text"], r["answer"]) for r in records] == [
+        ([{"role": "user", "content": "hello there"}], "hello there", None),
+        ([{"role": "user", "content": " the fox? "}], " the fox? ", None),
+    ]
+    assert (report.kept, report.format) == (2, "lines")
+
+    conversation = [("system", "be brief"), ("user", "hi"), ("assistant", "hello")]
+    rows = jsonl(tmp_path, [msgs(*conversation), {"prompt": "add 1 and 2."}, msgs(("user", "only"))])
+    records, _ = read_prompts(rows, format="lines")
+    assert [(r["messages"], r["answer"], r["text"]) for r in records] == [
+        (msgs(*conversation)["messages"][:2], "hello", None),
+        ([{"role": "user", "content": "add 1 and 2."}], None, "add 1 and 2."),
+        ([{"role": "user", "content": "only"}], None, None),
+    ]
+
+
+def test_prompt_lines_errors_name_the_line_and_follow_on_error(tmp_path: Path) -> None:
+    from llmstages.data.formats import read_prompts
+
+    rows = jsonl(tmp_path, [{"prompt": "ok"}, {"text": "no prompt"}, msgs(("assistant", "a"))])
+    err = raises(read_prompts, rows, format="lines")
+    assert (err.index, err.reason) == (2, "no_prompt")
+    assert str(err).endswith("data.jsonl:2: expected an object with 'messages' (a list) or 'prompt' (a str)")
+    records, report = read_prompts(rows, format="lines", on_error="skip")
+    assert [r["text"] for r in records] == ["ok"]
+    assert report.skipped == Counter({"no_prompt": 1, "prompt_not_user": 1})
+
+
+def test_prompt_records_and_auto_detection(tmp_path: Path) -> None:
+    """`auto` reads `{"prompt", "answer"}` records when the first record has `prompt`, else
+    chat conversations cut before their final reply (the reply is the answer)."""
+    from llmstages.data.formats import read_prompts
+
+    records_file = jsonl(tmp_path, [{"prompt": "2+2?", "answer": "4", "task": "add", "system": "s"},
+                                    {"prompt": [{"role": "user", "content": "hi"}]}], name="r.jsonl")
+    records, _ = read_prompts(records_file)
+    assert records == [
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "2+2?"}],
+         "answer": "4", "task": "add", "text": None},
+        {"messages": [{"role": "user", "content": "hi"}], "answer": None, "task": None, "text": None},
+    ]
+    chat_file = jsonl(tmp_path, [sg(("human", "say cat."), ("gpt", "cat"))], name="c.jsonl")
+    records, report = read_prompts(chat_file)
+    assert report.format == "sharegpt"
+    assert [(r["messages"], r["answer"]) for r in records] == [([{"role": "user", "content": "say cat."}], "cat")]
+    bad = jsonl(tmp_path, [{"prompt": "ok"}, {"prompt": [{"role": "user", "content": "q"},
+                                                         {"role": "assistant", "content": "a"}]}], name="b.jsonl")
+    err = raises(read_prompts, bad)
+    assert (err.index, err.field, err.reason) == (2, "prompt[1].role", "prompt_not_user")

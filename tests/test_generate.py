@@ -222,7 +222,7 @@ def chat_model(tmp_path_factory):
 
 
 def _expected(model, tokenizer, messages, max_new_tokens: int) -> tuple[str, bool]:
-    from llmstages.data.templates import ChatTemplate
+    from llmstages.data.chat import ChatTemplate
 
     chatml = ChatTemplate.get("chatml")
     stops = {chatml.stop_token_id(tokenizer), tokenizer.eos_id}

@@ -18,9 +18,10 @@ import pytest
 import tokenizers
 
 from helpers import labelled_runs
-from llmstages.data.hf_template import DEFAULT_DATE_STRING, HFChatTemplate
+from llmstages.data.chat import DEFAULT_DATE_STRING, HFChatTemplate
 from llmstages.data.base import default_tokenizer
-from llmstages.data.templates import IGNORE_INDEX, LOSS_MASKS, ChatTemplate, resolve_template
+from llmstages.data.chat import LOSS_MASKS, ChatTemplate, resolve_template
+from llmstages.losses import IGNORE_INDEX
 from llmstages.data.tokenizer import Tokenizer
 
 I = IGNORE_INDEX

@@ -38,7 +38,8 @@ from llmstages import callbacks as callbacks_mod
 from llmstages.callbacks import ThroughputMonitor
 from llmstages.data import synthetic
 from llmstages.data import PreferenceData, PretrainData, SFTData
-from llmstages.data.templates import IGNORE_INDEX, ChatTemplate
+from llmstages.data.chat import ChatTemplate
+from llmstages.losses import IGNORE_INDEX
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.losses import count_targets
 from llmstages.model.config import ModelConfig

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from llmstages.data.templates import ChatTemplate
+from llmstages.data.chat import ChatTemplate
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.trainer_cli import lightning_cli
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from helpers import labelled_runs
-from llmstages.data.templates import IGNORE_INDEX, LOSS_MASKS, ChatTemplate
+from llmstages.data.chat import LOSS_MASKS, ChatTemplate
+from llmstages.losses import IGNORE_INDEX
 from llmstages.data.tokenizer import Tokenizer
 
 ROLE_MAP = {"human": "user", "gpt": "assistant", "system": "system", "function_call": "assistant", "observation": "user"}
@@ -313,7 +314,7 @@ def test_encode_pair_is_prompt_plus_completion(trained: Tokenizer, name: str) ->
 
 
 def test_resolve_template_named_and_auto(trained: Tokenizer) -> None:
-    from llmstages.data.templates import TEMPLATE_NAMES, resolve_template
+    from llmstages.data.chat import TEMPLATE_NAMES, resolve_template
 
     assert set(ChatTemplate.names()) < set(TEMPLATE_NAMES)
     assert resolve_template("llama3", trained) is ChatTemplate.get("llama3")

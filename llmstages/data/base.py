@@ -22,7 +22,6 @@ Design choices:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -67,7 +66,9 @@ def load_tokenizer(spec: str | None, cache_dir: str | Path) -> Tokenizer:
     return default_tokenizer(cache_dir) if spec is None else Tokenizer.from_file(spec)
 
 
-class _ListDataset(Dataset):
+class ListDataset(Dataset):
+    """A map-style dataset over an in-memory list of encoded examples."""
+
     def __init__(self, items: list) -> None:
         self.items = items
 
@@ -171,7 +172,7 @@ class StageData(L.LightningDataModule):
         trainer = self.trainer
         accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
         wrapped = StepLookaheadLoader(
-            loader, accumulate, self._count, _batch_limit(trainer, len(loader)),
+            loader, accumulate, self._count, batch_limit(trainer, len(loader)),
             sampler=loader.sampler, batch_size=self.batch_size,  # Lightning calls sampler.set_epoch through it
         )
         self._train_loader = wrapped
@@ -199,7 +200,7 @@ class StageData(L.LightningDataModule):
             raise ValueError(f"{name}: no usable examples left ({parts or 'empty input'})")
 
 
-def _batch_limit(trainer, available: int) -> int | None:
+def batch_limit(trainer, available: int) -> int | None:
     """The micro-batches Lightning will take from an epoch (`limit_train_batches`), None for all."""
     limit = getattr(trainer, "limit_train_batches", None) if trainer is not None else None
     if limit is None or (isinstance(limit, float) and limit >= 1.0):
@@ -207,13 +208,3 @@ def _batch_limit(trainer, available: int) -> int | None:
     if isinstance(limit, float):
         return int(available * limit)
     return min(int(limit), available)
-
-
-def _file_digest(paths: list[Path], extra: str) -> str:
-    h = hashlib.sha256(extra.encode())
-    for path in paths:
-        h.update(str(path.resolve()).encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]

@@ -4,7 +4,7 @@ Design choices:
 
 - Records are plain data, never tokens: a text document is a `str`, a chat
   conversation is a `list[Message]` (`{"role", "content"}`, roles
-  system/user/assistant, the schema DESIGN.md uses), a preference pair is a
+  system/user/assistant, defined once in `data/chat/messages.py`), a preference pair is a
   `PreferencePair` of three message lists. Templates tokenise; losses live
   elsewhere.
 - Strict by default. `on_error="raise"` stops at the first bad record, before
@@ -30,6 +30,12 @@ Design choices:
   ends on a user turn is exactly a generation prompt for evaluation).
   `read_chat` rejects preference records (`format_mismatch`) instead of
   reading their prompt as a conversation.
+- Prompts (online RL, the generate tool) are `PromptRecord`s: messages that
+  end with a user turn plus an optional reference `answer` and `task`.
+  `read_prompts` reads `{"prompt", "answer"}` records, chat conversations cut
+  before their final assistant turn (its content is the answer), or one prompt
+  per line (`lines`: a `.jsonl` row with `messages` or `prompt`, any other
+  file's line a user message), all under the rules above.
 - Preference pairs must end their prompt with a user turn; chosen/rejected
   start and end with an assistant turn. An identical chosen/rejected pair
   (exact message equality) is a bad record (`identical_pair`): its DPO
@@ -46,25 +52,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypedDict
 
+from llmstages.data.chat.messages import ROLES, Message, Role
 from llmstages.options import OnError, choices
 
 __all__ = [
     "CHAT_FORMATS",
     "DataFormatError",
     "LoadReport",
-    "Message",
+    "PROMPT_FORMATS",
     "PreferencePair",
+    "PromptFormat",
+    "PromptRecord",
+    "prompt_record",
     "read_chat",
     "read_preference",
+    "read_prompts",
     "read_text",
 ]
-
-Role = Literal["system", "user", "assistant"]
-
-
-class Message(TypedDict):
-    role: Role
-    content: str
 
 
 class PreferencePair(TypedDict):
@@ -73,7 +77,16 @@ class PreferencePair(TypedDict):
     rejected: list[Message]
 
 
+class PromptRecord(TypedDict):
+    messages: list[Message]  # ends with a user turn; may hold earlier turns and a system prompt
+    answer: str | None  # the reference reply, when the source has one
+    task: str | None  # a task name for per-task rewards and metrics
+    text: str | None  # the prompt as the file wrote it when that was one plain string, else None
+
+
 CHAT_FORMATS = ("alpaca", "sharegpt", "messages")
+PromptFormat = Literal["auto", "prompt", "alpaca", "sharegpt", "messages", "lines"]
+PROMPT_FORMATS: tuple[str, ...] = choices(PromptFormat)
 ON_ERROR = choices(OnError)
 
 # ShareGPT `from` values -> roles. Tool roles use LLaMA-Factory's semantics.
@@ -86,7 +99,7 @@ _SHAREGPT_ROLES: dict[str, Role] = {
     "function_call": "assistant",
     "observation": "user",
 }
-_MESSAGE_ROLES: dict[str, Role] = {"system": "system", "user": "user", "assistant": "assistant"}
+_MESSAGE_ROLES: dict[str, Role] = {role: role for role in ROLES}  # type: ignore[misc]
 
 # Human wording for the reasons whose key alone reads badly.
 _REASON_TEXT = {
@@ -97,6 +110,7 @@ _REASON_TEXT = {
     "misplaced_system": "system turn not first",
     "prompt_not_user": "prompt does not end with a user turn",
     "identical_pair": "chosen and rejected are identical",
+    "no_prompt": "expected an object with 'messages' (a list) or 'prompt' (a str)",
 }
 
 
@@ -439,7 +453,7 @@ def _system_turn(rec: dict[str, Any]) -> list[_Turn]:
     return [_Turn("system", text, "system", "system")] if text.strip() else []
 
 
-def prompt_turns(rec: dict[str, Any]) -> list[_Turn]:
+def _prompt_turns(rec: dict[str, Any]) -> list[_Turn]:
     """A record's `prompt` field (a string: one user turn; or a message list), after its optional system prompt."""
     raw = rec["prompt"]
     if isinstance(raw, str):
@@ -603,7 +617,7 @@ def _parse_preference(value: Any) -> PreferencePair:
         prompt = _system_turn(rec) + _sharegpt_turns(_req_list(rec, "conversations"), "conversations")
     elif "prompt" in rec:
         sharegpt = False
-        prompt = prompt_turns(rec)
+        prompt = _prompt_turns(rec)
     else:
         raise _Invalid("missing_field", "prompt", "expected 'conversations' (sharegpt) or 'prompt'")
     _check_turns(prompt)
@@ -704,3 +718,101 @@ def iter_text(
     (line endings removed in line mode). `.txt` and `.jsonl` are streamed.
     """
     return TextStream(Path(path), mode, field, on_error)
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def prompt_record(messages: list[Message], task: str | None = None) -> PromptRecord:
+    """A conversation as a prompt: everything before its final assistant turn, whose content is the answer
+    (a conversation that ends on a user turn is all prompt, with no answer)."""
+    if messages and messages[-1]["role"] == "assistant":
+        return PromptRecord(messages=list(messages[:-1]), answer=messages[-1]["content"], task=task, text=None)
+    return PromptRecord(messages=list(messages), answer=None, task=task, text=None)
+
+
+def _prompt_messages(turns: list[_Turn], field: str) -> list[Message]:
+    _check_turns(turns)
+    if not turns or turns[-1].role != "user":
+        raise _Invalid("prompt_not_user", turns[-1].role_field if turns else field)
+    return _to_messages(turns)
+
+
+def _plain_text(rec: dict[str, Any]) -> str | None:
+    prompt = rec["prompt"]
+    return prompt if isinstance(prompt, str) and not _system_turn(rec) else None
+
+
+def _parse_prompt_record(value: Any) -> PromptRecord:
+    if not isinstance(value, dict):
+        raise _wrong_type(None, "an object", value)
+    rec = value
+    if "prompt" not in rec:
+        raise _Invalid("missing_field", "prompt")
+    messages = _prompt_messages(_prompt_turns(rec), "prompt")
+    answer = _req_str(rec, "answer") if "answer" in rec else None
+    task = _req_str(rec, "task") if "task" in rec else None
+    return PromptRecord(messages=messages, answer=answer, task=task, text=_plain_text(rec))
+
+
+def _parse_prompt_line(value: Any) -> PromptRecord:
+    """A `lines` row: `messages` (a trailing assistant turn is the answer) or a `prompt` string."""
+    if isinstance(value, dict) and isinstance(value.get("messages"), list):
+        turns = _openai_turns(value["messages"], "messages")
+        answer = None
+        if turns and turns[-1].role == "assistant":
+            answer = turns.pop().content
+        return PromptRecord(messages=_prompt_messages(turns, "messages"), answer=answer, task=None, text=None)
+    if isinstance(value, dict) and isinstance(value.get("prompt"), str):
+        return PromptRecord(messages=_prompt_messages(_prompt_turns(value), "prompt"), answer=None, task=None,
+                            text=_plain_text(value))
+    raise _Invalid("no_prompt")
+
+
+def _prompt_lines(path: Path) -> Iterator[_Raw]:
+    """`lines`: `.jsonl` rows are records, any other file's non-empty lines are user prompts."""
+    if path.suffix.lower() == ".jsonl":
+        yield from _json_records(path)
+        return
+    for number, line in _lines(path):
+        if not isinstance(line, str):
+            yield number, "line", line
+        elif line.strip():
+            yield number, "line", {"prompt": line}
+
+
+def _first_record_has_prompt(path: Path) -> bool:
+    for _, _, value in _json_records(path):
+        return isinstance(value, dict) and "prompt" in value
+    return False
+
+
+def read_prompts(
+    path: str | os.PathLike[str], *, format: str = "auto", on_error: str = "raise"
+) -> tuple[list[PromptRecord], LoadReport]:
+    """Prompts (`PromptRecord`s, each ending with a user turn) from one file.
+
+    `format`: `prompt` (`{"prompt", "answer"}` records: `prompt` a string or a
+    message list, optional `answer`, `system`, `task`); a chat format
+    (`read_chat`'s conversations, each cut before its final assistant turn,
+    whose content becomes the answer); `auto` (`prompt` when the first record
+    has a `prompt` field, else the chat formats' own detection); or `lines`
+    (one prompt per line: a `.jsonl` row with `messages` or a `prompt` string,
+    any other file's non-empty line as a user message).
+    """
+    _check_policy(on_error)
+    if format not in PROMPT_FORMATS:
+        raise ValueError(f"format must be one of {PROMPT_FORMATS}, got {format!r}")
+    path = Path(path)
+    if format == "auto":
+        format = "prompt" if _first_record_has_prompt(path) else "auto"
+    if format not in ("prompt", "lines"):
+        conversations, report = read_chat(path, format=format, on_error=on_error)
+        return [prompt_record(c) for c in conversations], report
+    col = _Collector(path, on_error)
+    if format == "prompt":
+        col.run(_json_records(path), _parse_prompt_record)
+    else:
+        col.run(_prompt_lines(path), _parse_prompt_line)
+    col.report.format = format
+    return col.finish()

@@ -17,10 +17,10 @@ from rich.progress import track
 
 from llmstages.data import synthetic
 from llmstages.data.batch import SIDES, PreferenceBatch
-from llmstages.data.base import StageData, _ListDataset
+from llmstages.data.base import StageData, ListDataset
 from llmstages.data.formats import LoadReport, read_preference
 from llmstages.data.packing import pad_examples, truncate
-from llmstages.data.templates import resolve_template
+from llmstages.data.chat import resolve_template
 from llmstages.losses import IGNORE_INDEX, count_targets
 from llmstages.options import OnError, TemplateName, Truncation, check_choice, choices
 
@@ -105,8 +105,8 @@ class PreferenceData(StageData):
         encoded = [e for e in (self.encode(p) for p in track(pairs, description="encoding", disable=len(pairs) < 5000)) if e]
         self._report("preference data", len(encoded), reports)
         train, val = self._split(encoded)
-        self.train_set = _ListDataset([{**e, "index": i} for i, e in enumerate(train)])
-        self.val_set = _ListDataset([{**e, "index": i} for i, e in enumerate(val)]) if val else None
+        self.train_set = ListDataset([{**e, "index": i} for i, e in enumerate(train)])
+        self.val_set = ListDataset([{**e, "index": i} for i, e in enumerate(val)]) if val else None
 
     def _collate(self, items: list) -> PreferenceBatch:
         length = max(len(item[side]["input_ids"]) for item in items for side in ("chosen", "rejected"))

@@ -31,7 +31,7 @@ from rich.progress import Progress
 from torch.utils.data import Dataset
 
 from llmstages.data import synthetic
-from llmstages.data.base import StageData, _file_digest
+from llmstages.data.base import StageData
 from llmstages.data.batch import LMBatch
 from llmstages.data.formats import iter_text
 from llmstages.data.packing import check_packing, stack_rows, stream_row
@@ -183,3 +183,14 @@ class PretrainData(StageData):
 
     def _collate(self, items: list) -> LMBatch:
         return stack_rows(items)
+
+
+def _file_digest(paths: list[Path], extra: str) -> str:
+    """A short key of the files (paths and bytes) and `extra`: the encoded corpus cache's name."""
+    h = hashlib.sha256(extra.encode())
+    for path in paths:
+        h.update(str(path.resolve()).encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]

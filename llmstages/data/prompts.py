@@ -1,10 +1,11 @@
 """PromptData: prompts only, for online RL (GRPO); the policy writes the replies.
 
 Design choices:
-- Sources: the chat formats `read_chat` reads (alpaca, sharegpt, messages), each conversation
-  cut before its final assistant turn, whose content becomes the prompt's reference `answer`;
-  or `{"prompt", "answer"}` records (`prompt` a string or a message list ending with a user
-  turn; optional `answer`, `system`, `task`). Bad records follow `on_error` with the file, line
+- Sources are read by `formats.read_prompts`: the chat formats (alpaca, sharegpt, messages),
+  each conversation cut before its final assistant turn, whose content becomes the prompt's
+  reference `answer`; or `{"prompt", "answer"}` records (`prompt` a string or a message list
+  ending with a user turn; optional `answer`, `system`, `task`); or one prompt per line
+  (`lines`, the generate tool's files). Bad records follow `on_error` with the file, line
   and field named, as every reader in `formats` does. Default: the embedded synthetic tasks
   (`synthetic.sft_conversations` cut before the final reply; the reply is the checkable answer).
 - Prompts are encoded with the template's `encode_prompt` (the conversation so far plus the
@@ -28,69 +29,22 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
 from llmstages.data import synthetic
-from llmstages.data.base import StageData, _batch_limit, _ListDataset
-from llmstages.data.loader import ResumableSampler, StepLookaheadLoader
+from llmstages.data.base import ListDataset, StageData, batch_limit
 from llmstages.data.batch import LMBatch
-from llmstages.data.formats import (
-    LoadReport,
-    _check_policy,
-    _check_turns,
-    _Collector,
-    _Invalid,
-    _json_records,
-    _req_str,
-    _to_messages,
-    _wrong_type,
-    prompt_turns,
-    read_chat,
-)
-from llmstages.data.templates import resolve_template
+from llmstages.data.chat import resolve_template
+from llmstages.data.formats import LoadReport, PromptFormat, PromptRecord, prompt_record, read_prompts
+from llmstages.data.loader import ResumableSampler, StepLookaheadLoader
 from llmstages.losses import IGNORE_INDEX
 from llmstages.options import OnError, TemplateName, check_choice, choices
 
-__all__ = ["PromptData", "GenerationStepLoader", "completion_rows", "read_prompts", "PromptRecord"]
+__all__ = ["PromptData", "GenerationStepLoader", "completion_rows"]
 
-PromptFormat = Literal["auto", "prompt", "alpaca", "sharegpt", "messages"]
 PromptTruncation = Literal["left", "drop"]
-
-
-class PromptRecord(dict):
-    """`{"messages": [...] ending with a user turn, "answer": str | None, "task": str | None}`."""
-
-
-def _parse_prompt_record(value: Any) -> PromptRecord:
-    if not isinstance(value, dict):
-        raise _wrong_type(None, "an object", value)
-    if "prompt" not in value:
-        raise _Invalid("missing_field", "prompt")
-    turns = prompt_turns(value)
-    _check_turns(turns)
-    if not turns or turns[-1].role != "user":
-        raise _Invalid("prompt_not_user", turns[-1].role_field if turns else "prompt")
-    answer = _req_str(value, "answer") if "answer" in value else None
-    task = _req_str(value, "task") if "task" in value else None
-    return PromptRecord(messages=_to_messages(turns), answer=answer, task=task)
-
-
-def read_prompts(path: str | Path, *, on_error: str = "raise") -> tuple[list[PromptRecord], LoadReport]:
-    """`{"prompt", "answer"}` records from `.jsonl` / `.json` (see the module docstring)."""
-    _check_policy(on_error)
-    path = Path(path)
-    collector = _Collector(path, on_error)
-    collector.run(_json_records(path), _parse_prompt_record)
-    return collector.finish()
-
-
-def _cut_before_last_reply(messages: list[dict]) -> PromptRecord:
-    """A conversation -> its prompt (everything before the final assistant turn) and that turn as the answer."""
-    if messages and messages[-1]["role"] == "assistant":
-        return PromptRecord(messages=list(messages[:-1]), answer=messages[-1]["content"], task=None)
-    return PromptRecord(messages=list(messages), answer=None, task=None)
 
 
 def completion_rows(
@@ -179,8 +133,9 @@ class PromptData(StageData):
         Args:
             files: prompt files: `{"prompt", "answer"}` records, or alpaca / sharegpt / messages conversations
                 (cut before their final assistant turn, which becomes the answer); null: the embedded synthetic tasks.
-            format: prompt (records with a `prompt` field), a chat format, or auto (per file: `prompt` records when
-                the first record has a `prompt` field, else the chat formats' own detection).
+            format: prompt (records with a `prompt` field), a chat format, lines (one prompt per line, as
+                `llmstages generate --prompts` reads), or auto (per file: `prompt` records when the first record
+                has a `prompt` field, else the chat formats' own detection).
             template: the chat template whose `encode_prompt` renders a prompt (ends with the assistant header).
             max_prompt_len: prompt tokens kept at most.
             truncation: left (keep a long prompt's last tokens) or drop it (counted).
@@ -203,22 +158,10 @@ class PromptData(StageData):
     def _records(self) -> tuple[list[PromptRecord], list[LoadReport]]:
         if not self.files:
             conversations = synthetic.sft_conversations(n=self.num_prompts, seed=self.seed)
-            records = []
-            for c in conversations:
-                record = _cut_before_last_reply(c["messages"])
-                record["task"] = c["task"]
-                records.append(record)
-            return records, []
+            return [prompt_record(c["messages"], task=c["task"]) for c in conversations], []
         records, reports = [], []
         for file in self.files:
-            fmt = self.format
-            if fmt == "auto":
-                fmt = "prompt" if _first_record_has_prompt(file) else "auto"
-            if fmt == "prompt":
-                items, report = read_prompts(file, on_error=self.on_error)
-            else:
-                conversations, report = read_chat(file, format=fmt, on_error=self.on_error)
-                items = [_cut_before_last_reply(m) for m in conversations]
+            items, report = read_prompts(file, format=self.format, on_error=self.on_error)
             records += items
             reports.append(report)
         return records, reports
@@ -242,8 +185,8 @@ class PromptData(StageData):
             item["index"] = i
         for i, item in enumerate(val):
             item["index"] = i
-        self.train_set = _ListDataset(train)
-        self.val_set = _ListDataset(val) if val else None
+        self.train_set = ListDataset(train)
+        self.val_set = ListDataset(val) if val else None
 
     def _collate(self, items: list[dict]) -> dict:
         return {
@@ -258,7 +201,7 @@ class PromptData(StageData):
         loader = self._loader(self.train_set, self.shuffle)
         trainer = self.trainer
         accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
-        limit = _batch_limit(trainer, len(loader) * self.num_iterations)
+        limit = batch_limit(trainer, len(loader) * self.num_iterations)
         wrapped = GenerationStepLoader(loader, accumulate, self.num_iterations, limit,
                                        sampler=loader.sampler, batch_size=self.batch_size)  # set_epoch goes through it
         self._train_loader = wrapped  # told of each micro-batch training takes (StageData.on_before_batch_transfer)
@@ -280,8 +223,3 @@ class PromptData(StageData):
     def pad_id(self) -> int:
         return self.tokenizer.pad_id
 
-
-def _first_record_has_prompt(path: Path) -> bool:
-    for _, _, value in _json_records(path):
-        return isinstance(value, dict) and "prompt" in value
-    return False

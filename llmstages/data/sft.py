@@ -2,7 +2,7 @@
 
 Design choices:
 - The loss mask is decided here, by the template and `loss_mask`
-  (`llmstages.data.templates`); the stage only sums what is labelled.
+  (`llmstages.data.chat.loss_mask`); the stage only sums what is labelled.
 - `packing: documents` bin-packs examples into rows (best-fit decreasing)
   with attention isolated per document; `none` pads one example per row.
 - Validation conversations are kept as messages too, so the stage can ask
@@ -21,10 +21,10 @@ from torch.utils.data import Dataset
 
 from llmstages.data import synthetic
 from llmstages.data.batch import LMBatch
-from llmstages.data.base import StageData, _ListDataset
+from llmstages.data.base import StageData, ListDataset
 from llmstages.data.formats import LoadReport, read_chat
 from llmstages.data.packing import best_fit_decreasing, check_packing, fill_ratio, pack_examples, pad_examples, stack_rows, truncate
-from llmstages.data.templates import resolve_template
+from llmstages.data.chat import resolve_template
 from llmstages.options import ChatFormat, LossMask, OnError, TemplateName, Truncation, check_choice, choices
 
 
@@ -110,7 +110,7 @@ class SFTData(StageData):
 
     def _rows(self, examples: list[dict], name: str) -> Dataset:
         if self.packing == "none":
-            return _ListDataset(examples)
+            return ListDataset(examples)
         lengths = [len(e["input_ids"]) for e in examples]
         bins = best_fit_decreasing(lengths, self.seq_len)
         rows = [pack_examples(examples, b, self.seq_len, self.tokenizer.pad_id) for b in bins]
@@ -120,7 +120,7 @@ class SFTData(StageData):
             + (f" ({self.truncated} truncated)" if name == "train" and self.truncated else "")
         )
         self.fill_ratio = fill_ratio(bins, lengths, self.seq_len) if name == "train" else getattr(self, "fill_ratio", 0.0)
-        return _ListDataset(rows)
+        return ListDataset(rows)
 
     def _collate(self, items: list) -> LMBatch:
         if self.packing == "none":

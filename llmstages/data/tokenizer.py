@@ -113,6 +113,49 @@ def _chat_template_of(folder: Path, config: dict[str, Any]) -> str | None:
     raise ValueError(f"{source}: expected a string, got {type(value).__name__}")
 
 
+def _token_config(folder: Path) -> dict[str, Any]:
+    """`tokenizer_config.json` with the special tokens `special_tokens_map.json` names (a legacy
+    config, without `added_tokens_decoder`, takes the map's; a newer one only fills its gaps)."""
+    config: dict[str, Any] = {}
+    config_file = folder / CONFIG_FILE
+    if config_file.is_file():
+        config = _read_json(config_file)
+    map_file = folder / SPECIAL_TOKENS_MAP_FILE
+    if map_file.is_file():
+        token_map = _read_json(map_file)
+        legacy = "added_tokens_decoder" not in config
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            if key in token_map and (legacy or config.get(key) is None):
+                config[key] = token_map[key]
+    return config
+
+
+def _dedicated_pad(backend: tokenizers.Tokenizer, config: dict[str, Any], eos: str, file: Path) -> str:
+    """The config's pad token if it is a dedicated one, else `PAD_TOKEN` (added to `backend` when absent).
+
+    A pad that is also a token the model reads or writes would be masked
+    wherever it really occurs; only a dedicated pad is kept.
+    """
+    pad = _token_content(config.get("pad_token"))
+    taken = {eos, EOS_TOKEN, *CHAT_SPECIAL_TOKENS}
+    taken.update(
+        t for t in (_token_content(config.get(k)) for k in ("bos_token", "unk_token")) if t
+    )
+    if pad is not None and pad not in taken and backend.token_to_id(pad) is not None:
+        return pad
+    reason = "missing" if pad is None else f"{pad!r} is not a dedicated token"
+    if backend.token_to_id(PAD_TOKEN) is None:
+        backend.add_special_tokens([tokenizers.AddedToken(PAD_TOKEN, special=True, normalized=False)])
+        log.warning(
+            "%s: pad token %s; added %s as new special id %d at the end of the vocabulary",
+            file,
+            reason,
+            PAD_TOKEN,
+            backend.token_to_id(PAD_TOKEN),
+        )
+    return PAD_TOKEN
+
+
 class Tokenizer:
     """Byte-level BPE tokenizer with an explicit EOS and a dedicated pad token.
 
@@ -261,17 +304,8 @@ class Tokenizer:
             raise FileNotFoundError(f"no tokenizer file at {file}")
         backend = _align_decoder(tokenizers.Tokenizer.from_file(str(file)))
 
-        config: dict[str, Any] = {}
         config_file = file.parent / CONFIG_FILE
-        if config_file.is_file():
-            config = _read_json(config_file)
-        map_file = file.parent / SPECIAL_TOKENS_MAP_FILE
-        if map_file.is_file():
-            token_map = _read_json(map_file)
-            legacy = "added_tokens_decoder" not in config
-            for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-                if key in token_map and (legacy or config.get(key) is None):
-                    config[key] = token_map[key]
+        config = _token_config(file.parent)
         chat_template = _chat_template_of(file.parent, config)
 
         eos = _token_content(config.get("eos_token"))
@@ -285,25 +319,7 @@ class Tokenizer:
         elif backend.token_to_id(eos) is None:
             raise ValueError(f"{config_file}: eos_token {eos!r} is not in {file.name}")
 
-        pad = _token_content(config.get("pad_token"))
-        # A pad that is also a token the model reads or writes would be masked
-        # wherever it really occurs; only a dedicated pad is kept.
-        taken = {eos, EOS_TOKEN, *CHAT_SPECIAL_TOKENS}
-        taken.update(
-            t for t in (_token_content(config.get(k)) for k in ("bos_token", "unk_token")) if t
-        )
-        if pad is None or pad in taken or backend.token_to_id(pad) is None:
-            reason = "missing" if pad is None else f"{pad!r} is not a dedicated token"
-            pad = PAD_TOKEN
-            if backend.token_to_id(PAD_TOKEN) is None:
-                backend.add_special_tokens([tokenizers.AddedToken(PAD_TOKEN, special=True, normalized=False)])
-                log.warning(
-                    "%s: pad token %s; added %s as new special id %d at the end of the vocabulary",
-                    file,
-                    reason,
-                    PAD_TOKEN,
-                    backend.token_to_id(PAD_TOKEN),
-                )
+        pad = _dedicated_pad(backend, config, eos, file)
         named = {}
         for key in ("bos_token", "unk_token"):
             token = _token_content(config.get(key))

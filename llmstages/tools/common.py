@@ -31,7 +31,6 @@ from llmstages.model.config import ModelConfig
 from llmstages.model.transformer import Transformer
 
 DEFAULT_CACHE_DIR = ".cache/llmstages"
-DEFAULT_TEMPLATE = "chatml"
 
 
 @dataclass
@@ -153,38 +152,29 @@ def resolve_tokenizer(loaded: LoadedModel, tokenizer: str | None, cache_dir: str
 
 def model_template(loaded: LoadedModel, template: str | None, tokenizer):
     """The chat template: the one given, else the run's recorded one, else chatml; auto/hf: the tokenizer's own."""
-    from llmstages.data.templates import resolve_template
+    from llmstages.data.chat import DEFAULT_TEMPLATE, resolve_template
 
     name = template or loaded.data_hyper_parameters.get("template") or DEFAULT_TEMPLATE
     return resolve_template(name, tokenizer)
 
 
 def read_prompts(path: str | Path) -> list[list[dict[str, str]] | str]:
-    """Prompts from a file: `.jsonl` rows with `messages` (or `prompt`), else one plain prompt per line."""
-    import json
+    """Prompts from a file (`formats.read_prompts`, format `lines`): `.jsonl` rows with `messages`
+    (echoed as written) or a `prompt` string, else one plain prompt per line (a string)."""
+    from llmstages.data.formats import read_prompts as read_prompt_records
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} does not exist")
+    records, _ = read_prompt_records(path, format="lines")
     prompts: list[list[dict[str, str]] | str] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            if isinstance(row, dict) and isinstance(row.get("messages"), list):
-                prompts.append(row["messages"])
-            elif isinstance(row, dict) and isinstance(row.get("prompt"), str):
-                prompts.append(row["prompt"])
-            else:
-                raise ValueError(f"{path}:{number}: expected an object with 'messages' (a list) or 'prompt' (a str)")
+    for record in records:
+        if record["text"] is not None:
+            prompts.append(record["text"])
+        elif record["answer"] is not None:  # the row's reference reply: as_messages drops it again
+            prompts.append([*record["messages"], {"role": "assistant", "content": record["answer"]}])
         else:
-            prompts.append(line)
-    if not prompts:
-        raise ValueError(f"prompts file {path} holds no prompts")
+            prompts.append(list(record["messages"]))
     return prompts
 
 

@@ -109,7 +109,7 @@ def _chat_view(data):
     """Pretraining data has no template; borrow the SFT defaults to ask it the same questions."""
     if hasattr(data, "template"):
         return data
-    from llmstages.data.templates import ChatTemplate
+    from llmstages.data.chat import ChatTemplate
 
     class View:
         tokenizer, template = data.tokenizer, ChatTemplate.get("chatml")

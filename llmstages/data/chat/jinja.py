@@ -17,18 +17,10 @@ Design choices:
   Granite's date do not change daily. `date_string=None` uses today.
 - The mask comes from one full rendering (`add_generation_prompt=False`),
   never from rendering prefixes and diffing them (Qwen3, QwQ and Phi-3.5 are
-  not prefix-stable). Each message is located in the rendered text in order:
-  a reply is the template's rendering of its content (as is, trimmed,
-  newline-stripped, or with `<think>` dropped, as templates do) followed
-  directly by the end-of-turn marker. Tokens overlapping that span (by
-  character offsets) plus the end-of-turn token are the reply's targets; a
+  not prefix-stable). `spans.py` finds each reply's characters in that text;
+  tokens overlapping a reply's span (by character offsets) plus the
+  end-of-turn token are its targets, labelled by `loss_mask.py`'s rules; a
   token straddling the span's start is labelled (it carries reply text).
-- Only what the template renders can carry loss: reasoning a template drops
-  from history is not trained; reasoning it keeps (even reformatted, Qwen3's
-  final turn) is. Scaffolding the model did not write, such as the empty
-  `<think>\\n\\n</think>\\n\\n` Qwen3/minimind/SmolLM3 insert between header and
-  reply, is never labelled, so a model is not taught to emit it. A reply the
-  template rewrites beyond these forms is an error, not a guess.
 - The end-of-turn marker is the special token the template writes right
   after a reply (found by rendering a probe conversation): `<|im_end|>`,
   `<|eot_id|>`, `<｜end▁of▁sentence｜>`, `<end_of_turn>`, `<|end|>`, `</s>`...
@@ -51,7 +43,6 @@ import json
 import logging
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -60,13 +51,16 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from llmstages.data.templates import (
-    Message,
-    _check_loss_mask,
-    _require_targets,
-    _validate,
+from llmstages.data.chat.loss_mask import (
+    check_loss_mask,
+    check_reply_target,
+    labels_everything,
     reply_labels,
+    require_targets,
+    trained_replies,
 )
+from llmstages.data.chat.messages import Message, validate_messages
+from llmstages.data.chat.spans import Markers, ReplySpan, locate_replies, special_at
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.losses import IGNORE_INDEX
 
@@ -103,47 +97,8 @@ def compile_template(source: str) -> jinja2.Template:
         raise ValueError(f"chat template does not compile (line {e.lineno}): {e.message}") from None
 
 
-# ---------------------------------------------------------------- per-tokenizer facts
-@dataclass(frozen=True)
-class _Markers:
-    specials: tuple[str, ...]  # special token strings, longest first
-    eot: str
-    eot_id: int
-
-
-@dataclass(frozen=True)
-class _Reply:
-    message: int  # index in the conversation
-    start: int  # character span of the rendered reply
-    end: int
-
-
-def _special_at(text: str, pos: int, specials: Sequence[str]) -> str | None:
-    for token in specials:  # longest first, so a marker never matches by its prefix
-        if text.startswith(token, pos):
-            return token
-    return None
-
-
-def _reply_forms(content: str) -> tuple[list[str], bool]:
-    """How templates render a reply (as is, trimmed, think dropped), and whether one form is empty."""
-    forms = [content, content.strip(), content.lstrip("\n"), content.strip("\n"), content.rstrip()]
-    if "</think>" in content:
-        answer = content.split("</think>")[-1]
-        forms += [answer, answer.lstrip("\n"), answer.strip(), answer.lstrip()]
-    unique = list(dict.fromkeys(forms))
-    return [f for f in unique if f], "" in unique
-
-
-def _reasoning(content: str) -> str:
-    """The reasoning the model wrote before `</think>` (empty when none)."""
-    if "</think>" not in content:
-        return ""
-    return content.split("</think>")[0].split("<think>")[-1].strip()
-
-
 class HFChatTemplate:
-    """A chat template rendered from Jinja source, with the `ChatTemplate` interface.
+    """A chat template rendered from Jinja source (a `protocol.Template`).
 
     `source` is usually `tokenizer.chat_template`; `date_string` pins the date
     templates print (None: today); `dropped_system` says what a system message
@@ -177,7 +132,7 @@ class HFChatTemplate:
         self.dropped_system = dropped_system
         self.template_kwargs = dict(template_kwargs or {})
         self._compiled = compile_template(source)
-        self._markers: weakref.WeakKeyDictionary[Tokenizer, _Markers] = weakref.WeakKeyDictionary()
+        self._markers: weakref.WeakKeyDictionary[Tokenizer, Markers] = weakref.WeakKeyDictionary()
         self._warned_system = False
 
     def __repr__(self) -> str:
@@ -219,7 +174,7 @@ class HFChatTemplate:
         Special tokens come from `tokenizer` (or just `eos_token` when no
         tokenizer is given, as in `ChatTemplate.render`).
         """
-        msgs = [{"role": r, "content": c} for r, c in _validate(messages)]
+        msgs = [{"role": r, "content": c} for r, c in validate_messages(messages)]
         if tokenizer is not None:
             variables: dict[str, Any] = dict(tokenizer.special_tokens_map)
         else:
@@ -271,7 +226,7 @@ class HFChatTemplate:
                 self._warned_system = True
 
     # ----------------------------------------------------------- markers
-    def _markers_of(self, tokenizer: Tokenizer) -> _Markers:
+    def _markers_of(self, tokenizer: Tokenizer) -> Markers:
         cached = self._markers.get(tokenizer)
         if cached is not None:
             return cached
@@ -285,98 +240,19 @@ class HFChatTemplate:
                 f"(probe reply {_PROBE_REPLY!r} is not in its rendering), so no loss mask can be derived from it"
             )
         end = at + len(_PROBE_REPLY)
-        eot = _special_at(text, end, specials)
+        eot = special_at(text, end, specials)
         if eot is None:
             raise ValueError(
                 f"chat template {self.name!r}: no end-of-turn marker: after a reply it writes "
                 f"{text[end:end + 24]!r}, which does not start with a special token of this tokenizer"
             )
-        markers = _Markers(specials, eot, tokenizer.token_to_id(eot))
+        markers = Markers(specials, eot, tokenizer.token_to_id(eot))
         self._markers[tokenizer] = markers
         return markers
 
     def stop_token_id(self, tokenizer: Tokenizer) -> int:
         """The end-of-turn id: the special token the template writes right after a reply."""
         return self._markers_of(tokenizer).eot_id
-
-    # ----------------------------------------------------------- locating
-    def _locate(self, text: str, msgs: list[tuple[str, str]], markers: _Markers) -> list[_Reply]:
-        """Every assistant reply's character span in the full rendering, in order."""
-        replies: list[_Reply] = []
-        cursor = 0
-        for i, (role, content) in enumerate(msgs):
-            if role == "assistant":
-                reply = self._locate_reply(text, content, cursor, markers)
-                if reply is None:
-                    raise ValueError(
-                        f"message {i}: chat template {self.name!r} renders this assistant reply in a form "
-                        "the loss mask cannot locate (not as written, trimmed, or with <think> dropped)"
-                    )
-                start, end = reply
-                replies.append(_Reply(i, start, end))
-                cursor = end + len(markers.eot)
-            else:
-                moved = self._skip_context(text, role, content, cursor, markers)
-                if moved is None:
-                    raise ValueError(
-                        f"message {i}: chat template {self.name!r} does not render this {role} message as "
-                        "written (or trimmed), so the replies around it cannot be located exactly"
-                    )
-                cursor = moved
-        return replies
-
-    @staticmethod
-    def _skip_context(text: str, role: str, content: str, cursor: int, markers: _Markers) -> int | None:
-        """The cursor past a user/system message, so a reply never matches inside it.
-
-        A match is the first occurrence from the cursor (preferably followed by
-        a marker), so the cursor never passes the message's true place; a user
-        message the template does not render as written (or trimmed) is None
-        (an error: its reply could be mistaken for it). A system message the
-        rendering lacks leaves the cursor (`_check_system` reports it).
-        """
-        forms = [f for f in dict.fromkeys((content, content.strip())) if f]
-        for form in forms:  # ended by a marker, as turns usually are
-            at = text.find(form, cursor)
-            while at >= 0:
-                special = _special_at(text, at + len(form), markers.specials)
-                if special is not None:
-                    return at + len(form) + len(special)
-                at = text.find(form, at + 1)
-        for form in forms:  # templates whose turns end in plain text (e.g. "User: ...\n\n")
-            at = text.find(form, cursor)
-            if at >= 0:
-                return at + len(form)
-        return cursor if role == "system" or not forms else None
-
-    @staticmethod
-    def _locate_reply(text: str, content: str, cursor: int, markers: _Markers) -> tuple[int, int] | None:
-        forms, may_be_empty = _reply_forms(content)
-        best: tuple[int, int] | None = None  # (end, -length): earliest end, then the longest form
-        for form in forms:
-            at = text.find(form + markers.eot, cursor)
-            if at >= 0:
-                key = (at + len(form), -len(form))
-                best = key if best is None or key < best else best
-        if best is not None:
-            end = best[0]
-            start = end + best[1]
-        elif may_be_empty:
-            end = text.find(markers.eot, cursor)
-            if end < 0:
-                return None
-            start = end
-        else:
-            return None
-        # Reasoning the template kept (possibly reformatted) is the model's text: include it.
-        if _reasoning(content) and "</think>" not in text[start:end]:
-            before = text[cursor:start]
-            close = before.rstrip().rfind("</think>")
-            if close >= 0 and not before[close + len("</think>"):].strip():
-                open_ = before.rfind("<think>", 0, close)
-                if open_ >= 0 and _reasoning(content) in before[open_:close]:
-                    start = cursor + open_
-        return start, end
 
     # ----------------------------------------------------------- encoding
     def _encode_full(
@@ -386,56 +262,64 @@ class HFChatTemplate:
         markers = self._markers_of(tokenizer)
         text = self._checked_render(msgs, tokenizer, add_generation_prompt=False)
         ids, offsets = tokenizer.encode_rendered(text)
-        if loss_mask == "all":
+        if labels_everything(loss_mask):
             return {"input_ids": ids, "labels": list(ids)}
-        replies = [r for r in self._locate(text, msgs, markers) if r.message >= trained_from]
-        if loss_mask == "last_assistant":
-            replies = replies[-1:]
+        trained = set(trained_replies([role for role, _ in msgs], loss_mask, trained_from))
         labels = [IGNORE_INDEX] * len(ids)
         token = 0
-        for reply in replies:
-            while token < len(ids) and offsets[token][1] <= reply.start and offsets[token][0] < reply.end:
-                token += 1
-            body = []
-            while token < len(ids) and offsets[token][0] < reply.end:
-                body.append(token)
-                token += 1
-            if token == len(ids) or ids[token] != markers.eot_id or offsets[token][0] != reply.end:
-                raise ValueError(
-                    f"message {reply.message}: the end-of-turn marker {markers.eot!r} after this reply "
-                    "is not a token of its own in the tokenised rendering"
-                )
-            eot = token
-            tail = []
-            nxt = eot + 1
-            while nxt < len(ids) and ids[nxt] not in tokenizer.special_ids and not text[slice(*offsets[nxt])].strip():
-                tail.append(nxt)
-                nxt += 1
+        for reply in locate_replies(text, msgs, markers, self.name):
+            if reply.message not in trained:
+                continue
+            body, eot, tail = self._reply_tokens(text, ids, offsets, reply, markers, tokenizer, token)
             positions = [*body, eot, *tail]
             segment = reply_labels([ids[t] for t in body], [ids[eot]], [ids[t] for t in tail], loss_mask)
-            target = [t for t, label in zip(positions, segment) if label != IGNORE_INDEX]
-            if reply.start == reply.end and not target:
-                raise ValueError(
-                    f"message {reply.message}: empty assistant reply has no target tokens under "
-                    f"loss_mask={loss_mask!r} (an empty reply is trainable only through its end-of-turn token)"
-                )
-            for t in target:
-                labels[t] = ids[t]
+            try:
+                check_reply_target(reply.start == reply.end, segment, loss_mask)
+            except ValueError as e:
+                raise ValueError(f"message {reply.message}: {e}") from None
+            for t, label in zip(positions, segment):
+                if label != IGNORE_INDEX:
+                    labels[t] = ids[t]
             token = eot + 1
         return {"input_ids": ids, "labels": labels}
+
+    @staticmethod
+    def _reply_tokens(
+        text: str, ids: list[int], offsets: list[tuple[int, int]], reply: ReplySpan, markers: Markers,
+        tokenizer: Tokenizer, token: int,
+    ) -> tuple[list[int], int, list[int]]:
+        """Token positions of one reply from `token` on: its body (tokens overlapping its span), its
+        end-of-turn token, and the whitespace tokens after it (what `legacy_minimind` labels)."""
+        while token < len(ids) and offsets[token][1] <= reply.start and offsets[token][0] < reply.end:
+            token += 1
+        body = []
+        while token < len(ids) and offsets[token][0] < reply.end:
+            body.append(token)
+            token += 1
+        if token == len(ids) or ids[token] != markers.eot_id or offsets[token][0] != reply.end:
+            raise ValueError(
+                f"message {reply.message}: the end-of-turn marker {markers.eot!r} after this reply "
+                "is not a token of its own in the tokenised rendering"
+            )
+        tail = []
+        nxt = token + 1
+        while nxt < len(ids) and ids[nxt] not in tokenizer.special_ids and not text[slice(*offsets[nxt])].strip():
+            tail.append(nxt)
+            nxt += 1
+        return body, token, tail
 
     def encode(
         self, messages: Sequence[Message], tokenizer: Tokenizer, loss_mask: str = "assistant"
     ) -> dict[str, list[int]]:
         """`{"input_ids", "labels"}` of a whole conversation (labels unshifted)."""
-        _check_loss_mask(loss_mask)
-        out = self._encode_full(_validate(messages), tokenizer, loss_mask)
-        _require_targets(out["labels"], loss_mask)
+        check_loss_mask(loss_mask)
+        out = self._encode_full(validate_messages(messages), tokenizer, loss_mask)
+        require_targets(out["labels"], loss_mask)
         return out
 
     def encode_prompt(self, messages: Sequence[Message], tokenizer: Tokenizer) -> list[int]:
         """The conversation so far rendered with the template's generation prompt."""
-        text = self._checked_render(_validate(messages), tokenizer, add_generation_prompt=True)
+        text = self._checked_render(validate_messages(messages), tokenizer, add_generation_prompt=True)
         return tokenizer.encode_rendered(text)[0]
 
     def encode_pair(
@@ -447,14 +331,14 @@ class HFChatTemplate:
         longest token prefix the sides share that holds no target, so the
         completion's header (and inserted scaffolding) is context.
         """
-        context = _validate(prompt)
+        context = validate_messages(prompt)
         full = {}
         for side, messages in completions.items():
             try:
-                full[side] = self._encode_full(context + _validate(messages), tokenizer, "assistant", len(context))
+                full[side] = self._encode_full(context + validate_messages(messages), tokenizer, "assistant", len(context))
             except ValueError as e:
                 raise ValueError(f"{side}: {e}") from None
-            _require_targets(full[side]["labels"], "assistant")
+            require_targets(full[side]["labels"], "assistant")
         sides = list(full.values())
         split = min(next(i for i, t in enumerate(s["labels"]) if t != IGNORE_INDEX) for s in sides)
         first = sides[0]["input_ids"]
@@ -481,17 +365,17 @@ class HFChatTemplate:
         DeepSeek-R1, whose generation prompt opens a `<think>`); `encode_pair`
         does not rely on it.
         """
-        _check_loss_mask(loss_mask)
+        check_loss_mask(loss_mask)
         if not isinstance(content, str):
             raise ValueError(f"reply content must be a str, got {type(content).__name__}")
-        context = _validate(prompt) if prompt is not None else [("user", _PROBE_USER)]
+        context = validate_messages(prompt) if prompt is not None else [("user", _PROBE_USER)]
         msgs = context + [("assistant", content)]
         markers = self._markers_of(tokenizer)
         full = self._encode_full(msgs, tokenizer, loss_mask, len(context))
         text = self._checked_render(msgs, tokenizer, add_generation_prompt=False)
-        reply = self._locate(text, msgs, markers)[-1]
+        reply = locate_replies(text, msgs, markers, self.name)[-1]
         _, offsets = tokenizer.encode_rendered(text)
         start = next(i for i, (a, b) in enumerate(offsets) if b > reply.start or a >= reply.end)
         out = {"input_ids": full["input_ids"][start:], "labels": full["labels"][start:]}
-        _require_targets(out["labels"], loss_mask)
+        require_targets(out["labels"], loss_mask)
         return out

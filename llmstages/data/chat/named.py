@@ -1,4 +1,4 @@
-"""Chat templates: messages -> token ids + unshifted labels, built segment by segment.
+"""Named chat layouts (`chatml`, `llama3`, `plain`): messages -> ids + labels, segment by segment.
 
 Design choices:
 
@@ -10,20 +10,14 @@ Design choices:
   #6105). Content is encoded with `Tokenizer.encode`, so a marker string
   written inside a message stays text; markers are emitted only here, looked
   up with `token_to_id` (a missing one is an error naming it).
-- Labels are unshifted (`labels[i] = input_ids[i]` or `IGNORE_INDEX`); the
-  single shift lives in `llmstages.losses`.
-- Loss-mask variants are named (`LOSS_MASKS`); `assistant` is the default and
-  the correct one: every reply's content plus its end-of-turn token, nothing
-  before or after. The legacy variants reproduce published bugs on purpose.
+- Which tokens carry a loss is decided in `loss_mask.py`; this file only
+  says where each reply's content, end-of-turn token and separator are.
 - Templates: `chatml` (default), `llama3` (no newline after `<|eot_id|>`, so
   `legacy_minimind` labels exactly what `assistant` does there), and `plain`
   (no markers: "User: ...\\n\\n", "Assistant: ...<eos>\\n\\n", "System: ...\\n\\n";
   the end-of-turn token is the tokenizer's EOS, after assistant replies only).
 - The model's own Jinja template (`template: auto` or `hf`) lives in
-  `hf_template.py` with the same interface; `resolve_template` picks either.
-- An example with no labelled token raises `ValueError("no target tokens")`,
-  and so does an empty assistant reply whose end-of-turn token the chosen
-  mask leaves unlabelled: a mask can never be silently all zeros.
+  `jinja.py`; both implement `protocol.Template`, and `resolve.py` picks one.
 """
 
 from __future__ import annotations
@@ -31,8 +25,17 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
+from llmstages.data.chat.loss_mask import (
+    check_loss_mask,
+    check_reply_target,
+    labels_everything,
+    reply_labels,
+    require_targets,
+    trained_replies,
+)
+from llmstages.data.chat.messages import ROLES, Message, validate_messages
 from llmstages.data.tokenizer import (
     BEGIN_OF_TEXT,
     END_HEADER,
@@ -43,14 +46,9 @@ from llmstages.data.tokenizer import (
     START_HEADER,
     Tokenizer,
 )
-from llmstages.data.formats import Message
 from llmstages.losses import IGNORE_INDEX
-from llmstages.options import LossMask, TemplateName, choices
 
-ROLES: tuple[str, ...] = ("system", "user", "assistant")
-LOSS_MASKS: tuple[str, ...] = choices(LossMask)
-DEFAULT_TEMPLATE = "chatml"
-
+__all__ = ["ChatTemplate", "Piece", "Special"]
 
 
 @dataclass(frozen=True)
@@ -65,7 +63,7 @@ Piece = str | Special
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """One named chat layout. Get the built-in ones with `ChatTemplate.get(name)`.
+    """One named chat layout (a `protocol.Template`). Get the built-in ones with `ChatTemplate.get(name)`.
 
     `eot` is the end-of-turn marker (None: the tokenizer's EOS); it follows the
     messages of the roles in `eot_roles`, and `separator` follows every message.
@@ -143,60 +141,62 @@ class ChatTemplate:
         sep = tokenizer.encode(self.separator) if self.separator else []
         ids = header + body + eot + sep
 
-        if loss_mask == "all":
+        if labels_everything(loss_mask):
             return ids, list(ids)
         if not trained:
             return ids, [IGNORE_INDEX] * len(ids)
         target = reply_labels(body, eot, sep, loss_mask)
-        labels = [IGNORE_INDEX] * len(header) + target
-        if not content and all(t == IGNORE_INDEX for t in target[: len(body) + len(eot)]):
-            raise ValueError(
-                f"empty assistant reply has no target tokens under loss_mask={loss_mask!r} "
-                "(an empty reply is trainable only through its end-of-turn token)"
-            )
-        return ids, labels
+        check_reply_target(not content, target[: len(body) + len(eot)], loss_mask)
+        return ids, [IGNORE_INDEX] * len(header) + target
 
     def encode(
         self, messages: Sequence[Message], tokenizer: Tokenizer, loss_mask: str = "assistant"
     ) -> dict[str, list[int]]:
         """`{"input_ids", "labels"}` of a whole conversation (labels unshifted)."""
-        _check_loss_mask(loss_mask)
-        msgs = _validate(messages)
-        last = max((i for i, (r, _) in enumerate(msgs) if r == "assistant"), default=-1)
+        check_loss_mask(loss_mask)
+        msgs = validate_messages(messages)
+        trained = set(trained_replies([role for role, _ in msgs], loss_mask))
         ids = self._ids(self.prefix, tokenizer)
-        labels = list(ids) if loss_mask == "all" else [IGNORE_INDEX] * len(ids)
+        labels = list(ids) if labels_everything(loss_mask) else [IGNORE_INDEX] * len(ids)
         for i, (role, content) in enumerate(msgs):
-            trained = role == "assistant" and (loss_mask != "last_assistant" or i == last)
             try:
-                m_ids, m_labels = self._message(role, content, tokenizer, loss_mask, trained, True)
+                m_ids, m_labels = self._message(role, content, tokenizer, loss_mask, i in trained, True)
             except ValueError as e:
                 raise ValueError(f"message {i}: {e}") from None
             ids += m_ids
             labels += m_labels
-        _require_targets(labels, loss_mask)
+        require_targets(labels, loss_mask)
         return {"input_ids": ids, "labels": labels}
 
     def encode_prompt(self, messages: Sequence[Message], tokenizer: Tokenizer) -> list[int]:
         """The conversation so far followed by the assistant header (generation prompt)."""
-        msgs = _validate(messages)
+        msgs = validate_messages(messages)
         ids = self._ids(self.prefix, tokenizer)
         for role, content in msgs:
             ids += self._message(role, content, tokenizer, "assistant", False, True)[0]
         return ids + self._ids(self._header("assistant"), tokenizer)
 
     def encode_reply(
-        self, content: str, tokenizer: Tokenizer, loss_mask: str = "assistant"
+        self,
+        content: str,
+        tokenizer: Tokenizer,
+        loss_mask: str = "assistant",
+        *,
+        prompt: Sequence[Message] | None = None,
     ) -> dict[str, list[int]]:
         """One assistant reply after `encode_prompt`: content, end-of-turn, separator.
 
         `encode_prompt(msgs[:-1]) + encode_reply(msgs[-1]["content"])` equals
-        `encode(msgs)` when the last message is the assistant's.
+        `encode(msgs)` when the last message is the assistant's. The segments
+        do not depend on the context, so `prompt` is only validated.
         """
-        _check_loss_mask(loss_mask)
+        check_loss_mask(loss_mask)
+        if prompt is not None:
+            validate_messages(prompt)
         if not isinstance(content, str):
             raise ValueError(f"reply content must be a str, got {type(content).__name__}")
         ids, labels = self._message("assistant", content, tokenizer, loss_mask, True, False)
-        _require_targets(labels, loss_mask)
+        require_targets(labels, loss_mask)
         return {"input_ids": ids, "labels": labels}
 
     def encode_pair(
@@ -250,15 +250,19 @@ class ChatTemplate:
     def render(
         self,
         messages: Sequence[Message],
+        tokenizer: Tokenizer | None = None,
         *,
         add_generation_prompt: bool = False,
-        eos_token: str = EOS_TOKEN,
+        eos_token: str | None = None,
     ) -> str:
         """The conversation as text (for previews); tokenising it whole may differ from `encode`.
 
-        `eos_token` is the text shown for the tokenizer's EOS (`plain` template).
+        `eos_token` is the text shown for the tokenizer's EOS (`plain` template):
+        given, else `tokenizer`'s, else the default tokenizer's.
         """
-        msgs = _validate(messages)
+        msgs = validate_messages(messages)
+        if eos_token is None:
+            eos_token = tokenizer.eos_token if tokenizer is not None else EOS_TOKEN
 
         def text(pieces: Sequence[Piece]) -> str:
             return "".join(p.token if isinstance(p, Special) else p for p in pieces)
@@ -271,85 +275,6 @@ class ChatTemplate:
         if add_generation_prompt:
             out.append(text(self._header("assistant")))
         return "".join(out)
-
-
-#: Names `template:` accepts: the named layouts plus the model's own Jinja template.
-TEMPLATE_NAMES: tuple[str, ...] = choices(TemplateName)
-
-
-def resolve_template(name: str, tokenizer: Tokenizer, **options: Any) -> Any:
-    """The template a data module uses: a named `ChatTemplate`, or for `auto`/`hf`
-    the tokenizer's own Jinja `chat_template` (`HFChatTemplate`; `options` go to it:
-    `date_string`, `dropped_system`, `template_kwargs`)."""
-    if name in ("auto", "hf"):
-        from llmstages.data.hf_template import HFChatTemplate  # imports this module
-
-        if tokenizer.chat_template is None:
-            raise ValueError(
-                f"template: {name} renders the model's own chat template, but this tokenizer has none "
-                "(no chat_template in tokenizer_config.json, no chat_template.jinja); set template to "
-                f"one of {', '.join(ChatTemplate.names())}, or use a tokenizer folder that has a template"
-            )
-        return HFChatTemplate(tokenizer.chat_template, name=name, **options)
-    if options:
-        raise ValueError(f"template {name!r} takes no options, got {sorted(options)}")
-    if name not in ChatTemplate._registry:
-        raise ValueError(f"unknown chat template {name!r}; available: {', '.join(TEMPLATE_NAMES)}")
-    return ChatTemplate.get(name)
-
-
-def reply_labels(body: list[int], eot: list[int], after: list[int], loss_mask: str) -> list[int]:
-    """The loss-mask rules: labels of one trained assistant reply, in one place for every template.
-
-    `body` is the reply's content tokens, `eot` its end-of-turn token(s), `after`
-    what the template writes after it before the next turn (a newline). Every
-    mask labels the content; `assistant`/`last_assistant` add the end-of-turn
-    token (the model learns to stop); `assistant_no_eos` leaves it out (the
-    model never learns to stop); `legacy_drop_first` unlabels the reply's first
-    token (OpenRLHF #973); `legacy_minimind` also labels what comes after the
-    end-of-turn token; `all` labels everything. Which replies are trained
-    (`last_assistant`: only the last) is the caller's choice.
-    """
-    _check_loss_mask(loss_mask)
-    ignore = [IGNORE_INDEX]
-    if loss_mask == "all":
-        return [*body, *eot, *after]
-    if loss_mask == "assistant_no_eos":
-        return [*body, *ignore * (len(eot) + len(after))]
-    target = [*body, *eot]
-    if loss_mask == "legacy_drop_first" and target:
-        target = ignore + target[1:]
-    tail = list(after) if loss_mask == "legacy_minimind" else ignore * len(after)
-    return target + tail
-
-
-def _check_loss_mask(loss_mask: str) -> None:
-    if loss_mask not in LOSS_MASKS:
-        raise ValueError(f"unknown loss_mask {loss_mask!r}; available: {', '.join(LOSS_MASKS)}")
-
-
-def _validate(messages: Sequence[Message]) -> list[tuple[str, str]]:
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
-    out: list[tuple[str, str]] = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-            raise ValueError(f"message {i}: expected a dict with 'role' and 'content', got {m!r:.80}")
-        role, content = m["role"], m["content"]
-        if role not in ROLES:
-            raise ValueError(f"message {i}: unknown role {role!r}; expected one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise ValueError(f"message {i}: content must be a str, got {type(content).__name__}")
-        out.append((role, content))
-    return out
-
-
-def _require_targets(labels: Sequence[int], loss_mask: str) -> None:
-    if all(t == IGNORE_INDEX for t in labels):
-        raise ValueError(
-            f"no target tokens: every label is {IGNORE_INDEX} under loss_mask={loss_mask!r} "
-            "(no assistant reply to train on?)"
-        )
 
 
 ALL_ROLES = frozenset(ROLES)
