@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from llmstages.data.prompts import completion_rows
+from llmstages.evaluation import exact_match as is_exact_match
 
 __all__ = ["Completions", "exact_match", "stopped", "length", "load_function", "RewardModelScore", "Rewards", "BUILTIN"]
 
@@ -56,14 +57,14 @@ class Completions:
 
 
 def exact_match(completions: list[str], answer: list[str | None], stopped: list[bool], **_) -> list[float]:
-    """1.0 when the completion stopped and equals the reference answer after stripping whitespace."""
+    """1.0 when the completion stopped and equals the reference answer (`evaluation.exact_match`)."""
     missing = [i for i, a in enumerate(answer) if a is None]
     if missing:
         raise ValueError(
             f"reward exact_match needs a reference answer for every prompt; completion {missing[0]} has none "
             "(give `answer` in the prompt records, or use another reward)"
         )
-    return [float(s and c.strip() == a.strip()) for c, a, s in zip(completions, answer, stopped)]
+    return [float(is_exact_match(c, a, s)) for c, a, s in zip(completions, answer, stopped)]
 
 
 def stopped(stopped: list[bool], **_) -> list[float]:

@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 
 from llmstages.data.prompts import completion_rows
-from llmstages.evaluation import evaluate_replies, log_reply_samples
+from llmstages.evaluation import evaluate_replies, exact_match, log_reply_samples
 from llmstages.losses import (
     IMPORTANCE_SAMPLING_LEVELS,
     LOSS_AGGREGATIONS,
@@ -484,7 +484,7 @@ class GRPOModule(LMStage):
         samples = quality["samples"]
         scored = [(s, a) for s, a in zip(samples, batch["answers"]) if a is not None]
         if scored:
-            exact = sum(s["stopped"] and s["reply"].strip() == a.strip() for s, a in scored) / len(scored)
+            exact = sum(exact_match(s["reply"], a, s["stopped"]) for s, a in scored) / len(scored)
             self.val_means.update("val/exact_match", torch.tensor(exact, device=self.device), len(scored))
         stopped = sum(s["stopped"] for s in samples) / len(samples)
         self.val_means.update("val/stop_rate", torch.tensor(stopped, device=self.device), len(samples))
