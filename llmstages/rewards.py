@@ -15,7 +15,8 @@ Design choices:
   `reward_model`), or an import path `package.module:function`.
 - The reward model is read exactly as RM validation reads it: at the last labelled token of
   `prompt + completion` (the end-of-turn token when the completion stopped). It is frozen, in
-  eval mode, outside the policy's state_dict and optimiser.
+  eval mode, outside the policy's state_dict and optimiser, loaded by `model.checkpoint.load_model`
+  (the one loader of trained models; rewards never import a stage).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from llmstages.data.prompts import completion_rows
 from llmstages.evaluation import exact_match as is_exact_match
+from llmstages.model.checkpoint import load_model
 
 __all__ = ["Completions", "exact_match", "stopped", "length", "load_function", "RewardModelScore", "Rewards", "BUILTIN"]
 
@@ -101,12 +103,13 @@ class RewardModelScore:
     """A trained `RewardModule` checkpoint as a reward function (frozen, read at the last labelled token)."""
 
     def __init__(self, checkpoint: str, pad_id: int, vocab_size: int | None = None, batch_size: int = 32) -> None:
-        from llmstages.stages.reward import RewardModule
-
-        self.model = RewardModule.load_from_checkpoint(checkpoint, map_location="cpu").eval().requires_grad_(False)
-        if vocab_size is not None and self.model.config.vocab_size != vocab_size:
+        self.model = load_model(checkpoint)
+        if not self.model.is_reward_model:
+            raise ValueError(f"reward_model {checkpoint}: has no value_head.weight, not a trained reward model")
+        self.model.model.requires_grad_(False)
+        if vocab_size is not None and self.model.model.config.vocab_size != vocab_size:
             raise ValueError(
-                f"reward_model {checkpoint}: vocabulary of {self.model.config.vocab_size} tokens, the policy's has "
+                f"reward_model {checkpoint}: vocabulary of {self.model.model.config.vocab_size} tokens, the policy's has "
                 f"{vocab_size}; a reward model must share the policy's tokenizer"
             )
         self.pad_id, self.batch_size = pad_id, batch_size
@@ -117,7 +120,7 @@ class RewardModelScore:
 
     @torch.no_grad()
     def __call__(self, batch: Completions) -> list[float]:
-        device = next(self.model.parameters()).device
+        device = next(self.model.model.parameters()).device
         scored = [ids + [batch.stop_id] if s else ids for ids, s in zip(batch.completion_ids, batch.stopped)]
         out: list[float] = []
         for start in range(0, len(scored), self.batch_size):

@@ -4,7 +4,8 @@ Design choices:
 - The backbone is built from a `ModelConfig` (data, never an `nn.Module`
   hyper-parameter: Lightning #19906), so every checkpoint rebuilds itself
   from its saved hyper-parameters.
-- `init_from` (a `.ckpt` of any llmstages stage, or a Hugging Face folder) is
+- `init_from` (a `.ckpt` of any llmstages stage, or a Hugging Face folder; read by
+  `model.checkpoint.load_backbone_weights`, the one loader of trained weights) is
   loaded in `setup`, before sharding and before a `--ckpt_path` resume, so a
   resumed run continues from its own checkpoint, not from `init_from`.
 - `configure_model` applies FSDP2 `fully_shard` per block and on the root
@@ -31,7 +32,6 @@ Design choices:
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import ClassVar, NamedTuple
@@ -40,11 +40,12 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from llmstages.checkpointing import check_init_from, load_checkpoint_file
+from llmstages.checkpointing import check_init_from
 from llmstages.losses import NORMALIZE_MODES, token_logps
 from llmstages.metrics import WeightedMeans
+from llmstages.model.checkpoint import load_backbone_weights, resolve_config
 from llmstages.model.config import ModelConfig
-from llmstages.model.lora import LoRAConfig, apply_lora, base_state_dict, is_adapter_name, merge_lora_state_dict
+from llmstages.model.lora import LoRAConfig, apply_lora
 from llmstages.model.transformer import Transformer
 from llmstages.options import Normalize, check_choice
 
@@ -54,41 +55,6 @@ class Weighted(NamedTuple):
 
     value: Tensor
     weight: Tensor | float
-
-
-def load_backbone_weights(model: Transformer, source: str | Path) -> None:
-    """Copy base weights into `model` from an llmstages checkpoint or a Hugging Face folder.
-
-    A checkpoint trained with LoRA has its adapters merged into the base weights
-    first; `model`'s own adapters (if any) are left as they are (B = 0: unchanged output).
-    """
-    source = Path(source)
-    if source.is_dir():
-        from llmstages.model.hf import from_hf
-
-        state = from_hf(source).state_dict()
-    elif source.suffix == ".ckpt":
-        checkpoint = load_checkpoint_file(source)  # errors name the file and what is wrong with it
-        prefix = "backbone."
-        state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-        if any(is_adapter_name(name) for name in state):
-            state = merge_lora_state_dict(state, LoRAConfig.from_dict(checkpoint["hyper_parameters"]["lora"]))
-    else:
-        raise FileNotFoundError(f"init_from: {source} is neither a Hugging Face folder nor a .ckpt file")
-    expected = base_state_dict(model)
-    if source.is_dir():
-        state = _grow_vocab(state, expected)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"init_from {source}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(
-                f"init_from {source}: {name} has shape {tuple(tensor.shape)}, this model expects "
-                f"{tuple(expected[name].shape)} (model config or vocab size differs)"
-            )
-    model.load_state_dict(state, strict=False)  # every base weight checked above; adapters stay
 
 
 def data_parallel_mesh(mesh):
@@ -114,41 +80,6 @@ def _check_model_folder_vocab(init_from: str | None, vocab_size: int | None) -> 
                 f"init_from {folder}: the run's tokenizer has {vocab_size} tokens, the model folder's own "
                 f"{own}; leave data.init_args.tokenizer unset to use the folder's, or pass a tokenizer of this model"
             )
-
-
-def _grow_vocab(state: dict, expected: dict) -> dict:
-    """Give an imported checkpoint's embedding rows for tokens the tokenizer adds (a new pad).
-
-    New rows start at the mean embedding, so the added tokens predict and embed
-    like an average token rather than like noise.
-    """
-    for name in ("embed.weight", "lm_head.weight"):
-        if name in state and name in expected and state[name].shape[0] < expected[name].shape[0]:
-            old = state[name]
-            extra = old.mean(0, keepdim=True).expand(expected[name].shape[0] - old.shape[0], -1)
-            state[name] = torch.cat([old, extra])
-    return state
-
-
-def resolve_config(model: ModelConfig | None, preset: str, vocab_size: int | None, init_from: str | None) -> ModelConfig:
-    """The backbone's shape: explicit `model`, else a Hugging Face `init_from`'s config.json, else `preset`.
-
-    With a Hugging Face `init_from` the vocabulary is the larger of the checkpoint's
-    (which may be padded) and the tokenizer's (which may add a pad token).
-    """
-    hf_folder = init_from is not None and Path(init_from).is_dir()
-    if model is not None:
-        config = model
-    elif hf_folder:
-        from llmstages.model.hf import config_from_hf
-
-        config = config_from_hf(json.loads((Path(init_from) / "config.json").read_text()))
-    else:
-        config = ModelConfig.from_name(preset)
-    if vocab_size is not None and vocab_size != config.vocab_size:
-        vocab = max(vocab_size, config.vocab_size) if hf_folder else vocab_size
-        config = ModelConfig.from_dict({**config.to_dict(), "vocab_size": vocab})
-    return config
 
 
 def concat_pairs(batch: dict) -> dict[str, Tensor]:
