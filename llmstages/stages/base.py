@@ -23,7 +23,12 @@ Design choices:
   (tokens, pairs), logged as `train/<name>` every step and as weighted means
   `val/<name>` per validation epoch (names declared in `METRICS`, so every
   rank syncs the same metrics). A stat with its own weight is a `Weighted`.
-  `training_step`, `validation_step` and the epoch-end logging live here only.
+  `training_step`, `validation_step` and the epoch-end logging live here only; no stage
+  overrides them. The seams a stage may fill instead: `on_step_start(batch)` (once per
+  optimiser step, at its first micro-batch, before its first `compute_loss`; `starts_step`
+  says which micro-batch that is), `STEP_LOSS` (how `train/step_loss` sums the step's
+  micro-batches: weighted mean or sum) and `validation_stats(batch, batch_idx)` (what a
+  validation batch contributes; by default `compute_loss`'s stats).
 - Loss normalisation: `step_counts` sums the data's per-step counts across
   ranks and `grad_scale` undoes Lightning's and DDP's averaging; together
   they are the arguments `llmstages.losses.reduce_token_loss` and
@@ -32,9 +37,10 @@ Design choices:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import lightning as L
 import torch
@@ -48,6 +54,9 @@ from llmstages.model.config import ModelConfig
 from llmstages.model.lora import LoRAConfig, apply_lora
 from llmstages.model.transformer import Transformer
 from llmstages.options import Normalize, check_choice
+
+
+StepLoss = Literal["mean", "sum"]
 
 
 class Weighted(NamedTuple):
@@ -90,6 +99,9 @@ def concat_pairs(batch: dict) -> dict[str, Tensor]:
 class StageModule(L.LightningModule):
     METRICS: ClassVar[tuple[str, ...]] = ("loss",)  # stats of compute_loss averaged over validation
     PROGRESS_BAR: ClassVar[tuple[str, ...]] = ("loss",)  # shown in the progress bar while training
+    # train/step_loss: "mean" weights each micro-batch's `loss` stat by its `weight` (a mean over the step's
+    # units); "sum" adds the micro-batch losses (each already normalised for the whole step, as GRPO's are)
+    STEP_LOSS: ClassVar[StepLoss] = "mean"
 
     def __init__(
         self,
@@ -156,6 +168,10 @@ class StageModule(L.LightningModule):
     # ----------------------------------------------------------------- set-up
 
     def setup(self, stage: str) -> None:
+        self.load_initial_weights()
+
+    def load_initial_weights(self) -> None:
+        """Load `init_from` into the backbone once (never over a checkpoint's weights)."""
         if not self._initialised:
             load_backbone_weights(self.backbone, self.hparams.init_from)
             self._initialised = True
@@ -227,11 +243,27 @@ class StageModule(L.LightningModule):
         """Metrics computed from the (averaged) stats, e.g. perplexity from the mean loss."""
         return {}
 
+    def starts_step(self, batch: dict, batch_idx: int) -> bool:
+        """Whether `batch` is the first micro-batch of an optimiser step."""
+        return batch_idx % self.trainer.accumulate_grad_batches == 0
+
+    def on_step_start(self, batch: dict) -> None:
+        """Called once per optimiser step, at its first micro-batch, before any `compute_loss` of the step.
+
+        A stage that prepares the whole step at once (GRPO's rollout) does it here.
+        """
+
+    def validation_stats(self, batch: dict, batch_idx: int) -> tuple[dict[str, Tensor | Weighted], Tensor | int]:
+        """(stats, the count they are means over) of one validation batch; by default `compute_loss`'s."""
+        _, stats, weight = self.compute_loss(batch)
+        return stats, weight
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss, stats, weight = self.compute_loss(batch)
         # the optimiser step's loss over all its micro-batches (and ranks, when logged): split-invariant
         weight = torch.as_tensor(weight, dtype=torch.float64, device=self.device)
-        self._step_loss += torch.stack([stats["loss"].detach().double() * weight, weight])
+        value = stats["loss"].detach().double()
+        self._step_loss += torch.stack([value if self.STEP_LOSS == "sum" else value * weight, weight])
         values = {name: (s.value if isinstance(s, Weighted) else s) for name, s in stats.items()}
         values.update(self.derived_metrics(values))
         for name, value in values.items():
@@ -239,28 +271,35 @@ class StageModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        _, stats, weight = self.compute_loss(batch)
+        stats, weight = self.validation_stats(batch, batch_idx)
         for name, stat in stats.items():
             if name in self.METRICS:
                 value, w = stat if isinstance(stat, Weighted) else (stat, weight)
                 self.val_means.update(f"val/{name}", value, w)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        if batch_idx % self.trainer.accumulate_grad_batches == 0:
+        if self.starts_step(batch, batch_idx):
             self._step_loss = torch.zeros(2, dtype=torch.float64, device=self.device)
+            self.on_step_start(batch)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self._step_loss is not None:
-            step_loss = self._step_loss
-            if self.trainer.world_size > 1:
-                step_loss = self.trainer.strategy.reduce(step_loss, reduce_op="sum")
-            self.log("train/step_loss", (step_loss[0] / step_loss[1].clamp(min=1)).float(), sync_dist=False)
+            self.log("train/step_loss", self._reduced_step_loss().float(), sync_dist=False)
         # before clipping (Lightning clips after this hook): what the invariance suite compares
         norms = [p.grad.norm() for p in self.parameters() if p.grad is not None]
         if norms:
             # FSDP2: each norm is a DTensor on its parameter's mesh (meshes may differ): make each global first
             norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
             self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)), sync_dist=False)
+
+    def _reduced_step_loss(self) -> Tensor:
+        """`train/step_loss` over the step's micro-batches and ranks, as `STEP_LOSS` declares."""
+        step_loss, world = self._step_loss, self.trainer.world_size
+        if world > 1:
+            step_loss = self.trainer.strategy.reduce(step_loss, reduce_op="sum")
+        if self.STEP_LOSS == "sum":
+            return step_loss[0] / world  # ranks averaged, as DDP averages their gradients
+        return step_loss[0] / step_loss[1].clamp(min=1)
 
     def on_validation_epoch_end(self) -> None:
         means = self.val_means.compute_and_reset()
@@ -289,6 +328,11 @@ class StageModule(L.LightningModule):
         if self._trainer is None or not self.training:
             return 1.0
         return float(self.trainer.accumulate_grad_batches * self.trainer.world_size)
+
+    def precision_context(self):
+        """The trainer's autocast for forwards outside the training step (reference, rollout log-probs)."""
+        trainer = self._trainer
+        return trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
 
     def log_scalars(self, values: dict[str, Tensor | float], **kwargs) -> None:
         kwargs.setdefault("sync_dist", False)
