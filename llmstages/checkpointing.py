@@ -25,7 +25,6 @@ import json
 import os
 import socket
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 

@@ -1,4 +1,4 @@
-"""StageModule: what the four stages share.
+"""StageModule: what the training stages share.
 
 Design choices:
 - The backbone is built from a `ModelConfig` (data, never an `nn.Module`
@@ -91,6 +91,17 @@ def _check_model_folder_vocab(init_from: str | None, vocab_size: int | None) -> 
             )
 
 
+def _checked_init_from(init_from: str | None, vocab_size: int | None) -> dict | None:
+    """`check_init_from`'s recorded config of a `.ckpt`, after checking its vocabulary is this run's."""
+    saved = check_init_from(init_from)
+    if saved is not None and vocab_size is not None and saved.get("vocab_size") not in (None, vocab_size):
+        raise ValueError(
+            f"init_from {init_from}: its vocabulary (embedding shape) has {saved['vocab_size']} tokens, this run's tokenizer "
+            f"{vocab_size}; use the tokenizer that checkpoint was trained with (data.init_args.tokenizer)"
+        )
+    return saved
+
+
 def concat_pairs(batch: dict) -> dict[str, Tensor]:
     """Chosen rows then rejected rows as one batch, for a single forward pass over both sides."""
     return {k: torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in ("input_ids", "labels", "position_ids")}
@@ -141,12 +152,7 @@ class StageModule(L.LightningModule):
             model = ModelConfig.from_dict(model)
         # fail early, before any data is built: init_from readable, its vocabulary the tokenizer's;
         # a .ckpt's recorded shape wins over `preset`, so chaining never rebuilds another shape
-        saved = check_init_from(init_from)
-        if saved is not None and vocab_size is not None and saved.get("vocab_size") not in (None, vocab_size):
-            raise ValueError(
-                f"init_from {init_from}: its vocabulary (embedding shape) has {saved['vocab_size']} tokens, this run's tokenizer "
-                f"{vocab_size}; use the tokenizer that checkpoint was trained with (data.init_args.tokenizer)"
-            )
+        saved = _checked_init_from(init_from, vocab_size)
         if model is None and saved is not None and len(saved) > 1:
             model = ModelConfig.from_dict(saved)
         self.config = config = resolve_config(model, preset, vocab_size, init_from)
