@@ -7,8 +7,8 @@ score greedy replies with `evaluate_replies`:
 - `stop_rate`: generation ends with the end-of-turn token within the budget
   (what pad == EOS, TRL #1623, never trains);
 - `exact_match`: the reply stopped and equals the reference after stripping
-  surrounding whitespace (the synthetic tasks' checker). `exact_match` is the one
-  definition: GRPO's reward and validation and `data.synthetic.score_reply` call it;
+  surrounding whitespace (the synthetic tasks' checker; `exact_match` is its one
+  definition, which GRPO's reward and validation and `data.synthetic.score_reply` call too);
 - `samples`: prompt, reply, reference, stopped, for logs and tables.
 
 `fixed_steps` keeps every rank running the same number of forward passes
