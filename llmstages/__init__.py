@@ -1,8 +1,8 @@
-"""llmstages: the four training stages of a language model as LightningModules.
+"""llmstages: the training stages of a language model as LightningModules.
 
-Pretraining, supervised fine-tuning, reward modelling and DPO share one
+Pretraining, supervised fine-tuning, reward modelling, DPO and GRPO share one
 Transformer backbone (`llmstages.model`) and one masking/loss module
-(`llmstages.losses`). Every choice that changes which token carries a loss or
+(`llmstages.losses`; GRPO's own loss maths in `llmstages.stages.grpo.loss`). Every choice that changes which token carries a loss or
 how a loss is normalised is a named, tested option.
 """
 

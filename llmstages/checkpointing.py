@@ -25,20 +25,18 @@ import json
 import os
 import socket
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+# reading a checkpoint file is the model layer's (model.checkpoint); re-exported for the run code
+from llmstages.model.checkpoint import CheckpointError, check_checkpoint_file, load_checkpoint_file  # noqa: F401
+
 RUN_FILE = "run.json"
 LATEST = "latest"
 _TMP_MARK = ".tmp-"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable or unsafe to write; the message names the file."""
 
 
 class RunFolderError(ValueError):
@@ -46,43 +44,6 @@ class RunFolderError(ValueError):
 
 
 # ----------------------------------------------------------------------------- checkpoint files
-
-
-def check_checkpoint_file(path: str | os.PathLike) -> Path:
-    """`path` if it is a readable, complete torch checkpoint file, else a CheckpointError saying why.
-
-    Cheap: a torch checkpoint is a zip archive, and a truncated one has lost its central
-    directory (at the end of the file), which `zipfile` reads without touching the tensors.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path}: no such file")
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path}: is a folder, expected a .ckpt file")
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointError(f"checkpoint {path}: the file is empty (a save that never completed)")
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(
-            f"checkpoint {path}: not a complete torch checkpoint ({size:,} bytes, no zip directory at its end): "
-            "the file is truncated (a killed or failed save) or is not a checkpoint"
-        )
-    try:
-        with zipfile.ZipFile(path) as archive:
-            if not any(name.endswith("data.pkl") for name in archive.namelist()):
-                raise CheckpointError(f"checkpoint {path}: a zip archive without torch's data.pkl, not a checkpoint")
-    except zipfile.BadZipFile as err:
-        raise CheckpointError(f"checkpoint {path}: corrupt archive ({err})") from None
-    return path
-
-
-def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool = False, **kwargs) -> dict:
-    """`torch.load` whose errors name the file and the problem."""
-    path = check_checkpoint_file(path)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only, **kwargs)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        raise CheckpointError(f"checkpoint {path}: cannot be loaded ({type(err).__name__}: {err})") from err
 
 
 def first_nonfinite(checkpoint: dict) -> str | None:

@@ -7,7 +7,8 @@ score greedy replies with `evaluate_replies`:
 - `stop_rate`: generation ends with the end-of-turn token within the budget
   (what pad == EOS, TRL #1623, never trains);
 - `exact_match`: the reply stopped and equals the reference after stripping
-  surrounding whitespace (the synthetic tasks' checker);
+  surrounding whitespace (the synthetic tasks' checker; `exact_match` is its one
+  definition, which GRPO's reward and validation and `data.synthetic.score_reply` call too);
 - `samples`: prompt, reply, reference, stopped, for logs and tables.
 
 `fixed_steps` keeps every rank running the same number of forward passes
@@ -21,6 +22,11 @@ from collections.abc import Sequence
 import torch
 
 from llmstages.model.generate import generate
+
+
+def exact_match(reply: str, reference: str, stopped: bool = True) -> bool:
+    """The reply stopped and equals the reference after stripping surrounding whitespace."""
+    return bool(stopped) and reply.strip() == reference.strip()
 
 
 @torch.no_grad()
@@ -54,7 +60,7 @@ def evaluate_replies(
         reply = tokenizer.decode(new, skip_special_tokens=True)
         first += bool(new) and bool(ref_ids) and new[0] == ref_ids[0]
         stopped += did_stop
-        exact += did_stop and reply.strip() == reference.strip()
+        exact += exact_match(reply, reference, did_stop)
         samples.append({"prompt": tokenizer.decode(prompt), "reply": reply, "reference": reference, "stopped": did_stop})
     model.train(was_training)
     n = len(prompts)

@@ -74,10 +74,10 @@ def check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
         raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")
     return value
 
-# GRPO (stages/grpo.py, losses "GRPO" section); every value means what TRL's GRPOTrainer means by it
-# how per-token losses become one loss (losses.aggregate_grpo_loss)
+# GRPO (stages/grpo/: stage.py, loss.py); every value means what TRL's GRPOTrainer means by it
+# how per-token losses become one loss (stages/grpo/loss.aggregate_grpo_loss)
 LossAggregation = Literal["dapo", "dr_grpo", "grpo", "bnpo"]
-# what a group-centred reward is divided by (losses.group_advantages)
+# what a group-centred reward is divided by (stages/grpo/loss.group_advantages)
 ScaleRewards = Literal["group", "batch", "none"]
-# the importance ratio per token, or one per completion (GSPO) (losses.importance_log_weights)
+# the importance ratio per token, or one per completion (GSPO) (stages/grpo/loss.importance_log_weights)
 ImportanceSampling = Literal["token", "sequence"]

@@ -247,8 +247,7 @@ def test_export_needs_a_matching_tokenizer(tokenizer, tmp_path, capsys):
 
 def test_import_command_writes_a_checkpoint_init_from_reads(tmp_path):
     from llmstages.cli import main
-    from llmstages.stages.base import load_backbone_weights
-    from llmstages.tools.common import load_model
+    from llmstages.model.checkpoint import load_backbone_weights, load_model
 
     source = _model(320, qk_norm=True, head_dim=24)
     folder = to_hf(source, tmp_path / "hf")

@@ -31,7 +31,7 @@ from llmstages.data import PromptData
 from llmstages.data.formats import DataFormatError
 from llmstages.data.prompts import GenerationStepLoader, completion_rows
 from llmstages.losses import target_mask
-from llmstages.rewards import Completions, Rewards, exact_match, length, stopped
+from llmstages.stages.grpo.rewards import Completions, Rewards, exact_match, length, stopped
 from llmstages.stages import GRPOModule, RewardModule
 
 pytestmark = [

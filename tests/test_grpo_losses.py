@@ -15,7 +15,7 @@ import statistics
 import pytest
 import torch
 
-from llmstages.losses import (
+from llmstages.stages.grpo.loss import (
     aggregate_grpo_loss,
     clipped_policy_loss,
     group_advantages,

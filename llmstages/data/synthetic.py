@@ -466,7 +466,9 @@ def score_reply(task: str, reply: str, answer: str) -> bool:
     """Whether `reply` is correct: exact match after stripping surrounding whitespace."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known tasks: {sorted(TASKS)}")
-    return reply.strip() == answer.strip()
+    from llmstages.evaluation import exact_match  # the one definition (evaluation sits above data)
+
+    return exact_match(reply, answer)
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:

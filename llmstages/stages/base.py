@@ -1,10 +1,11 @@
-"""StageModule: what the four stages share.
+"""StageModule: what the training stages share.
 
 Design choices:
 - The backbone is built from a `ModelConfig` (data, never an `nn.Module`
   hyper-parameter: Lightning #19906), so every checkpoint rebuilds itself
   from its saved hyper-parameters.
-- `init_from` (a `.ckpt` of any llmstages stage, or a Hugging Face folder) is
+- `init_from` (a `.ckpt` of any llmstages stage, or a Hugging Face folder; read by
+  `model.checkpoint.load_backbone_weights`, the one loader of trained weights) is
   loaded in `setup`, before sharding and before a `--ckpt_path` resume, so a
   resumed run continues from its own checkpoint, not from `init_from`.
 - `configure_model` applies FSDP2 `fully_shard` per block and on the root
@@ -22,7 +23,12 @@ Design choices:
   (tokens, pairs), logged as `train/<name>` every step and as weighted means
   `val/<name>` per validation epoch (names declared in `METRICS`, so every
   rank syncs the same metrics). A stat with its own weight is a `Weighted`.
-  `training_step`, `validation_step` and the epoch-end logging live here only.
+  `training_step`, `validation_step` and the epoch-end logging live here only; no stage
+  overrides them. The seams a stage may fill instead: `on_step_start(batch)` (once per
+  optimiser step, at its first micro-batch, before its first `compute_loss`; `starts_step`
+  says which micro-batch that is), `STEP_LOSS` (how `train/step_loss` sums the step's
+  micro-batches: weighted mean or sum) and `validation_stats(batch, batch_idx)` (what a
+  validation batch contributes; by default `compute_loss`'s stats).
 - Loss normalisation: `step_counts` sums the data's per-step counts across
   ranks and `grad_scale` undoes Lightning's and DDP's averaging; together
   they are the arguments `llmstages.losses.reduce_token_loss` and
@@ -31,22 +37,26 @@ Design choices:
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 from pathlib import Path
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import lightning as L
 import torch
 from torch import Tensor
 
-from llmstages.checkpointing import check_init_from, load_checkpoint_file
+from llmstages.checkpointing import check_init_from
 from llmstages.losses import NORMALIZE_MODES, token_logps
 from llmstages.metrics import WeightedMeans
+from llmstages.model.checkpoint import load_backbone_weights, resolve_config
 from llmstages.model.config import ModelConfig
-from llmstages.model.lora import LoRAConfig, apply_lora, base_state_dict, is_adapter_name, merge_lora_state_dict
+from llmstages.model.lora import LoRAConfig, apply_lora
 from llmstages.model.transformer import Transformer
 from llmstages.options import Normalize, check_choice
+
+
+StepLoss = Literal["mean", "sum"]
 
 
 class Weighted(NamedTuple):
@@ -54,41 +64,6 @@ class Weighted(NamedTuple):
 
     value: Tensor
     weight: Tensor | float
-
-
-def load_backbone_weights(model: Transformer, source: str | Path) -> None:
-    """Copy base weights into `model` from an llmstages checkpoint or a Hugging Face folder.
-
-    A checkpoint trained with LoRA has its adapters merged into the base weights
-    first; `model`'s own adapters (if any) are left as they are (B = 0: unchanged output).
-    """
-    source = Path(source)
-    if source.is_dir():
-        from llmstages.model.hf import from_hf
-
-        state = from_hf(source).state_dict()
-    elif source.suffix == ".ckpt":
-        checkpoint = load_checkpoint_file(source)  # errors name the file and what is wrong with it
-        prefix = "backbone."
-        state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-        if any(is_adapter_name(name) for name in state):
-            state = merge_lora_state_dict(state, LoRAConfig.from_dict(checkpoint["hyper_parameters"]["lora"]))
-    else:
-        raise FileNotFoundError(f"init_from: {source} is neither a Hugging Face folder nor a .ckpt file")
-    expected = base_state_dict(model)
-    if source.is_dir():
-        state = _grow_vocab(state, expected)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"init_from {source}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(
-                f"init_from {source}: {name} has shape {tuple(tensor.shape)}, this model expects "
-                f"{tuple(expected[name].shape)} (model config or vocab size differs)"
-            )
-    model.load_state_dict(state, strict=False)  # every base weight checked above; adapters stay
 
 
 def data_parallel_mesh(mesh):
@@ -116,39 +91,15 @@ def _check_model_folder_vocab(init_from: str | None, vocab_size: int | None) -> 
             )
 
 
-def _grow_vocab(state: dict, expected: dict) -> dict:
-    """Give an imported checkpoint's embedding rows for tokens the tokenizer adds (a new pad).
-
-    New rows start at the mean embedding, so the added tokens predict and embed
-    like an average token rather than like noise.
-    """
-    for name in ("embed.weight", "lm_head.weight"):
-        if name in state and name in expected and state[name].shape[0] < expected[name].shape[0]:
-            old = state[name]
-            extra = old.mean(0, keepdim=True).expand(expected[name].shape[0] - old.shape[0], -1)
-            state[name] = torch.cat([old, extra])
-    return state
-
-
-def resolve_config(model: ModelConfig | None, preset: str, vocab_size: int | None, init_from: str | None) -> ModelConfig:
-    """The backbone's shape: explicit `model`, else a Hugging Face `init_from`'s config.json, else `preset`.
-
-    With a Hugging Face `init_from` the vocabulary is the larger of the checkpoint's
-    (which may be padded) and the tokenizer's (which may add a pad token).
-    """
-    hf_folder = init_from is not None and Path(init_from).is_dir()
-    if model is not None:
-        config = model
-    elif hf_folder:
-        from llmstages.model.hf import config_from_hf
-
-        config = config_from_hf(json.loads((Path(init_from) / "config.json").read_text()))
-    else:
-        config = ModelConfig.from_name(preset)
-    if vocab_size is not None and vocab_size != config.vocab_size:
-        vocab = max(vocab_size, config.vocab_size) if hf_folder else vocab_size
-        config = ModelConfig.from_dict({**config.to_dict(), "vocab_size": vocab})
-    return config
+def _checked_init_from(init_from: str | None, vocab_size: int | None) -> dict | None:
+    """`check_init_from`'s recorded config of a `.ckpt`, after checking its vocabulary is this run's."""
+    saved = check_init_from(init_from)
+    if saved is not None and vocab_size is not None and saved.get("vocab_size") not in (None, vocab_size):
+        raise ValueError(
+            f"init_from {init_from}: its vocabulary (embedding shape) has {saved['vocab_size']} tokens, this run's tokenizer "
+            f"{vocab_size}; use the tokenizer that checkpoint was trained with (data.init_args.tokenizer)"
+        )
+    return saved
 
 
 def concat_pairs(batch: dict) -> dict[str, Tensor]:
@@ -159,6 +110,9 @@ def concat_pairs(batch: dict) -> dict[str, Tensor]:
 class StageModule(L.LightningModule):
     METRICS: ClassVar[tuple[str, ...]] = ("loss",)  # stats of compute_loss averaged over validation
     PROGRESS_BAR: ClassVar[tuple[str, ...]] = ("loss",)  # shown in the progress bar while training
+    # train/step_loss: "mean" weights each micro-batch's `loss` stat by its `weight` (a mean over the step's
+    # units); "sum" adds the micro-batch losses (each already normalised for the whole step, as GRPO's are)
+    STEP_LOSS: ClassVar[StepLoss] = "mean"
 
     def __init__(
         self,
@@ -198,12 +152,7 @@ class StageModule(L.LightningModule):
             model = ModelConfig.from_dict(model)
         # fail early, before any data is built: init_from readable, its vocabulary the tokenizer's;
         # a .ckpt's recorded shape wins over `preset`, so chaining never rebuilds another shape
-        saved = check_init_from(init_from)
-        if saved is not None and vocab_size is not None and saved.get("vocab_size") not in (None, vocab_size):
-            raise ValueError(
-                f"init_from {init_from}: its vocabulary (embedding shape) has {saved['vocab_size']} tokens, this run's tokenizer "
-                f"{vocab_size}; use the tokenizer that checkpoint was trained with (data.init_args.tokenizer)"
-            )
+        saved = _checked_init_from(init_from, vocab_size)
         if model is None and saved is not None and len(saved) > 1:
             model = ModelConfig.from_dict(saved)
         self.config = config = resolve_config(model, preset, vocab_size, init_from)
@@ -225,6 +174,10 @@ class StageModule(L.LightningModule):
     # ----------------------------------------------------------------- set-up
 
     def setup(self, stage: str) -> None:
+        self.load_initial_weights()
+
+    def load_initial_weights(self) -> None:
+        """Load `init_from` into the backbone once (never over a checkpoint's weights)."""
         if not self._initialised:
             load_backbone_weights(self.backbone, self.hparams.init_from)
             self._initialised = True
@@ -296,11 +249,27 @@ class StageModule(L.LightningModule):
         """Metrics computed from the (averaged) stats, e.g. perplexity from the mean loss."""
         return {}
 
+    def starts_step(self, batch: dict, batch_idx: int) -> bool:
+        """Whether `batch` is the first micro-batch of an optimiser step."""
+        return batch_idx % self.trainer.accumulate_grad_batches == 0
+
+    def on_step_start(self, batch: dict) -> None:
+        """Called once per optimiser step, at its first micro-batch, before any `compute_loss` of the step.
+
+        A stage that prepares the whole step at once (GRPO's rollout) does it here.
+        """
+
+    def validation_stats(self, batch: dict, batch_idx: int) -> tuple[dict[str, Tensor | Weighted], Tensor | int]:
+        """(stats, the count they are means over) of one validation batch; by default `compute_loss`'s."""
+        _, stats, weight = self.compute_loss(batch)
+        return stats, weight
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss, stats, weight = self.compute_loss(batch)
         # the optimiser step's loss over all its micro-batches (and ranks, when logged): split-invariant
         weight = torch.as_tensor(weight, dtype=torch.float64, device=self.device)
-        self._step_loss += torch.stack([stats["loss"].detach().double() * weight, weight])
+        value = stats["loss"].detach().double()
+        self._step_loss += torch.stack([value if self.STEP_LOSS == "sum" else value * weight, weight])
         values = {name: (s.value if isinstance(s, Weighted) else s) for name, s in stats.items()}
         values.update(self.derived_metrics(values))
         for name, value in values.items():
@@ -308,28 +277,35 @@ class StageModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        _, stats, weight = self.compute_loss(batch)
+        stats, weight = self.validation_stats(batch, batch_idx)
         for name, stat in stats.items():
             if name in self.METRICS:
                 value, w = stat if isinstance(stat, Weighted) else (stat, weight)
                 self.val_means.update(f"val/{name}", value, w)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        if batch_idx % self.trainer.accumulate_grad_batches == 0:
+        if self.starts_step(batch, batch_idx):
             self._step_loss = torch.zeros(2, dtype=torch.float64, device=self.device)
+            self.on_step_start(batch)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self._step_loss is not None:
-            step_loss = self._step_loss
-            if self.trainer.world_size > 1:
-                step_loss = self.trainer.strategy.reduce(step_loss, reduce_op="sum")
-            self.log("train/step_loss", (step_loss[0] / step_loss[1].clamp(min=1)).float(), sync_dist=False)
+            self.log("train/step_loss", self._reduced_step_loss().float(), sync_dist=False)
         # before clipping (Lightning clips after this hook): what the invariance suite compares
         norms = [p.grad.norm() for p in self.parameters() if p.grad is not None]
         if norms:
             # FSDP2: each norm is a DTensor on its parameter's mesh (meshes may differ): make each global first
             norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
             self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)), sync_dist=False)
+
+    def _reduced_step_loss(self) -> Tensor:
+        """`train/step_loss` over the step's micro-batches and ranks, as `STEP_LOSS` declares."""
+        step_loss, world = self._step_loss, self.trainer.world_size
+        if world > 1:
+            step_loss = self.trainer.strategy.reduce(step_loss, reduce_op="sum")
+        if self.STEP_LOSS == "sum":
+            return step_loss[0] / world  # ranks averaged, as DDP averages their gradients
+        return step_loss[0] / step_loss[1].clamp(min=1)
 
     def on_validation_epoch_end(self) -> None:
         means = self.val_means.compute_and_reset()
@@ -358,6 +334,11 @@ class StageModule(L.LightningModule):
         if self._trainer is None or not self.training:
             return 1.0
         return float(self.trainer.accumulate_grad_batches * self.trainer.world_size)
+
+    def precision_context(self):
+        """The trainer's autocast for forwards outside the training step (reference, rollout log-probs)."""
+        trainer = self._trainer
+        return trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
 
     def log_scalars(self, values: dict[str, Tensor | float], **kwargs) -> None:
         kwargs.setdefault("sync_dist", False)

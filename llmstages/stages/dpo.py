@@ -1,12 +1,9 @@
 """DPOModule: a policy trained against a frozen reference on preference pairs.
 
 Design choices:
-- The reference is a copy of the policy's initial weights (after
-  `init_from`), in eval mode, without gradients, outside the optimiser and
-  outside checkpoints (it is rebuilt from `init_from` on load). With LoRA
-  there is no copy: the reference is the policy with its adapters disabled
-  (the frozen base weights are the initial policy). It is held
-  as a plain attribute, not a submodule, so DDP/FSDP never wrap it.
+- The reference is the frozen initial policy of `stages/reference.py` (a copy
+  outside state_dict, optimiser and checkpoints, rebuilt from `init_from` on
+  load; with LoRA the policy with its adapters disabled), shared with GRPO.
 - `reference: precompute` scores every training and validation pair with the
   reference once before training, keeps two numbers per pair and frees the
   reference model.
@@ -26,8 +23,6 @@ Design choices:
 
 from __future__ import annotations
 
-import contextlib
-import copy
 from typing import NamedTuple
 
 import torch
@@ -44,9 +39,9 @@ from llmstages.losses import (
     sequence_logps,
     target_mask,
 )
-from llmstages.model.lora import lora_disabled
 from llmstages.options import DPOLossType, LogpReduction, Reference, check_choice, choices
-from llmstages.stages.base import LMStage, concat_pairs
+from llmstages.stages.base import concat_pairs
+from llmstages.stages.reference import ReferenceStage
 
 _SIDES = ("chosen", "rejected")
 
@@ -66,7 +61,7 @@ def summed_logps(token_logps: Tensor, batch: dict) -> tuple[Tensor, Tensor]:
     return chosen, rejected
 
 
-class DPOModule(LMStage):
+class DPOModule(ReferenceStage):
     METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected", "logps_reduced/chosen", "logps_reduced/rejected",
                "rewards_reduced/accuracies", "rewards_reduced/margins")
@@ -102,54 +97,20 @@ class DPOModule(LMStage):
             logp_reduction = "mean" if loss_type in ("ipo", "simpo") else "sum"
         self.logp_reduction = check_choice("logp_reduction", logp_reduction, LOGP_REDUCTIONS)
         self.reference_free = loss_type == "simpo"
-        self._reference = None
         self._ref_tables: dict[str, torch.Tensor] = {}
 
     # ----------------------------------------------------------------- reference
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)  # init_from first: the reference copies the initial policy
-        self._copy_reference()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Called before the checkpoint's weights are loaded: the backbone still holds its initial
-        # weights (init_from when set up, or the constructor's), never the trained policy.
-        if not self._initialised and self.hparams.init_from is not None:
-            super().setup("fit")  # loads init_from
-        self._copy_reference()
-        super().on_load_checkpoint(checkpoint)
-
-    def _copy_reference(self) -> None:
-        if self.lora is not None:
-            return  # the reference is the policy with its adapters disabled: no second copy
-        if not self.reference_free and self._reference is None and not self._ref_tables:
-            reference = copy.deepcopy(self.backbone).eval().requires_grad_(False)
-            # nn.Module.__setattr__ would register it as a submodule (state_dict, DDP, eval-mode warnings)
-            object.__setattr__(self, "_reference", reference)
+    def needs_reference(self) -> bool:
+        return not self.reference_free and not self._ref_tables
 
     def on_fit_start(self) -> None:
-        self._move_reference()
+        super().on_fit_start()
         if self.hparams.reference == "precompute" and self._has_reference() and not self._ref_tables:
             self.precompute_reference(self.trainer.datamodule)
 
     def _has_reference(self) -> bool:
-        return not self.reference_free and (self._reference is not None or self.lora is not None)
-
-    @contextlib.contextmanager
-    def _reference_model(self):
-        """The frozen reference for a forward: the copy, or with LoRA the policy with adapters off."""
-        if self.lora is None:
-            yield self._reference
-            return
-        with lora_disabled(self.backbone):
-            yield self.backbone
-
-    def on_validation_start(self) -> None:
-        self._move_reference()
-
-    def _move_reference(self) -> None:
-        if self._reference is not None:
-            self._reference.to(self.device)
+        return not self.reference_free and self.frozen_reference.available()
 
     @torch.no_grad()
     def precompute_reference(self, data) -> None:
@@ -165,15 +126,11 @@ class DPOModule(LMStage):
             loader = torch.utils.data.DataLoader(dataset, batch_size=data.batch_size, collate_fn=data._collate)
             for batch in track(loader, description=f"reference log-probs ({split})", disable=len(loader) < 50):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                with self._precision_context():  # the same autocast as the live reference gets
+                with self.precision_context():  # the same autocast as the live reference gets
                     table[batch["index"].cpu()] = self._reference_columns(batch).double().cpu()
             self._ref_tables[split] = table
-        self._reference = None
+        self.frozen_reference.free()
         rank_zero_info("reference log-probs precomputed; reference model freed")
-
-    def _precision_context(self):
-        trainer = self._trainer
-        return trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
 
     # ----------------------------------------------------------------- loss
 
@@ -186,7 +143,7 @@ class DPOModule(LMStage):
 
     def _reference_columns(self, batch: dict) -> Tensor:
         """`[B, 4]`: the reference's reduced chosen, reduced rejected, summed chosen, summed rejected log-probs."""
-        with torch.no_grad(), self._reference_model() as reference:
+        with torch.no_grad(), self.frozen_reference.model(self.backbone) as reference:
             chosen, rejected, token_logps = self.pair_logps(batch, reference)
         return torch.stack([chosen, rejected, *summed_logps(token_logps, batch)], dim=1)
 

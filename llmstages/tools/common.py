@@ -1,13 +1,8 @@
-"""What the model tools share: load a trained model, its tokenizer and its chat template.
+"""What the model tools share: a trained model's tokenizer and chat template.
 
 Design choices:
-- A source is an llmstages `.ckpt` (any stage) or a Hugging Face folder.
-  The `.ckpt`'s backbone shape comes from its saved hyper-parameters exactly
-  as the stage rebuilt it (`resolve_config`); its weights are the
-  `backbone.*` entries. LoRA adapters in it (`*.lora_a`, `*.lora_b`) are
-  merged with the `lora` hyper-parameters (rank, alpha) saved beside them.
-  A reward model is recognised by its `value_head.weight` entry, never by a
-  class name that a refactor could change.
+- The model itself is loaded by `llmstages.model.checkpoint.load_model` (a `.ckpt` of any
+  stage or a Hugging Face folder; LoRA merged; a reward model's value head beside it).
 - The tokenizer is, in order: the one given; the one the checkpoint's data
   module recorded (`datamodule_hyper_parameters.tokenizer`, when Lightning
   saved them); a Hugging Face source's own `tokenizer.json` (the folder
@@ -20,98 +15,11 @@ Design choices:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import torch
-from torch import Tensor
-
-from llmstages.model.config import ModelConfig
-from llmstages.model.transformer import Transformer
+from llmstages.model.checkpoint import LoadedModel
 
 DEFAULT_CACHE_DIR = ".cache/llmstages"
-
-
-@dataclass
-class LoadedModel:
-    """A ready model with what the tools need beside it."""
-
-    model: Transformer
-    value_head: Tensor | None = None  # [1, d_model] for a reward model
-    hyper_parameters: dict[str, Any] = field(default_factory=dict)
-    data_hyper_parameters: dict[str, Any] = field(default_factory=dict)
-    source: Path = Path()
-    lora_merged: bool = False
-
-    @property
-    def is_reward_model(self) -> bool:
-        return self.value_head is not None
-
-
-def checkpoint_config(hyper_parameters: dict[str, Any]) -> ModelConfig:
-    """The backbone's `ModelConfig` as the stage that saved these hyper-parameters built it."""
-    from llmstages.stages.base import resolve_config
-
-    hp = hyper_parameters
-    model = hp.get("model")
-    if isinstance(model, dict):
-        model = ModelConfig.from_dict(model)
-    return resolve_config(model, hp.get("preset", "tiny"), hp.get("vocab_size"), hp.get("init_from"))
-
-
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    from llmstages.checkpointing import load_checkpoint_file
-
-    checkpoint = load_checkpoint_file(path)  # a truncated or foreign file: an error naming it
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
-    if "hyper_parameters" not in checkpoint:
-        raise ValueError(f"{path} has no 'hyper_parameters': the model's shape cannot be rebuilt")
-    return checkpoint
-
-
-def load_model(source: str | Path) -> LoadedModel:
-    """A `.ckpt` or an HF folder as an eval-mode `Transformer` (LoRA merged) plus its value head."""
-    from llmstages.model.lora import LoRAConfig, is_adapter_name, merge_lora_state_dict
-
-    source = Path(source)
-    if source.is_dir():
-        from llmstages.model.hf import from_hf
-
-        return LoadedModel(model=from_hf(source).eval(), source=source)
-    if not source.is_file():
-        raise FileNotFoundError(f"{source}: no such checkpoint file or Hugging Face folder")
-    checkpoint = _read_checkpoint(source)
-    hp = dict(checkpoint["hyper_parameters"])
-    config = checkpoint_config(hp)
-    prefix = "backbone."
-    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    merged = any(is_adapter_name(k) for k in state)
-    if merged:
-        lora = hp.get("lora")
-        if not isinstance(lora, dict):
-            raise ValueError(
-                f"{source} holds LoRA adapters but its hyper_parameters have no 'lora' settings "
-                "(rank, alpha): they cannot be merged"
-            )
-        state = merge_lora_state_dict(state, LoRAConfig.from_dict(lora))
-    model = Transformer(config)
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{source}: backbone weights do not match its config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    model.load_state_dict(state)
-    value_head = checkpoint["state_dict"].get("value_head.weight")
-    return LoadedModel(
-        model=model.eval(),
-        value_head=None if value_head is None else value_head.detach().float(),
-        hyper_parameters=hp,
-        data_hyper_parameters=dict(checkpoint.get("datamodule_hyper_parameters") or {}),
-        source=source,
-        lora_merged=merged,
-    )
 
 
 def resolve_tokenizer(loaded: LoadedModel, tokenizer: str | None, cache_dir: str | Path = DEFAULT_CACHE_DIR):

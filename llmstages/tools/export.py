@@ -87,7 +87,8 @@ def export(
 ) -> Path:
     """Export `ckpt` to `out`; `kind` is auto, causal-lm or reward. Returns `out`."""
     from llmstages.model.hf import to_hf, to_hf_reward
-    from llmstages.tools.common import DEFAULT_CACHE_DIR, load_model, model_template, resolve_tokenizer
+    from llmstages.model.checkpoint import load_model
+    from llmstages.tools.common import DEFAULT_CACHE_DIR, model_template, resolve_tokenizer
 
     if kind not in ("auto", "causal-lm", "reward"):
         raise ValueError(f"--as must be auto, causal-lm or reward, got {kind!r}")

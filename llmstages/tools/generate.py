@@ -40,7 +40,8 @@ def load_for_generation(args: argparse.Namespace):
     """(model on its device, tokenizer, template) from the parsed common arguments."""
     import torch
 
-    from llmstages.tools.common import DEFAULT_CACHE_DIR, load_model, model_template, resolve_tokenizer
+    from llmstages.model.checkpoint import load_model
+    from llmstages.tools.common import DEFAULT_CACHE_DIR, model_template, resolve_tokenizer
 
     loaded = load_model(args.model)
     if loaded.is_reward_model:

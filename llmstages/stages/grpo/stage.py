@@ -1,13 +1,18 @@
 """GRPOModule: online RL from prompts, with TRL 1.16's GRPO loss options meaning what TRL means.
 
 Design choices:
-- Online: completions are sampled inside the training step, by the policy being trained
-  (`sample_completions`, the one call site of the generator; stop at the template's
+- Online: completions are sampled at the start of each optimiser step, by the policy being trained
+  (`rollout.sample_completions`, the one call site of the generator; stop at the template's
   end-of-turn token, `max_completion_length`, `temperature`). The end-of-turn token of a
   completion that stopped is part of it and is trained (the policy learns to stop), as TRL's
   completion mask includes the EOS token. Log-probs (policy, old policy, reference) are those of
   the tempered distribution the completions were sampled from, softmax(logits / temperature), as
   TRL computes them.
+- The recipe, top to bottom: `on_step_start` (StageModule's hook at the first micro-batch of
+  every optimiser step) calls `rollout`: sample groups, score them (`rewards.py`), group
+  advantages (`loss.py`), old/reference log-probs, the step's counts (`rollout.py` holds the
+  pieces). `compute_loss` then trains one micro-batch of it (`micro_batch_loss`: `loss.py`'s
+  token losses and aggregation). Validation fills `validation_stats`. No step is overridden.
 - One generation per optimiser step: the data hands every micro-batch the prompts of its whole
   step (`data.prompts.GenerationStepLoader`), and the first micro-batch generates, scores and
   prepares the whole step (advantages, old/reference log-probs, the step's completion-token and
@@ -17,15 +22,16 @@ Design choices:
   accumulation, gradient clipping and DDP/FSDP gradient sync stay Lightning's (automatic
   optimisation: `accumulate_grad_batches`, `gradient_clip_val` work as in every stage). This is
   TRL's own structure (one generation batch split over the accumulation steps).
-- Advantages are group-relative (`losses.group_advantages`, `scale_rewards`); groups are the
+- Advantages are group-relative (`loss.group_advantages`, `scale_rewards`); groups are the
   `group_size` completions of one prompt and never straddle micro-batches or ranks (each rank
   generates for its own prompts). `scale_rewards: batch` takes the std over every rank's rewards.
 - `num_iterations` > 1 reuses one generation batch for that many optimiser steps (TRL's mu);
   old-policy log-probs are computed once per generation batch, before any update. The batch in
   use is saved in every checkpoint, so a resume inside it continues on the same completions. With
   `num_iterations: 1` the ratio is exactly 1 (pi_old is pi detached, as TRL does).
-- The frozen reference (`beta > 0`, k3 KL per token) is a copy of the initial policy, held
-  outside state_dict like DPO's; `beta: 0` never builds it. `use_bias_correction_kl` multiplies
+- The frozen reference (`beta > 0`, k3 KL per token) is DPO's (`stages/reference.py`: a copy of
+  the initial policy outside state_dict, or under LoRA the policy with its adapters off);
+  `beta: 0` never builds it. `use_bias_correction_kl` multiplies
   the KL by the importance ratio (TRL's option of that name; TRL's default is off).
 - `filter_zero_advantage` drops groups whose rewards are all equal (DAPO's dynamic sampling;
   their advantage, and with `beta: 0` their gradient, is zero anyway) before counting, so the
@@ -33,11 +39,11 @@ Design choices:
   completions that never stopped from the loss and the counts, keeping them in their group's
   advantage. A micro-batch left without rows still runs one forward on a masked row, so every
   rank runs the same forwards (DDP, FSDP) and the loss is a zero in the graph, never NaN.
-- What backward sees is TRL's micro-batch loss (`losses.aggregate_grpo_loss`) times
+- What backward sees is TRL's micro-batch loss (`loss.aggregate_grpo_loss`) times
   `accumulate_grad_batches`, undoing Lightning's division; DDP's mean over ranks is part of
   TRL's semantics (its dapo/dr_grpo divisors carry the number of ranks).
-- `train/step_loss` is the objective whose gradient the step takes: the sum of the step's
-  micro-batch losses, averaged over ranks (as DDP averages gradients); with `train/grad_norm`
+- `train/step_loss` (`STEP_LOSS = "sum"`) is the objective whose gradient the step takes: the sum
+  of the step's micro-batch losses, averaged over ranks (as DDP averages gradients); with `train/grad_norm`
   (before clipping) it is what the invariance suite compares across batch splits and ranks.
 - Under DDP/FSDP every rank generates for its own prompts, with `fixed_steps` when there is
   more than one rank (FSDP gathers weights in every forward, so ranks run the same number).
@@ -50,87 +56,68 @@ Design choices:
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from llmstages.data.prompts import completion_rows
-from llmstages.evaluation import evaluate_replies, log_reply_samples
-from llmstages.losses import (
+from llmstages.evaluation import evaluate_replies, exact_match, log_reply_samples
+from llmstages.losses import target_mask, token_logps
+from llmstages.options import ImportanceSampling, LossAggregation, ScaleRewards, check_choice
+from llmstages.stages.base import Weighted
+from llmstages.stages.grpo.loss import (
     IMPORTANCE_SAMPLING_LEVELS,
     LOSS_AGGREGATIONS,
     SCALE_REWARDS,
     aggregate_grpo_loss,
     group_advantages,
     grpo_token_losses,
-    target_mask,
-    token_logps,
 )
-from llmstages.model.generate import generate_batch
-from llmstages.options import ImportanceSampling, LossAggregation, ScaleRewards, check_choice
-from llmstages.rewards import Completions, Rewards
-from llmstages.stages.base import LMStage
+from llmstages.stages.grpo.rewards import Rewards
+from llmstages.stages.grpo.rollout import (
+    MicroBatch,
+    Rollout,
+    completion_micro_batch,
+    rollout_stats,
+    sample_groups,
+    scored_ids,
+    truncation_masked_rows,
+)
+from llmstages.stages.reference import ReferenceStage
 
-__all__ = ["GRPOModule", "sample_completions", "Rollout", "MicroBatch"]
+__all__ = ["GRPOModule"]
 
 ROLLOUT_KEY = "grpo_rollout"  # checkpoint entry: the generation batch in use (num_iterations > 1)
 
 
-@torch.no_grad()
-def sample_completions(
-    model,
-    prompt_ids: list[int],
-    group_size: int,
-    max_new_tokens: int,
-    stop_id: int,
-    temperature: float = 1.0,
-    generator: torch.Generator | None = None,
-    fixed_steps: bool = False,
-    top_k: int | None = None,
-    top_p: float | None = None,
-) -> list[tuple[list[int], bool]]:
-    """`group_size` sampled continuations of one prompt: (tokens without the stop token, stopped).
-
-    The one place GRPO generates: the group as one batch through the KV cache. One
-    generator per prompt keeps a prompt's group the same on whichever rank samples it.
-    """
-    return generate_batch(
-        model, [prompt_ids] * group_size, max_new_tokens, stop_ids=[stop_id], temperature=temperature,
-        top_k=top_k, top_p=top_p, generator=generator, fixed_steps=fixed_steps,
-    )
+def check_options(hp) -> None:
+    """GRPOModule's options, each rejected by name (before any data or model work)."""
+    if hp.normalize != "token":
+        raise ValueError("GRPO normalises by loss_aggregation (dapo, dr_grpo, grpo, bnpo); leave normalize at 'token'")
+    check_choice("loss_aggregation", hp.loss_aggregation, LOSS_AGGREGATIONS)
+    check_choice("scale_rewards", hp.scale_rewards, SCALE_REWARDS)
+    check_choice("importance_sampling_level", hp.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+    if hp.group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {hp.group_size}")
+    if hp.max_completion_length < 1 or hp.num_iterations < 1:
+        raise ValueError(
+            f"max_completion_length and num_iterations must be >= 1, got {hp.max_completion_length}, {hp.num_iterations}"
+        )
+    if hp.temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for rollouts (greedy groups are identical), got {hp.temperature}")
+    if hp.beta < 0:
+        raise ValueError(f"beta must be >= 0, got {hp.beta}")
+    if hp.use_bias_correction_kl and hp.beta == 0:
+        raise ValueError("use_bias_correction_kl corrects the KL term; it needs beta > 0")
+    Rewards.check_spec(hp.reward, hp.reward_weights, hp.reward_model)
 
 
-@dataclass
-class MicroBatch:
-    """One micro-batch's completions as rows, with what the loss needs from the rollout."""
-
-    rows: dict[str, Tensor]  # input_ids, labels, position_ids (labels: the scored completion tokens)
-    advantages: Tensor  # [B]
-    old_logps: Tensor | None  # [B, T] aligned with rows (num_iterations > 1)
-    ref_logps: Tensor | None  # [B, T] (beta > 0)
-    num_completions: int  # real completions (0 for the placeholder row of an emptied micro-batch)
-
-
-@dataclass
-class Rollout:
-    """The generation batch of one optimiser step (this rank's part) and the step's global counts."""
-
-    micro_batches: list[MicroBatch]
-    step_tokens: int  # completion tokens carrying a loss, summed over micro-batches and ranks
-    step_completions: int  # completions trained on (after filter_zero_advantage), summed over micro-batches and ranks
-    stats: dict[str, float]
-    samples: list[dict]
-
-
-class GRPOModule(LMStage):
+class GRPOModule(ReferenceStage):
     METRICS = ("exact_match", "stop_rate")
     PROGRESS_BAR = ("reward",)
+    STEP_LOSS = "sum"  # each micro-batch's loss is TRL's, already normalised for the whole step
 
     def __init__(
         self,
@@ -185,36 +172,19 @@ class GRPOModule(LMStage):
             log_samples: validation samples sent to the logger as a table (when it takes text).
         """
         super().__init__(**kwargs)
-        if self.hparams.normalize != "token":
-            raise ValueError("GRPO normalises by loss_aggregation (dapo, dr_grpo, grpo, bnpo); leave normalize at 'token'")
-        check_choice("loss_aggregation", loss_aggregation, LOSS_AGGREGATIONS)
-        check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
-        check_choice("importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
-        if group_size < 2:
-            raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {group_size}")
-        if max_completion_length < 1 or num_iterations < 1:
-            raise ValueError(
-                f"max_completion_length and num_iterations must be >= 1, got {max_completion_length}, {num_iterations}"
-            )
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for rollouts (greedy groups are identical), got {temperature}")
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
-        if use_bias_correction_kl and beta == 0:
-            raise ValueError("use_bias_correction_kl corrects the KL term; it needs beta > 0")
-        Rewards.check_spec(reward, reward_weights, reward_model)
-        self._reference = None
+        check_options(self.hparams)
         self._rewards: Rewards | None = None
         self._rollout: Rollout | None = None
         self._data = None
         self._step_started = 0.0
-        self._step_objective = torch.zeros((), dtype=torch.float64)
 
     # ----------------------------------------------------------------- set-up
 
+    def needs_reference(self) -> bool:
+        return self.hparams.beta > 0
+
     def setup(self, stage: str) -> None:
-        super().setup(stage)  # init_from first: the reference copies the initial policy
-        self._copy_reference()
+        super().setup(stage)  # init_from, then the reference
         data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if data is not None:
             self.attach(data)
@@ -240,23 +210,13 @@ class GRPOModule(LMStage):
             checkpoint[ROLLOUT_KEY] = dataclasses.asdict(self._rollout)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # before the checkpoint's weights load: the backbone still holds the initial policy
-        if not self._initialised and self.hparams.init_from is not None:
-            super().setup("fit")
-        self._copy_reference()
-        super().on_load_checkpoint(checkpoint)
+        super().on_load_checkpoint(checkpoint)  # the reference from the initial policy, before the weights load
         saved = checkpoint.get(ROLLOUT_KEY)
         self._rollout = None if saved is None else Rollout(
             **{**saved, "micro_batches": [MicroBatch(**m) for m in saved["micro_batches"]]})
 
-    def _copy_reference(self) -> None:
-        if self.hparams.beta > 0 and self._reference is None:
-            reference = copy.deepcopy(self.backbone).eval().requires_grad_(False)
-            object.__setattr__(self, "_reference", reference)  # not a submodule: no state_dict, no DDP
-
     def on_fit_start(self) -> None:
-        if self._reference is not None:
-            self._reference.to(self.device)
+        super().on_fit_start()  # the reference to the device
         if self._rollout is not None:  # restored from a checkpoint
             move = lambda t: None if t is None else t.to(self.device)  # noqa: E731
             for part in self._rollout.micro_batches:
@@ -268,6 +228,32 @@ class GRPOModule(LMStage):
     @property
     def _world_size(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1
+
+    # ----------------------------------------------------------------- the step
+
+    def starts_step(self, batch: dict, batch_idx: int) -> bool:
+        return batch["micro_index"] == 0
+
+    def on_step_start(self, batch: dict) -> None:
+        self._step_started = time.perf_counter()
+        if self._rollout is None or batch["iteration"] == 0:  # later iterations reuse the generation batch
+            with self.trainer.precision_plugin.train_step_context():  # as if inside the training step
+                self._rollout = self.rollout(batch["step_prompts"])
+            self._log_rollout(self._rollout)
+
+    def compute_loss(self, batch: dict):
+        if self._rollout is None:  # called outside a Trainer: no step start has generated yet
+            self._rollout = self.rollout(batch["step_prompts"])
+        loss, stats = self.micro_batch_loss(self._rollout, batch["micro_index"])
+        if self._trainer is not None:
+            loss = loss * self.trainer.accumulate_grad_batches  # Lightning divides by it; TRL's value is the target
+        return loss, stats, self._rollout.micro_batches[batch["micro_index"]].num_completions
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if batch["micro_index"] == len(batch["step_prompts"]) - 1 and self._rollout is not None:
+            total = time.perf_counter() - self._step_started
+            generation = self._rollout.stats["generation_seconds"] if batch["iteration"] == 0 else 0.0
+            self.log("perf/training_seconds", total - generation, batch_size=1)
 
     # ----------------------------------------------------------------- rollout
 
@@ -281,73 +267,50 @@ class GRPOModule(LMStage):
         if self._data is None:
             raise RuntimeError("GRPOModule has no prompt data: run it in a Trainer with PromptData, or call attach(data)")
         hp, data = self.hparams, self._data
-        stop_id, tokenizer, group = data.stop_token_id, data.tokenizer, hp.group_size
-        started = time.perf_counter()
-        prompts, answers, tasks, sampled = [], [], [], []
-        for micro in step_prompts:
-            for ids, answer, task, index in zip(micro["prompt_ids"], micro["answers"], micro["tasks"], micro["index"].tolist()):
-                completions = sample_completions(
-                    self.backbone, ids, group, hp.max_completion_length, stop_id, hp.temperature,
-                    generator=self._generator(index), fixed_steps=self._world_size > 1, top_k=hp.top_k, top_p=hp.top_p,
-                )
-                prompts += [ids] * group
-                answers += [answer] * group
-                tasks += [task] * group
-                sampled += completions
-        generation_seconds = time.perf_counter() - started
-
-        completion_ids = [tokens for tokens, _ in sampled]
-        stopped = [s for _, s in sampled]
-        texts = [tokenizer.decode(t, skip_special_tokens=True) for t in completion_ids]
-        batch = Completions(
-            prompts=[tokenizer.decode(p) for p in prompts], completions=texts, completion_ids=completion_ids,
-            stopped=stopped, answer=answers, task=tasks, prompt_ids=prompts,
-            max_completion_length=hp.max_completion_length, stop_id=stop_id,
+        sampled = sample_groups(
+            self.backbone, step_prompts, hp.group_size, self._generator, max_new_tokens=hp.max_completion_length,
+            stop_id=data.stop_token_id, temperature=hp.temperature, fixed_steps=self._world_size > 1,
+            top_k=hp.top_k, top_p=hp.top_p,
         )
-        rewards, per_function = self._rewards(batch)
+        completions = sampled.completions(data.tokenizer, hp.max_completion_length, data.stop_token_id)
+        rewards, per_function = self._rewards(completions)
+        advantages, zero_std = self._advantages(rewards)
+        keep_group = ~zero_std if hp.filter_zero_advantage else torch.ones_like(zero_std)
+        scored = scored_ids(sampled, data.stop_token_id)
+        micro_batches, start = [], 0
+        for micro in step_prompts:
+            end = start + len(micro["prompt_ids"]) * hp.group_size
+            keep = keep_group[start // hp.group_size : end // hp.group_size].repeat_interleave(hp.group_size)
+            micro_batches.append(self._micro_batch(
+                sampled.prompt_ids[start:end], scored[start:end], sampled.stopped[start:end], advantages[start:end], keep
+            ))
+            start = end
+        step_tokens, step_completions = self._step_counts(micro_batches)
+        stats = rollout_stats(rewards, per_function, self._rewards.names, hp.group_size, scored, sampled.stopped,
+                              zero_std, sampled.seconds)
+        samples = [
+            {"prompt": completions.prompts[i], "completion": completions.completions[i], "reward": float(rewards[i]),
+             "stopped": sampled.stopped[i]}
+            for i in range(min(len(scored), hp.log_samples))
+        ]
+        return Rollout(micro_batches, step_tokens, step_completions, stats, samples)
+
+    def _advantages(self, rewards: Tensor) -> tuple[Tensor, Tensor]:
+        """Group-relative advantages; `scale_rewards: batch` takes the std over every rank's rewards."""
         batch_std = None
-        if hp.scale_rewards == "batch":
+        if self.hparams.scale_rewards == "batch":
             everything = self._gather(rewards.to(self.device)).reshape(-1).double()
             batch_std = everything.std() if everything.numel() > 1 else everything.new_zeros(())
-        advantages, zero_std = group_advantages(rewards, group, hp.scale_rewards, batch_std)
-        keep_group = ~zero_std if hp.filter_zero_advantage else torch.ones_like(zero_std)
+        return group_advantages(rewards, self.hparams.group_size, self.hparams.scale_rewards, batch_std)
 
-        scored = [ids + [stop_id] if s else ids for ids, s in zip(completion_ids, stopped)]
-        micro_batches, start = [], 0
-        local_tokens = local_completions = 0
-        for micro in step_prompts:
-            end = start + len(micro["prompt_ids"]) * group
-            part = self._micro_batch(
-                prompts[start:end], scored[start:end], stopped[start:end], advantages[start:end],
-                keep_group[start // group : end // group].repeat_interleave(group),
-            )
-            local_tokens += int(target_mask(part.rows["labels"]).sum())
-            local_completions += part.num_completions
-            micro_batches.append(part)
-            start = end
-        counts = torch.tensor([local_tokens, local_completions], dtype=torch.float64, device=self.device)
+    def _step_counts(self, micro_batches: list[MicroBatch]) -> tuple[int, int]:
+        """The step's trained completion tokens and completions, summed over micro-batches and ranks."""
+        tokens = sum(int(target_mask(part.rows["labels"]).sum()) for part in micro_batches)
+        completions = sum(part.num_completions for part in micro_batches)
+        counts = torch.tensor([tokens, completions], dtype=torch.float64, device=self.device)
         if self._world_size > 1:
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
-
-        lengths = torch.tensor([len(s) for s in scored], dtype=torch.float64)
-        stats = {
-            "reward": float(rewards.mean()),
-            "reward_std": float(rewards.view(-1, group).std(dim=1).mean()),
-            "completion_length": float(lengths.mean()),
-            "completion_length_min": float(lengths.min()),
-            "completion_length_max": float(lengths.max()),
-            "stop_rate": float(torch.tensor(stopped, dtype=torch.float64).mean()),
-            "zero_advantage_fraction": float(zero_std.double().mean()),
-            "generation_seconds": generation_seconds,
-        }
-        for name, column in zip(self._rewards.names, per_function.T):
-            finite = column[~column.isnan()]
-            stats[f"rewards/{_metric_name(name)}"] = float(finite.mean()) if finite.numel() else float("nan")
-        samples = [
-            {"prompt": batch.prompts[i], "completion": texts[i], "reward": float(rewards[i]), "stopped": stopped[i]}
-            for i in range(min(len(texts), self.hparams.log_samples))
-        ]
-        return Rollout(micro_batches, int(counts[0]), int(counts[1]), stats, samples)
+        return int(counts[0]), int(counts[1])
 
     def _gather(self, values: Tensor) -> Tensor:
         return self.all_gather(values) if self._world_size > 1 else values
@@ -355,29 +318,17 @@ class GRPOModule(LMStage):
     def _micro_batch(self, prompts, scored, stopped, advantages, keep) -> MicroBatch:
         """Rows of one micro-batch; old/reference log-probs on every row first (equal forwards on every rank)."""
         hp = self.hparams
-        rows = completion_rows(prompts, scored, self._data.pad_id)
-        if hp.mask_truncated_completions:
-            truncated = ~torch.tensor(stopped, dtype=torch.bool)
-            rows["labels"][truncated] = -100
+        rows = truncation_masked_rows(prompts, scored, stopped, self._data.pad_id, hp.mask_truncated_completions)
         rows = {k: v.to(self.device) for k, v in rows.items()}
         old = self._logps(rows, self.backbone) if hp.num_iterations > 1 else None
-        ref = self._logps(rows, self._reference) if hp.beta > 0 else None
-        keep = keep.to(self.device)
-        if not bool(keep.any()):  # one masked row keeps this micro-batch's forward (and its zero loss)
-            keep = torch.zeros_like(keep)
-            keep[0] = True
-            rows["labels"][0] = -100
-            advantages = torch.zeros_like(advantages)
-            count = 0
-        else:
-            count = int(keep.sum())
-        select = lambda t: None if t is None else t[keep]  # noqa: E731
-        return MicroBatch(
-            {k: v[keep] for k, v in rows.items()}, advantages.to(self.device)[keep], select(old), select(ref), count
-        )
+        ref = None
+        if hp.beta > 0:
+            with self.frozen_reference.model(self.backbone) as reference:
+                ref = self._logps(rows, reference)
+        return completion_micro_batch(rows, advantages.to(self.device), keep.to(self.device), old, ref)
 
     def _logps(self, rows: dict[str, Tensor], model) -> Tensor:
-        with self._precision_context():
+        with self.precision_context():
             return self.policy_logps(rows, model).detach()
 
     def policy_logps(self, rows: dict[str, Tensor], model=None) -> Tensor:
@@ -394,9 +345,14 @@ class GRPOModule(LMStage):
         )
         return model(rows["input_ids"], position_ids=rows["position_ids"], head=head)
 
-    def _precision_context(self):
-        trainer = self._trainer
-        return trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
+    def _log_rollout(self, rollout: Rollout) -> None:
+        reduce = {"completion_length_min": "min", "completion_length_max": "max"}
+        for name, value in rollout.stats.items():
+            prefix = "perf" if name.endswith("seconds") else "train"
+            self.log(
+                f"{prefix}/{name}", float(value), prog_bar=name in self.PROGRESS_BAR, batch_size=1,
+                sync_dist=self._world_size > 1, reduce_fx=reduce.get(name, "mean"),
+            )
 
     # ----------------------------------------------------------------- loss
 
@@ -404,8 +360,7 @@ class GRPOModule(LMStage):
         """(TRL's loss of micro-batch `index` of the rollout, detached stats)."""
         hp = self.hparams
         part = rollout.micro_batches[index]
-        labels = part.rows["labels"]
-        mask = target_mask(labels)
+        mask = target_mask(part.rows["labels"])
         logps = self.policy_logps(part.rows)
         token_losses, stats = grpo_token_losses(
             logps, part.old_logps, part.advantages.to(logps.dtype), mask,
@@ -421,59 +376,13 @@ class GRPOModule(LMStage):
         stats["loss"] = loss.detach()
         return loss, stats
 
-    def compute_loss(self, batch: dict):
-        if self._rollout is None or (batch["micro_index"] == 0 and batch["iteration"] == 0):
-            self._rollout = self.rollout(batch["step_prompts"])
-            self._log_rollout(self._rollout)
-        loss, stats = self.micro_batch_loss(self._rollout, batch["micro_index"])
-        if self._trainer is not None:
-            loss = loss * self.trainer.accumulate_grad_batches  # Lightning divides by it; TRL's value is the target
-        return loss, stats, self._rollout.micro_batches[batch["micro_index"]].num_completions
-
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        loss, stats, _ = self.compute_loss(batch)
-        self._step_objective += stats["loss"].double()
-        for name, value in stats.items():
-            self.log(f"train/{name}", value, prog_bar=name in self.PROGRESS_BAR, batch_size=1)
-        return loss
-
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        if batch["micro_index"] == 0:
-            self._step_started = time.perf_counter()
-            self._step_objective = torch.zeros((), dtype=torch.float64, device=self.device)
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        # the objective the step's gradient is the gradient of: the sum of TRL's micro-batch losses,
-        # averaged over ranks as DDP averages their gradients (split-invariant for dapo and dr_grpo)
-        objective = self._step_objective
-        if self._world_size > 1:
-            objective = self.trainer.strategy.reduce(objective, reduce_op="sum") / self._world_size
-        self.log("train/step_loss", objective.float(), sync_dist=False)
-        super().on_before_optimizer_step(optimizer)  # train/grad_norm
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if batch["micro_index"] == len(batch["step_prompts"]) - 1 and self._rollout is not None:
-            total = time.perf_counter() - self._step_started
-            generation = self._rollout.stats["generation_seconds"] if batch["iteration"] == 0 else 0.0
-            self.log("perf/training_seconds", total - generation, batch_size=1)
-
-    def _log_rollout(self, rollout: Rollout) -> None:
-        if self._trainer is None:
-            return
-        reduce = {"completion_length_min": "min", "completion_length_max": "max"}
-        for name, value in rollout.stats.items():
-            prefix = "perf" if name.endswith("seconds") else "train"
-            self.log(
-                f"{prefix}/{name}", float(value), prog_bar=name in self.PROGRESS_BAR, batch_size=1,
-                sync_dist=self._world_size > 1, reduce_fx=reduce.get(name, "mean"),
-            )
-
     # ----------------------------------------------------------------- validation
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_stats(self, batch: dict, batch_idx: int):
+        """Greedy replies to the held-out prompts: exact match (prompts with an answer) and stop rate."""
         data = self._data
         if data is None:
-            return
+            return {}, 0
         # every prompt is generated (equal forwards on every rank); only those with an answer are scored
         references = [a if a is not None else "" for a in batch["answers"]]
         budget = self.hparams.eval_max_new_tokens or self.hparams.max_completion_length
@@ -482,14 +391,16 @@ class GRPOModule(LMStage):
             fixed_steps=self._world_size > 1,
         )
         samples = quality["samples"]
-        scored = [(s, a) for s, a in zip(samples, batch["answers"]) if a is not None]
-        if scored:
-            exact = sum(s["stopped"] and s["reply"].strip() == a.strip() for s, a in scored) / len(scored)
-            self.val_means.update("val/exact_match", torch.tensor(exact, device=self.device), len(scored))
-        stopped = sum(s["stopped"] for s in samples) / len(samples)
-        self.val_means.update("val/stop_rate", torch.tensor(stopped, device=self.device), len(samples))
         if batch_idx == 0:
             self._val_samples = samples[: self.hparams.log_samples]
+        stats = {}
+        scored = [(s, a) for s, a in zip(samples, batch["answers"]) if a is not None]
+        if scored:
+            exact = sum(exact_match(s["reply"], a, s["stopped"]) for s, a in scored) / len(scored)
+            stats["exact_match"] = Weighted(torch.tensor(exact, device=self.device), len(scored))
+        stopped = sum(s["stopped"] for s in samples) / len(samples)
+        stats["stop_rate"] = Weighted(torch.tensor(stopped, device=self.device), len(samples))
+        return stats, len(samples)
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
@@ -503,8 +414,3 @@ class GRPOModule(LMStage):
                 columns = ["prompt", "completion", "reward", "stopped"]
                 rows = [[s[c] for c in columns] for s in self._rollout.samples]
                 logger.log_text(key="train/samples", columns=columns, data=rows)
-
-
-def _metric_name(reward: str) -> str:
-    """A logging-safe name for a reward (an import path keeps its function name)."""
-    return reward.rpartition(":")[2] if ":" in reward else reward

@@ -15,7 +15,8 @@ Design choices:
   `reward_model`), or an import path `package.module:function`.
 - The reward model is read exactly as RM validation reads it: at the last labelled token of
   `prompt + completion` (the end-of-turn token when the completion stopped). It is frozen, in
-  eval mode, outside the policy's state_dict and optimiser.
+  eval mode, outside the policy's state_dict and optimiser, loaded by `model.checkpoint.load_model`
+  (the one loader of trained models; rewards never import a stage).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import torch
 from torch import Tensor
 
 from llmstages.data.prompts import completion_rows
+from llmstages.evaluation import exact_match as is_exact_match
+from llmstages.model.checkpoint import load_model
 
 __all__ = ["Completions", "exact_match", "stopped", "length", "load_function", "RewardModelScore", "Rewards", "BUILTIN"]
 
@@ -56,14 +59,14 @@ class Completions:
 
 
 def exact_match(completions: list[str], answer: list[str | None], stopped: list[bool], **_) -> list[float]:
-    """1.0 when the completion stopped and equals the reference answer after stripping whitespace."""
+    """1.0 when the completion stopped and equals the reference answer (`evaluation.exact_match`)."""
     missing = [i for i, a in enumerate(answer) if a is None]
     if missing:
         raise ValueError(
             f"reward exact_match needs a reference answer for every prompt; completion {missing[0]} has none "
             "(give `answer` in the prompt records, or use another reward)"
         )
-    return [float(s and c.strip() == a.strip()) for c, a, s in zip(completions, answer, stopped)]
+    return [float(is_exact_match(c, a, s)) for c, a, s in zip(completions, answer, stopped)]
 
 
 def stopped(stopped: list[bool], **_) -> list[float]:
@@ -100,12 +103,13 @@ class RewardModelScore:
     """A trained `RewardModule` checkpoint as a reward function (frozen, read at the last labelled token)."""
 
     def __init__(self, checkpoint: str, pad_id: int, vocab_size: int | None = None, batch_size: int = 32) -> None:
-        from llmstages.stages.reward import RewardModule
-
-        self.model = RewardModule.load_from_checkpoint(checkpoint, map_location="cpu").eval().requires_grad_(False)
-        if vocab_size is not None and self.model.config.vocab_size != vocab_size:
+        self.model = load_model(checkpoint)
+        if not self.model.is_reward_model:
+            raise ValueError(f"reward_model {checkpoint}: has no value_head.weight, not a trained reward model")
+        self.model.model.requires_grad_(False)
+        if vocab_size is not None and self.model.model.config.vocab_size != vocab_size:
             raise ValueError(
-                f"reward_model {checkpoint}: vocabulary of {self.model.config.vocab_size} tokens, the policy's has "
+                f"reward_model {checkpoint}: vocabulary of {self.model.model.config.vocab_size} tokens, the policy's has "
                 f"{vocab_size}; a reward model must share the policy's tokenizer"
             )
         self.pad_id, self.batch_size = pad_id, batch_size
@@ -116,7 +120,7 @@ class RewardModelScore:
 
     @torch.no_grad()
     def __call__(self, batch: Completions) -> list[float]:
-        device = next(self.model.parameters()).device
+        device = next(self.model.model.parameters()).device
         scored = [ids + [batch.stop_id] if s else ids for ids, s in zip(batch.completion_ids, batch.stopped)]
         out: list[float] = []
         for start in range(0, len(scored), self.batch_size):
