@@ -7,8 +7,8 @@ score greedy replies with `evaluate_replies`:
 - `stop_rate`: generation ends with the end-of-turn token within the budget
   (what pad == EOS, TRL #1623, never trains);
 - `exact_match`: the reply stopped and equals the reference after stripping
-  surrounding whitespace (the synthetic tasks' checker; `exact_match` is its one
-  definition, which GRPO's reward and validation and `data.synthetic.score_reply` call too);
+  surrounding whitespace (`data.answers.exact_match`, the one definition, which
+  GRPO's reward and validation and `data.synthetic.score_reply` call too);
 - `samples`: prompt, reply, reference, stopped, for logs and tables.
 
 `fixed_steps` keeps every rank running the same number of forward passes
@@ -21,12 +21,9 @@ from collections.abc import Sequence
 
 import torch
 
+from llmstages.data.answers import exact_match
 from llmstages.model.generate import generate
 
-
-def exact_match(reply: str, reference: str, stopped: bool = True) -> bool:
-    """The reply stopped and equals the reference after stripping surrounding whitespace."""
-    return bool(stopped) and reply.strip() == reference.strip()
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from llmstages.evaluation import exact_match
+from llmstages.data.answers import exact_match
 from llmstages.model import LoRAConfig, ModelConfig, Transformer
 from llmstages.model.checkpoint import load_model
 from llmstages.model.lora import apply_lora

@@ -37,6 +37,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 
+from llmstages.data.answers import exact_match
+
 __all__ = [
     "SYSTEM_PROMPTS",
     "TASKS",
@@ -466,8 +468,6 @@ def score_reply(task: str, reply: str, answer: str) -> bool:
     """Whether `reply` is correct: exact match after stripping surrounding whitespace."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known tasks: {sorted(TASKS)}")
-    from llmstages.evaluation import exact_match  # the one definition (evaluation sits above data)
-
     return exact_match(reply, answer)
 
 

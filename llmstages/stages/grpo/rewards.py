@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from llmstages.data.prompts import completion_rows
-from llmstages.evaluation import exact_match as is_exact_match
+from llmstages.data.answers import exact_match as is_exact_match
 from llmstages.model.checkpoint import load_model
 
 __all__ = ["Completions", "exact_match", "stopped", "length", "load_function", "RewardModelScore", "Rewards", "BUILTIN"]
@@ -59,7 +59,7 @@ class Completions:
 
 
 def exact_match(completions: list[str], answer: list[str | None], stopped: list[bool], **_) -> list[float]:
-    """1.0 when the completion stopped and equals the reference answer (`evaluation.exact_match`)."""
+    """1.0 when the completion stopped and equals the reference answer (`data.answers.exact_match`)."""
     missing = [i for i, a in enumerate(answer) if a is None]
     if missing:
         raise ValueError(

@@ -63,7 +63,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from llmstages.evaluation import evaluate_replies, exact_match, log_reply_samples
+from llmstages.data.answers import exact_match
+from llmstages.evaluation import evaluate_replies, log_reply_samples
 from llmstages.losses import target_mask, token_logps
 from llmstages.options import ImportanceSampling, LossAggregation, ScaleRewards, check_choice
 from llmstages.stages.base import Weighted
