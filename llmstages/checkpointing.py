@@ -32,17 +32,13 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-RUN_FILE = "run.json"
-LATEST = "latest"
+from llmstages.run_plan import LATEST, RUN_FILE, RunFolderError  # noqa: F401 - part of this module's API too
+
 _TMP_MARK = ".tmp-"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or unsafe to write; the message names the file."""
-
-
-class RunFolderError(ValueError):
-    """No run folder can be chosen (a taken --run_name, nothing to resume)."""
 
 
 # ----------------------------------------------------------------------------- checkpoint files
@@ -239,9 +235,10 @@ def read_run_info(run_dir: Path) -> dict:
         return {}
 
 
-def write_run_info(run_dir: Path, **fields) -> dict:
-    """Merge `fields` into `run.json`, atomically."""
-    info = {**read_run_info(run_dir), **fields}
+def write_run_info(run_dir: Path, clear: tuple[str, ...] = (), **fields) -> dict:
+    """Merge `fields` into `run.json`, atomically; `clear` names fields to drop (a resumed run's stale error)."""
+    info = {k: v for k, v in read_run_info(run_dir).items() if k not in clear}
+    info.update(fields)
     tmp = run_dir / f".{RUN_FILE}{_TMP_MARK}{socket.gethostname()}-{os.getpid()}"
     tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
     os.replace(tmp, run_dir / RUN_FILE)
