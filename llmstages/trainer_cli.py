@@ -7,19 +7,20 @@ Design choices:
 - Only `fit` and `validate` are offered: a stage has no `test_step` or
   `predict_step` (held-out evaluation is `validate` on a checkpoint;
   generation is `llmstages generate`).
-- One run, one folder (`llmstages.checkpointing`): `<root>/<stage>/<run name>/`
-  with root `--trainer.default_root_dir` (else `runs`) and run name `--run_name`
-  (else the start time). Loggers whose `save_dir` and ModelCheckpoints whose
-  `dirpath` are not set write there; explicit paths are respected. The config
-  files name no run paths, so `--trainer.default_root_dir` alone moves a run.
-- `--ckpt_path last` continues a run in its own folder: the `--run_name` one, else
-  the run of that stage whose `last.ckpt` is newest; it continues its W&B run too
-  (the id is in `run.json`). A `--ckpt_path` file is checked for readability before
-  anything is built.
-- Rank 0 claims the folder; processes Lightning spawns inherit it through the
-  environment (`LLMSTAGES_RUN_DIR`); under an external launcher (torchrun, srun)
-  the other ranks never write a file, and ModelCheckpoint broadcasts rank 0's
-  folder at set-up.
+- One run, one folder (`llmstages.run_plan`): `<root>/<stage>/<run name>/` with root
+  `--trainer.default_root_dir` (else `runs`) and run name `--run_name` (else the start
+  time). The folder, checkpoint folders, logger settings and resume point are decided
+  once, by the pure `run_plan.plan_run`; the hooks here apply the plan (claim the
+  folder, fill in the config, record `run.json`). Loggers whose `save_dir` and
+  ModelCheckpoints whose `dirpath` are not set write there; explicit paths are
+  respected. The config files name no run paths, so `--trainer.default_root_dir`
+  alone moves a run.
+- `--ckpt_path last|hpc|best|<file>` as Lightning means them (see `run_plan`); `last`
+  continues its run in its own folder and W&B run (the id is in `run.json`). A
+  checkpoint file is checked for readability before anything is built.
+- A run that fails before training starts (a missing `init_from`) is recorded
+  `failed` with its error; one stopped by SIGTERM is `preempted`, with a checkpoint
+  at the step boundary, and exits with `PREEMPTED_EXIT_CODE` (`llmstages.preemption`).
 - Always on: atomic checkpoint files (`AtomicCheckpointIO`), the non-finite guard
   (`--nonfinite stop|skip_step`, `--max_skipped_steps`), a progress bar that shows
   steps rather than `Epoch 2/-2`.
@@ -41,6 +42,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from llmstages import checkpointing as ckpt
@@ -48,6 +50,7 @@ from llmstages.callbacks import NonFiniteError, NonFiniteGuard, RunFolder, Stage
 from llmstages.data.base import StageData
 from llmstages.loggers import LoggedConfig
 from llmstages.options import NonFinite
+from llmstages.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionCheckpoint
 from llmstages.run_plan import RUN_DIR_ENV, LoggerSpec, RunPlan, RunRequest, plan_run, slurm_job, survey
 from llmstages.stages.base import StageModule
 
@@ -130,6 +133,25 @@ def _wandb_id() -> str:
 class StagesCLI(LightningCLI):
     run_dir: Path | None = None
     plan: RunPlan | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException as err:
+            self._record_outcome(err)
+            raise
+
+    def _record_outcome(self, err: BaseException) -> None:
+        """A run that stops before the trainer's callbacks could record it (a missing init_from, a bad data
+        file) is `failed` in run.json with its error, never `running` for ever."""
+        plan = self.plan
+        if plan is None or not plan.record or not plan.run_dir.is_dir() or isinstance(err, SystemExit) and not err.code:
+            return
+        if ckpt.read_run_info(plan.run_dir).get("status") != "running":
+            return  # RunFolder or PreemptionCheckpoint recorded the outcome
+        preempted = isinstance(err, (Preempted, SIGTERMException))
+        ckpt.write_run_info(plan.run_dir, status="preempted" if preempted else "failed",
+                            **({} if preempted else {"error": f"{type(err).__name__}: {err}"}))
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -217,6 +239,8 @@ class StagesCLI(LightningCLI):
         callbacks.append(NonFiniteGuard(self.stage, action=cfg.get("nonfinite") or "stop",
                                         max_skipped_steps=cfg.get("max_skipped_steps", 10)))
         callbacks.append(RunFolder(self.run_dir, finish=self.subcommand == "fit"))
+        if self.subcommand == "fit":
+            callbacks.append(PreemptionCheckpoint(self.run_dir, self.plan.checkpoint_dir))
         if trainer_cfg.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(StageProgressBar())
         plugins = _items(trainer_cfg.get("plugins"))
@@ -244,8 +268,9 @@ def _tokenizer_from_model_folder(cfg) -> None:
 def lightning_cli(args: list[str] | None = None, run: bool = True) -> StagesCLI:
     """`args` None reads the command line; a list is a programmatic run (tests, the demo).
 
-    From the command line, the run's own failures (a non-finite loss, an unreadable
-    checkpoint, a run folder that cannot be chosen) end with one line and exit code 1.
+    From the command line, the run's own failures (a non-finite loss, an unreadable or
+    unwritable checkpoint, a run folder that cannot be chosen) end with one line and exit
+    code 1; a preempted run with one line and `PREEMPTED_EXIT_CODE`.
     """
     owned_env = RUN_DIR_ENV not in os.environ
     try:
@@ -260,6 +285,11 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> StagesCLI:
                 args=args,
                 run=run,
             )
+    except (Preempted, SIGTERMException) as err:
+        if args is not None:
+            raise
+        print(f"llmstages: {str(err) or 'SIGTERM before the first step: nothing to save'}", file=sys.stderr)
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None
     except (NonFiniteError, ckpt.CheckpointError, ckpt.RunFolderError) as err:
         if args is not None:
             raise

@@ -1,0 +1,87 @@
+"""Preemption is a checkpoint now: a SIGTERM landing inside an accumulated step (one process, or one rank of
+two under torchrun) ends the run at the step boundary with a checkpoint there, `run.json` saying
+`preempted` and exit code PREEMPTED_EXIT_CODE; `--ckpt_path last` then logs every step's loss exactly once,
+equal to an uninterrupted run's. The signal comes from inside the run at a chosen micro-batch
+(`fault_injection.SignalAtStep`), never from a timer racing it."""
+
+import json
+import signal
+
+import pytest
+import torch
+
+from clirun import CONFIGS, TORCHRUN, fit_args, ok, run, step_losses, tiny_fragment
+from llmstages.preemption import PREEMPTED_EXIT_CODE
+
+pytestmark = pytest.mark.distributed  # spawns processes
+
+TORCHRUN_2 = [TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "llmstages"]
+
+
+def _preempt_and_resume(tmp_path, stage: str, *, steps: int, accumulate: int, signal_at: dict,
+                        launcher: list[str] | None = None, more: tuple[str, ...] = (), extra: dict | None = None):
+    cache = tmp_path / "cache"
+    every = steps  # no periodic checkpoint before the end: only the preemption's
+    plain = tiny_fragment(tmp_path, cache, stage=stage, steps=steps, every=every, accumulate=accumulate, extra=extra)
+    signalled = tiny_fragment(tmp_path, cache, stage=stage, steps=steps, every=every, accumulate=accumulate,
+                              extra=extra, signal_at=signal_at)
+    root = ("--trainer.default_root_dir", str(tmp_path / "runs"), *more)
+    ok(run([*fit_args(stage, plain, *root), "--run_name", "full"], tmp_path, timeout=240, launcher=launcher))
+    stopped = run([*fit_args(stage, signalled, *root), "--run_name", "preempted"], tmp_path, timeout=240, launcher=launcher)
+    run_dir = tmp_path / "runs" / stage / "preempted"
+    boundary = signal_at["step"] + 1  # the step in progress is finished, none after it begun
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "preempted" and info["preempted_at_step"] == boundary, (info, stopped.stderr[-3000:])
+    assert "error" not in info
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == boundary
+    if stage != "grpo":
+        assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["consumed"] == boundary * accumulate
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]  # no temporary left
+    resumed = run([*fit_args(stage, plain, *root), "--ckpt_path", "last", "--run_name", "preempted"], tmp_path,
+                  timeout=240, launcher=launcher)
+    ok(resumed)
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "finished" and info["global_step"] == steps and "error" not in info
+    reference = step_losses(tmp_path / "runs" / stage / "full", "train/step_loss")
+    interrupted = step_losses(run_dir, "train/step_loss")
+    assert sorted(reference) == list(range(steps)) and sorted(interrupted) == list(range(steps)), (reference, interrupted)
+    for step in range(steps):
+        assert len(interrupted[step]) == 1, (step, interrupted[step])  # never lost, never trained twice
+        assert interrupted[step][0] == pytest.approx(reference[step][0], rel=1e-6, abs=1e-9), step
+    return stopped
+
+
+def test_sft_sigterm_inside_an_accumulated_step_checkpoints_at_its_end(tmp_path):
+    stopped = _preempt_and_resume(tmp_path, "sft", steps=5, accumulate=3, signal_at={"step": 1, "micro": 1})
+    assert stopped.returncode == PREEMPTED_EXIT_CODE, stopped.stderr[-3000:]
+    assert "--ckpt_path last" in stopped.stderr.strip().splitlines()[-1]  # one line says what to do
+
+
+def test_dpo_sigterm_twice_during_the_save_still_resumes_exactly(tmp_path):
+    stopped = _preempt_and_resume(tmp_path, "dpo", steps=4, accumulate=2,
+                                  signal_at={"step": 1, "micro": 1, "again_during_save": True})
+    assert stopped.returncode == PREEMPTED_EXIT_CODE, stopped.stderr[-3000:]
+
+
+def test_torchrun_ddp_sigterm_on_one_rank_stops_both_at_the_same_step(tmp_path):
+    """SIGTERM reaches rank 1 only, mid-step: both ranks agree on the boundary (no deadlock), rank 0 saves."""
+    ddp = ("--config", str(CONFIGS / "fragments" / "ddp.yaml"), "--trainer.devices", "2", "--trainer.accelerator", "cpu")
+    stopped = _preempt_and_resume(tmp_path, "sft", steps=4, accumulate=2, signal_at={"step": 1, "micro": 1, "rank": 1},
+                                  launcher=TORCHRUN_2, more=ddp)
+    # torchrun itself exits 1 when a worker exits non-zero; it reports each worker's exit code
+    assert stopped.returncode != 0 and f"exitcode  : {PREEMPTED_EXIT_CODE}" in stopped.stderr, stopped.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_grpo_reusing_its_generation_batch_preempted_between_its_updates_resumes_exactly(tmp_path):
+    init = tmp_path / "init.ckpt"
+    sft = tiny_fragment(tmp_path, tmp_path / "cache", stage="sft", steps=30)
+    ok(run([*fit_args("sft", sft, "--trainer.default_root_dir", str(tmp_path / "runs")), "--run_name", "init"], tmp_path))
+    (tmp_path / "runs" / "sft" / "init" / "checkpoints" / "last.ckpt").rename(init)
+    grpo = {"model": {"init_args": {"preset": "tiny", "group_size": 4, "max_completion_length": 8, "reward": "length",
+                                    "init_from": str(init), "num_iterations": 2, "warmup_steps": 1}},
+            "data": {"init_args": {"max_prompt_len": 48, "num_prompts": 64, "batch_size": 2}}}
+    # step 2 is the first update of a generation batch: the save lands between its two updates
+    stopped = _preempt_and_resume(tmp_path, "grpo", steps=5, accumulate=1, signal_at={"step": 2}, extra=grpo)
+    assert stopped.returncode == PREEMPTED_EXIT_CODE, stopped.stderr[-3000:]
