@@ -14,7 +14,9 @@ Design choices:
   (never `$TMPDIR`: a rename is only atomic within one filesystem), flushed, fsynced
   and renamed over the final name; a kill mid-write leaves the previous file intact
   and at most a temporary file, removed by the next save into that folder once its
-  writer is gone. A checkpoint holding a non-finite tensor is refused.
+  writer is gone. A write that fails (a full disk, an unwritable folder) raises
+  `CheckpointError` naming the file and the cause; the previous file stays. A
+  checkpoint holding a non-finite tensor is refused.
 - A checkpoint that cannot be read raises `CheckpointError` naming its path and what
   is wrong (missing, truncated, not a checkpoint), checked before any data is built.
 """
@@ -39,6 +41,10 @@ _TMP_MARK = ".tmp-"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or unsafe to write; the message names the file."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint write that failed (a full disk, an unwritable folder): still the OSError it was."""
 
 
 # ----------------------------------------------------------------------------- checkpoint files
@@ -121,16 +127,46 @@ def atomic_save(checkpoint: dict, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent)
     tmp = path.with_name(f".{path.name}{_TMP_MARK}{socket.gethostname()}-{os.getpid()}")
+    writer = None
     try:
         with open(tmp, "wb") as handle:
-            torch.save(checkpoint, handle)
+            writer = _ErrorRecordingFile(handle)
+            torch.save(checkpoint, writer)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        cause = err if isinstance(err, OSError) else getattr(writer, "error", None)
+        if cause is not None:  # torch's zip writer reports a failed write as "unexpected pos": name the real cause
+            kept = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
+            raise CheckpointWriteError(f"cannot write checkpoint {path}: {cause.strerror or cause}; {kept}") from err
         raise
     _fsync_dir(path.parent)
+
+
+class _ErrorRecordingFile:
+    """A binary file for torch.save that remembers the OSError of a failed write (full disk, I/O error)."""
+
+    def __init__(self, handle) -> None:
+        self.handle, self.error = handle, None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.handle.flush()
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
 
 
 def _fsync_dir(folder: Path) -> None:
