@@ -118,9 +118,12 @@ class PreemptionCheckpoint(Callback):
             signal.signal(signum, self._on_signal)
 
     def _uninstall(self) -> None:
+        # only where ours is still in place: Lightning's teardown (before the callbacks' teardown hook)
+        # already restored the handlers from before the fit, and those must stay
         if threading.current_thread() is threading.main_thread():
             for signum, handler in self._previous.items():
-                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+                if signal.getsignal(signum) == self._on_signal:
+                    signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
 
     def on_sanity_check_start(self, trainer, pl_module) -> None:

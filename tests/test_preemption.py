@@ -85,3 +85,34 @@ def test_grpo_reusing_its_generation_batch_preempted_between_its_updates_resumes
     # step 2 is the first update of a generation batch: the save lands between its two updates
     stopped = _preempt_and_resume(tmp_path, "grpo", steps=5, accumulate=1, signal_at={"step": 2}, extra=grpo)
     assert stopped.returncode == PREEMPTED_EXIT_CODE, stopped.stderr[-3000:]
+
+
+def test_after_a_fit_sigterm_handling_is_what_it_was_before(tmp_path):
+    """In one process: the handler is ours only while training; afterwards the previous one is back."""
+    import lightning as L
+
+    from llmstages.data import SFTData
+    from llmstages.preemption import PreemptionCheckpoint
+    from llmstages.stages import SFTModule
+
+    seen = []
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    def before(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, before)
+    try:
+        data = SFTData(cache_dir=str(tmp_path), batch_size=2, seq_len=64)
+        model = SFTModule(preset="tiny", vocab_size=data.vocab_size, generate_samples=0)
+        guard = PreemptionCheckpoint(tmp_path / "run", tmp_path / "run" / "checkpoints")
+        trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, callbacks=[guard, Probe()])
+        trainer.fit(model, data)
+        assert seen and all(h not in (before, signal.SIG_DFL) for h in seen)  # replaced while training
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        signal.signal(signal.SIGTERM, previous)
