@@ -116,3 +116,36 @@ def test_after_a_fit_sigterm_handling_is_what_it_was_before(tmp_path):
         assert signal.getsignal(signal.SIGTERM) is before
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_slurm_requeue_signal_checkpoints_requeues_and_the_requeued_job_continues_its_run(tmp_path):
+    """Lightning's SLURM auto-requeue, end to end: SIGUSR1 (`--signal=USR1@90`) inside an accumulated step
+    checkpoints at the step's end and calls `scontrol requeue <job>` (a stand-in records it); the requeued
+    job, the same command with SLURM_RESTART_COUNT=1, continues that run with no step lost."""
+    import os
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (fake / "scontrol").chmod(0o755)
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
+    cache, steps = tmp_path / "cache", 3
+    plain = tiny_fragment(tmp_path, cache, steps=steps, accumulate=2)
+    signalled = tiny_fragment(tmp_path, cache, steps=steps, accumulate=2,
+                              signal_at={"step": 0, "micro": 1, "signum": int(signal.SIGUSR1)})
+    root = ("--trainer.default_root_dir", str(tmp_path / "runs"))
+    ok(run([*fit_args("sft", plain, *root), "--run_name", "full"], tmp_path))
+    stopped = run(fit_args("sft", signalled, *root), tmp_path, **slurm)
+    assert stopped.returncode == PREEMPTED_EXIT_CODE, stopped.stderr[-3000:]
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    [run_dir] = [p for p in (tmp_path / "runs" / "sft").iterdir() if p.name not in ("full", "latest")]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "preempted" and info["slurm_job_id"] == "4242" and info["signal"] == "SIGUSR1"
+    ok(run(fit_args("sft", plain, *root), tmp_path, SLURM_RESTART_COUNT="1", **slurm))  # the requeued job
+    assert {p.name for p in (tmp_path / "runs" / "sft").iterdir()} == {"full", run_dir.name, "latest"}
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    reference, interrupted = (step_losses(d, "train/step_loss") for d in (tmp_path / "runs" / "sft" / "full", run_dir))
+    assert sorted(interrupted) == list(range(steps)) and all(len(v) == 1 for v in interrupted.values()), interrupted
+    for step in range(steps):
+        assert interrupted[step][0] == pytest.approx(reference[step][0], rel=1e-6, abs=1e-9), step
