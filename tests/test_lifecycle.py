@@ -389,8 +389,28 @@ def test_a_run_failing_before_training_is_recorded_failed_with_its_error(tmp_pat
     result = run(fit_args("sft", fragment, "--trainer.default_root_dir", str(tmp_path / "runs"),
                           "--model.init_args.init_from", str(missing)), tmp_path, timeout=60)
     assert result.returncode != 0
-    info = json.loads((_one_run(tmp_path / "runs" / "sft") / "run.json").read_text())
+    run_dir = _one_run(tmp_path / "runs" / "sft")
+    info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "failed" and str(missing) in info["error"], info
+    # the same run continued (nothing saved yet: from scratch, as Lightning's `last`) clears the stale error
+    ok(run(fit_args("sft", fragment, "--trainer.default_root_dir", str(tmp_path / "runs"), "--ckpt_path", "last",
+                    "--run_name", run_dir.name), tmp_path))
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "finished" and "error" not in info, info
+
+
+@pytest.mark.distributed
+def test_a_run_killed_early_keeps_every_metric_before_its_resume_point(tmp_path, cache):
+    """W&B's offline file of a run killed in its first seconds can be empty; the CSV mirror, flushed at every
+    checkpoint, holds every step the resumed run will not log again."""
+    wandb = {"trainer": {"logger": {"class_path": "llmstages.loggers.WandbAutoLogger", "init_args": {"offline": True}}}}
+    fragment = tiny_fragment(tmp_path, cache, steps=6, every=2, kill_at=2, extra=wandb)
+    result = run(fit_args("sft", fragment, "--trainer.default_root_dir", str(tmp_path / "runs")), tmp_path)
+    assert result.returncode == -9, result.stderr[-3000:]
+    from clirun import step_losses
+
+    logged = step_losses(_one_run(tmp_path / "runs" / "sft"), "train/step_loss")
+    assert sorted(logged)[:2] == [0, 1], logged  # steps 0 and 1: the resume point is global step 2
 
 
 def test_init_from_problems_are_reported_before_any_data_is_built(tmp_path):
