@@ -74,6 +74,15 @@ def test_torchrun_ddp_sigterm_on_one_rank_stops_both_at_the_same_step(tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp2_sigterm_on_one_lightning_spawned_rank_stops_both_at_the_same_step(tmp_path):
+    """FSDP2 on 2 ranks that Lightning starts itself (`--trainer.devices 2`, no torchrun): SIGTERM to rank 1 only."""
+    fsdp = ("--config", str(CONFIGS / "fragments" / "fsdp.yaml"), "--trainer.devices", "2", "--trainer.accelerator", "cpu")
+    stopped = _preempt_and_resume(tmp_path, "sft", steps=4, accumulate=2, signal_at={"step": 1, "micro": 0, "rank": 1},
+                                  more=fsdp)
+    assert stopped.returncode == PREEMPTED_EXIT_CODE, stopped.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_grpo_reusing_its_generation_batch_preempted_between_its_updates_resumes_exactly(tmp_path):
     init = tmp_path / "init.ckpt"
     sft = tiny_fragment(tmp_path, tmp_path / "cache", stage="sft", steps=30)
