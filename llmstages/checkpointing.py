@@ -23,6 +23,7 @@ Design choices:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -124,11 +125,11 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
 def atomic_save(checkpoint: dict, path: str | os.PathLike) -> None:
     """torch.save to a temporary file beside `path`, fsync, rename: `path` is the old file or the new one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path.parent)
     tmp = path.with_name(f".{path.name}{_TMP_MARK}{socket.gethostname()}-{os.getpid()}")
     writer = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path.parent)
         with open(tmp, "wb") as handle:
             writer = _ErrorRecordingFile(handle)
             torch.save(checkpoint, writer)
@@ -136,7 +137,8 @@ def atomic_save(checkpoint: dict, path: str | os.PathLike) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only filesystem refuses even this
+            tmp.unlink(missing_ok=True)
         cause = err if isinstance(err, OSError) else getattr(writer, "error", None)
         if cause is not None:  # torch's zip writer reports a failed write as "unexpected pos": name the real cause
             kept = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"

@@ -328,10 +328,11 @@ def small_tmpfs(tmp_path):
         pytest.skip("mounting a size-limited tmpfs needs root")
     mounted = []
 
-    def mount(size: int) -> Path:
+    def mount(size: int, read_only: bool = False) -> Path:
         folder = tmp_path / f"disk{len(mounted)}"
         folder.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+        options = f"size={size}" + (",ro" if read_only else "")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
                                 capture_output=True, text=True)
         if result.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
@@ -362,6 +363,14 @@ def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_previous_last_che
     assert ckpt.load_checkpoint_file(disk / "last.ckpt")["global_step"] == 1
     info = json.loads((tmp_path / "runs" / "sft" / "full" / "run.json").read_text())
     assert info["status"] == "failed" and str(disk / "last.ckpt") in info["error"]
+
+
+def test_an_unwritable_checkpoint_folder_is_one_error_naming_the_file(small_tmpfs):
+    disk = small_tmpfs(1 << 20, read_only=True)  # root may write anywhere, except on a read-only filesystem
+    for path in (disk / "last.ckpt", disk / "sub" / "last.ckpt"):
+        with pytest.raises(ckpt.CheckpointWriteError, match=f"cannot write checkpoint {path}: Read-only file system; "
+                                                            "no last.ckpt was written"):
+            ckpt.atomic_save({"step": 1}, path)
 
 
 @pytest.mark.distributed
