@@ -28,3 +28,30 @@ class KillAtStep(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+class SignalAtStep(Callback):
+    """Send `signum` (default SIGTERM) to this process at the start of micro-batch `micro` of optimiser
+    step `step` (0-based within the step's accumulation), on rank `rank` only (None: every rank):
+    a preemption landing inside an accumulated step, at a chosen point instead of a timer's.
+
+    `again_during_save`: send it a second time while the checkpoint is being written.
+    """
+
+    def __init__(self, step: int, micro: int = 0, rank: int | None = None, signum: int = int(signal.SIGTERM),
+                 again_during_save: bool = False) -> None:
+        self.step, self.micro, self.rank, self.signum = step, micro, rank, signum
+        self.again_during_save, self.sent = again_during_save, False
+
+    def _mine(self, trainer) -> bool:
+        return self.rank is None or trainer.global_rank == self.rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        at = trainer.global_step == self.step and batch_idx % trainer.accumulate_grad_batches == self.micro
+        if at and not self.sent and self._mine(trainer):
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if self.again_during_save and self.sent and self._mine(trainer):
+            os.kill(os.getpid(), self.signum)

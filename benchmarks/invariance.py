@@ -15,7 +15,8 @@ micro-batches here always hold equal numbers of completions), world size
 initial policy's log-probs = the policy with adapters disabled), model
 switches (activation checkpointing on = off), `torch.compile` on = off (a looser
 tolerance: fused kernels reorder float32 sums), resume (SIGKILL right after step
-k's checkpoint, resume = uninterrupted), and precision (`bf16-mixed` against
+k's checkpoint, or SIGTERM inside step k's accumulation, which checkpoints at its
+end: resume = uninterrupted, every step for the preempted run), and precision (`bf16-mixed` against
 float32, reported as context, never pass/fail). GRPO runs start from a short SFT
 run (a random model never stops, so every completion would be equally long)
 and are rewarded for shorter completions.
@@ -61,6 +62,7 @@ class Run:
     args: list[str] = field(default_factory=list)
     devices: int = 1
     kill_at: int | None = None  # SIGKILL after this step's checkpoint, then resume
+    preempt_at: int | None = None  # SIGTERM inside this step's accumulation (checkpoint at its end), then resume
 
 
 @dataclass
@@ -105,7 +107,8 @@ def cases(stages: list[str], classes: list[str]) -> list[Case]:
                 4, 2, "--model.init_args.compile", "true", name="torch.compile")], tolerance=COMPILE_TOL,
                 note=f"fused kernels reorder float32 sums: tolerance {COMPILE_TOL[0]:g} / {COMPILE_TOL[1]:g}"))
         if "resume" in classes:
-            out.append(Case(stage, "resume", [split(4, 2, name="uninterrupted"), Run("killed+resumed", split(4, 2).args, kill_at=2)]))
+            out.append(Case(stage, "resume", [split(4, 2, name="uninterrupted"), Run("killed+resumed", split(4, 2).args, kill_at=2),
+                                              Run("preempted+resumed", split(4, 2).args, preempt_at=1)]))
         if "precision" in classes:
             out.append(Case(stage, "precision", [split(4, 2, name="32-true"),
                                                  Run("bf16-mixed", split(4, 2).args + ["--trainer.precision", "bf16-mixed"])],
@@ -162,13 +165,16 @@ def env() -> dict[str, str]:
             "PYTHONPATH": path}  # PYTHONPATH: the runs import fault_injection
 
 
-def fragment(work: Path, stage: str, steps: int, every: int, kill_at: int | None = None) -> Path:
+def fragment(work: Path, stage: str, steps: int, every: int, kill_at: int | None = None,
+             preempt_at: int | None = None) -> Path:
     """Tiny model, short rows, no validation, CSV logging every step, checkpoints every `every` steps
     (and, with `kill_at`, a SIGKILL of the run right after step `kill_at`'s checkpoint)."""
     callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                   "init_args": {"save_last": True, "every_n_train_steps": every}}]
     if kill_at is not None:
         callbacks.append({"class_path": "fault_injection.KillAtStep", "init_args": {"step": kill_at}})
+    if preempt_at is not None:  # SIGTERM at the second micro-batch of step preempt_at
+        callbacks.append({"class_path": "fault_injection.SignalAtStep", "init_args": {"step": preempt_at, "micro": 1}})
     model = {"preset": "tiny", "warmup_steps": 2}
     data = {"cache_dir": str(work / "cache"), "seq_len": 64 if stage != "sft" else 96}
     if stage == "sft":
@@ -189,7 +195,7 @@ def fragment(work: Path, stage: str, steps: int, every: int, kill_at: int | None
     }
     if stage == "sft":
         override["data"]["init_args"]["packing"] = "none"  # examples of very different lengths per micro-batch
-    path = work / f"{stage}{'-kill' if kill_at is not None else ''}.yaml"
+    path = work / f"{stage}{'-kill' if kill_at is not None else ''}{'-preempt' if preempt_at is not None else ''}.yaml"
     path.write_text(yaml.safe_dump(override))
     return path
 
@@ -224,7 +230,8 @@ def command(work: Path, case: Case, run: Run, steps: int, kill: bool = False) ->
                  if arg == "@small" else [arg])
     every = run.kill_at or steps
     return [str(BIN / "llmstages"), "fit", "--config", str(CONFIGS / f"{case.stage}.yaml"),
-            "--config", str(fragment(work, case.stage, steps, every, run.kill_at if kill else None)),
+            "--config", str(fragment(work, case.stage, steps, every, run.kill_at if kill else None,
+                                     run.preempt_at if kill else None)),
             "--trainer.default_root_dir", str(work / "runs"), "--run_name", run_dir_name(case, run), *args]
 
 
@@ -242,6 +249,14 @@ def launch(work: Path, case: Case, run: Run, steps: int, timeout: float) -> Path
             raise RuntimeError(f"{case.stage}/{run.name}: expected a SIGKILL after the checkpoint of step {run.kill_at}, "
                                f"got exit {killed.returncode}, {saved} {'exists' if saved.exists() else 'missing'}:\n"
                                f"{killed.stderr[-2000:]}")
+        cmd = [*cmd, "--ckpt_path", "last"]
+    if run.preempt_at is not None:  # the first attempt SIGTERMs itself inside step preempt_at: a checkpoint at its end
+        from llmstages.preemption import PREEMPTED_EXIT_CODE
+
+        stopped = execute(command(work, case, run, steps, kill=True), work, case, run, timeout)
+        if stopped.returncode != PREEMPTED_EXIT_CODE:
+            raise RuntimeError(f"{case.stage}/{run.name}: expected exit {PREEMPTED_EXIT_CODE} (preempted), "
+                               f"got {stopped.returncode}:\n{stopped.stderr[-2000:]}")
         cmd = [*cmd, "--ckpt_path", "last"]
     result = execute(cmd, work, case, run, timeout)
     if result.returncode != 0:

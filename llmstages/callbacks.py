@@ -12,7 +12,7 @@ Design choices:
   without `peak_flops` it is not logged.
 - `NonFiniteGuard` stops (or, opt-in, skips) at the first non-finite loss or
   gradient, every rank deciding together; `RunFolder` records a run's outcome
-  and moves its stage's `latest` link; `StageProgressBar` shows a sane epoch.
+  (finished, failed with its error, preempted) and moves its stage's `latest` link; `StageProgressBar` shows a sane epoch.
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from llmstages import checkpointing
 from llmstages.data.batch import sequence_prefixes
 from llmstages.losses import count_targets
 from llmstages.options import NonFinite, check_choice, choices
+from llmstages.preemption import Preempted
 
 # dense bf16 peak FLOP/s
 _PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
@@ -172,7 +174,7 @@ class RunFolder(Callback):
             return
         checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
         checkpointing.write_run_info(
-            self.run_dir, status="finished", finished=time.strftime("%Y-%m-%d %H:%M:%S"),
+            self.run_dir, status="finished", finished=time.strftime("%Y-%m-%d %H:%M:%S"), clear=("error",),
             global_step=trainer.global_step, last_checkpoint=checkpoint,
         )
         if self.finish and not trainer.interrupted:
@@ -183,8 +185,14 @@ class RunFolder(Callback):
             checkpointing.write_run_info(self.run_dir, status="finished", finished=time.strftime("%Y-%m-%d %H:%M:%S"))
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if trainer.is_global_zero and self.run_dir.is_dir():
-            checkpointing.write_run_info(self.run_dir, status="failed", error=f"{type(exception).__name__}: {exception}")
+        if not trainer.is_global_zero or not self.run_dir.is_dir():
+            return
+        if isinstance(exception, Preempted):
+            return  # PreemptionCheckpoint recorded it, with its checkpoint
+        if isinstance(exception, SIGTERMException):  # Lightning's: a SIGTERM before training began, nothing lost
+            checkpointing.write_run_info(self.run_dir, status="preempted", clear=("error",))
+            return
+        checkpointing.write_run_info(self.run_dir, status="failed", error=f"{type(exception).__name__}: {exception}")
 
 
 class StageProgressBar(RichProgressBar):

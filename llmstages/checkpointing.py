@@ -14,13 +14,16 @@ Design choices:
   (never `$TMPDIR`: a rename is only atomic within one filesystem), flushed, fsynced
   and renamed over the final name; a kill mid-write leaves the previous file intact
   and at most a temporary file, removed by the next save into that folder once its
-  writer is gone. A checkpoint holding a non-finite tensor is refused.
+  writer is gone. A write that fails (a full disk, an unwritable folder) raises
+  `CheckpointError` naming the file and the cause; the previous file stays. A
+  checkpoint holding a non-finite tensor is refused.
 - A checkpoint that cannot be read raises `CheckpointError` naming its path and what
   is wrong (missing, truncated, not a checkpoint), checked before any data is built.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -33,14 +36,13 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 # reading a checkpoint file is the model layer's (model.checkpoint); re-exported for the run code
 from llmstages.model.checkpoint import CheckpointError, check_checkpoint_file, load_checkpoint_file  # noqa: F401
+from llmstages.run_plan import LATEST, RUN_FILE, RunFolderError  # noqa: F401 - part of this module's API too
 
-RUN_FILE = "run.json"
-LATEST = "latest"
 _TMP_MARK = ".tmp-"
 
 
-class RunFolderError(ValueError):
-    """No run folder can be chosen (a taken --run_name, nothing to resume)."""
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint write that failed (a full disk, an unwritable folder): still the OSError it was."""
 
 
 # ----------------------------------------------------------------------------- checkpoint files
@@ -83,19 +85,50 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
 def atomic_save(checkpoint: dict, path: str | os.PathLike) -> None:
     """torch.save to a temporary file beside `path`, fsync, rename: `path` is the old file or the new one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path.parent)
     tmp = path.with_name(f".{path.name}{_TMP_MARK}{socket.gethostname()}-{os.getpid()}")
+    writer = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path.parent)
         with open(tmp, "wb") as handle:
-            torch.save(checkpoint, handle)
+            writer = _ErrorRecordingFile(handle)
+            torch.save(checkpoint, writer)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as err:
+        with contextlib.suppress(OSError):  # a read-only filesystem refuses even this
+            tmp.unlink(missing_ok=True)
+        cause = err if isinstance(err, OSError) else getattr(writer, "error", None)
+        if cause is not None:  # torch's zip writer reports a failed write as "unexpected pos": name the real cause
+            kept = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
+            raise CheckpointWriteError(f"cannot write checkpoint {path}: {cause.strerror or cause}; {kept}") from err
         raise
     _fsync_dir(path.parent)
+
+
+class _ErrorRecordingFile:
+    """A binary file for torch.save that remembers the OSError of a failed write (full disk, I/O error)."""
+
+    def __init__(self, handle) -> None:
+        self.handle, self.error = handle, None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.handle.flush()
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -200,9 +233,10 @@ def read_run_info(run_dir: Path) -> dict:
         return {}
 
 
-def write_run_info(run_dir: Path, **fields) -> dict:
-    """Merge `fields` into `run.json`, atomically."""
-    info = {**read_run_info(run_dir), **fields}
+def write_run_info(run_dir: Path, clear: tuple[str, ...] = (), **fields) -> dict:
+    """Merge `fields` into `run.json`, atomically; `clear` names fields to drop (a resumed run's stale error)."""
+    info = {k: v for k, v in read_run_info(run_dir).items() if k not in clear}
+    info.update(fields)
     tmp = run_dir / f".{RUN_FILE}{_TMP_MARK}{socket.gethostname()}-{os.getpid()}"
     tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
     os.replace(tmp, run_dir / RUN_FILE)

@@ -9,7 +9,13 @@ Design choices:
   `init_timeout`; any failure to start falls back to offline, and when even
   offline W&B cannot start (its folder is not writable) to a CSV log in the
   same folder, with one warning that says how to sync later. A W&B error
-  while logging is reported once and training goes on.
+  while logging is reported once, with the step from which the metrics are in
+  the CSV only; training goes on.
+- Metrics are never lost: every metric is mirrored to a CSV in the same folder
+  (`csv_mirror`, on by default), flushed at every checkpoint, so whatever happens
+  to W&B's own files (a run killed in its first seconds leaves a 7-byte offline
+  file), the CSV holds every step up to the resume point and every step after
+  a W&B failure.
 - W&B's own console output is kept to warnings (`quiet`), unless WANDB_QUIET /
   WANDB_SILENT say otherwise.
 - `LoggedConfig` replaces LightningCLI's `SaveConfigCallback` to fix two
@@ -75,7 +81,7 @@ class CSVLogger(_LightningCSVLogger):
 class WandbAutoLogger(WandbLogger):
     def __init__(self, project: str = "llmstages", name: str | None = None, save_dir: str | None = None,
                  offline: bool | None = None, log_model: bool = False, id: str | None = None,
-                 init_timeout: float = 10.0, probe_timeout: float = 3.0, **kwargs) -> None:
+                 init_timeout: float = 10.0, probe_timeout: float = 3.0, csv_mirror: bool = True, **kwargs) -> None:
         """
         Args:
             save_dir: where W&B writes (`<save_dir>/wandb/`); null: the run folder (from the CLI), else ".".
@@ -83,12 +89,17 @@ class WandbAutoLogger(WandbLogger):
             id: the W&B run id; the CLI keeps one per run folder, so a resumed run continues its W&B run.
             init_timeout: seconds `wandb.init` may take online before the run goes offline instead.
             probe_timeout: seconds to wait for the server's TCP connect before going offline.
+            csv_mirror: also write every metric to `<save_dir>/csv/version_<n>/metrics.csv`, flushed at every
+                checkpoint, so no metric before a resume point is lost even when W&B's own files are not
+                (a run killed in its first seconds leaves a 7-byte offline file). False: CSV only once W&B fails.
         """
         if offline is None:
             offline = not wandb_logged_in() or os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled")
         self._init_timeout, self._probe_timeout = init_timeout, probe_timeout
-        self._fallback: _LightningCSVLogger | None = None
-        self._warned_log_error = False
+        self._csv_mirror = csv_mirror
+        self._csv: _LightningCSVLogger | None = None  # the mirror, or the fallback once W&B is down
+        self._down = False  # W&B failed (to start, or while logging): the CSV alone from then on
+        self.failed_at_step: int | None = None
         super().__init__(project=project, name=name, save_dir=save_dir or ".", offline=offline,
                          log_model=log_model, id=id, **kwargs)
 
@@ -130,10 +141,10 @@ class WandbAutoLogger(WandbLogger):
         try:
             run = self._init(offline=True)
         except Exception as err:  # noqa: BLE001 - offline impossible too: CSV keeps the metrics
-            self._fallback = _LightningCSVLogger(save_dir=self._save_dir or ".", name="csv")
+            self._down = True
             log.warning(
                 f"W&B could not start ({reason + '; ' if reason else ''}offline: {type(err).__name__}: {err}); "
-                f"logging CSV to {self._fallback.log_dir} instead"
+                f"logging CSV to {self._csv_logger().log_dir} instead"
             )
             _finish_quietly()
             return None
@@ -148,40 +159,52 @@ class WandbAutoLogger(WandbLogger):
     @property
     @rank_zero_experiment
     def experiment(self):
-        if self._experiment is None and self._fallback is None:
+        if self._experiment is None and not self._down:
             run = self._start()
             if run is not None:
                 self._experiment = run
                 if getattr(run, "define_metric", None):
                     run.define_metric("trainer/global_step")
                     run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
-        if self._fallback is not None:
-            return self._fallback.experiment
+        if self._down and self._experiment is None:
+            return self._csv_logger().experiment
         return self._experiment
 
-    # ----------------------------------------------------------------- logging that never stops training
+    def _csv_logger(self) -> _LightningCSVLogger:
+        if self._csv is None:
+            self._csv = _LightningCSVLogger(save_dir=self._save_dir or ".", name="csv")
+        return self._csv
 
-    def _guarded(self, what: str, fn, *args, **kwargs) -> None:
-        if self._fallback is None and self._experiment is None:
+    # ----------------------------------------------------------------- logging that never stops training or loses a metric
+
+    def _guarded(self, what: str, fn, *args, step: int | None = None, **kwargs) -> bool:
+        """Run one W&B call; False when W&B is down or this call failed (then it is down for the rest of the run)."""
+        if not self._down and self._experiment is None:
             _ = self.experiment
+        if self._down:
+            return False
         try:
-            if self._fallback is not None:
-                target = getattr(self._fallback, what, None)
-                if target is not None:
-                    target(*args, **kwargs)
-                return
             fn(*args, **kwargs)
+            return True
         except Exception as err:  # noqa: BLE001 - tracking must never end a training run
-            if not self._warned_log_error:
-                self._warned_log_error = True
-                log.warning(f"W&B {what} failed ({type(err).__name__}: {err}); training goes on (reported once)")
+            self._down, self.failed_at_step = True, step
+            at = f" at step {step}" if step is not None else ""
+            log.warning(f"W&B {what} failed{at} ({type(err).__name__}: {err}); training goes on, and "
+                        f"{'from step ' + str(step) if step is not None else 'from now'} on the metrics are logged "
+                        f"to {Path(self._csv_logger().log_dir) / 'metrics.csv'} only (reported once)")
+            return False
 
     @rank_zero_only
     def log_metrics(self, metrics, step=None) -> None:
-        self._guarded("log_metrics", super().log_metrics, metrics, step)
+        if self._csv_mirror:
+            self._csv_logger().log_metrics(metrics, step)
+        if not self._guarded("log_metrics", super().log_metrics, metrics, step, step=step) and not self._csv_mirror:
+            self._csv_logger().log_metrics(metrics, step)
 
     @rank_zero_only
     def log_hyperparams(self, params) -> None:
+        if self._csv_mirror or self._down:
+            self._csv_logger().log_hyperparams(params)
         self._guarded("log_hyperparams", super().log_hyperparams, params)
 
     @rank_zero_only
@@ -193,23 +216,28 @@ class WandbAutoLogger(WandbLogger):
         self._guarded("log_table", super().log_table, *args, **kwargs)
 
     def update_config(self, config: dict) -> None:
-        """The resolved config into the W&B run's config (or the CSV fallback's hparams)."""
-        if self._fallback is None and self._experiment is None:
+        """The resolved config into the W&B run's config (and the CSV's hparams)."""
+        if not self._down and self._experiment is None:
             _ = self.experiment
-        if self._fallback is not None:
-            self._fallback.log_hyperparams({"config": config})
-            return
+        if self._csv_mirror or self._down:
+            self._csv_logger().log_hyperparams({"config": config})
         self._guarded("config update", lambda: self._experiment.config.update(config, allow_val_change=True))
 
+    @rank_zero_only
+    def save(self) -> None:
+        if self._csv is not None:
+            self._csv.save()
+        super().save()
+
     def after_save_checkpoint(self, checkpoint_callback) -> None:
-        if self._fallback is None:
-            self._guarded("after_save_checkpoint", super().after_save_checkpoint, checkpoint_callback)
+        if self._csv is not None:
+            self._csv.save()  # every metric up to the checkpoint is on disk before a resume can start from it
+        self._guarded("after_save_checkpoint", super().after_save_checkpoint, checkpoint_callback)
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
-        if self._fallback is not None:
-            self._fallback.finalize(status)
-            return
+        if self._csv is not None:
+            self._csv.finalize(status)
         self._guarded("finalize", super().finalize, status)
 
 

@@ -7,19 +7,20 @@ Design choices:
 - Only `fit` and `validate` are offered: a stage has no `test_step` or
   `predict_step` (held-out evaluation is `validate` on a checkpoint;
   generation is `llmstages generate`).
-- One run, one folder (`llmstages.checkpointing`): `<root>/<stage>/<run name>/`
-  with root `--trainer.default_root_dir` (else `runs`) and run name `--run_name`
-  (else the start time). Loggers whose `save_dir` and ModelCheckpoints whose
-  `dirpath` are not set write there; explicit paths are respected. The config
-  files name no run paths, so `--trainer.default_root_dir` alone moves a run.
-- `--ckpt_path last` continues a run in its own folder: the `--run_name` one, else
-  the run of that stage whose `last.ckpt` is newest; it continues its W&B run too
-  (the id is in `run.json`). A `--ckpt_path` file is checked for readability before
-  anything is built.
-- Rank 0 claims the folder; processes Lightning spawns inherit it through the
-  environment (`LLMSTAGES_RUN_DIR`); under an external launcher (torchrun, srun)
-  the other ranks never write a file, and ModelCheckpoint broadcasts rank 0's
-  folder at set-up.
+- One run, one folder (`llmstages.run_plan`): `<root>/<stage>/<run name>/` with root
+  `--trainer.default_root_dir` (else `runs`) and run name `--run_name` (else the start
+  time). The folder, checkpoint folders, logger settings and resume point are decided
+  once, by the pure `run_plan.plan_run`; the hooks here apply the plan (claim the
+  folder, fill in the config, record `run.json`). Loggers whose `save_dir` and
+  ModelCheckpoints whose `dirpath` are not set write there; explicit paths are
+  respected. The config files name no run paths, so `--trainer.default_root_dir`
+  alone moves a run.
+- `--ckpt_path last|hpc|best|<file>` as Lightning means them (see `run_plan`); `last`
+  continues its run in its own folder and W&B run (the id is in `run.json`). A
+  checkpoint file is checked for readability before anything is built.
+- A run that fails before training starts (a missing `init_from`) is recorded
+  `failed` with its error; one stopped by SIGTERM is `preempted`, with a checkpoint
+  at the step boundary, and exits with `PREEMPTED_EXIT_CODE` (`llmstages.preemption`).
 - Always on: atomic checkpoint files (`AtomicCheckpointIO`), the non-finite guard
   (`--nonfinite stop|skip_step`, `--max_skipped_steps`), a progress bar that shows
   steps rather than `Epoch 2/-2`.
@@ -28,6 +29,7 @@ Design choices:
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 import os
 import secrets
@@ -37,20 +39,20 @@ import time
 import warnings
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from llmstages import checkpointing as ckpt
 from llmstages.callbacks import NonFiniteError, NonFiniteGuard, RunFolder, StageProgressBar
 from llmstages.data.base import StageData
 from llmstages.loggers import LoggedConfig
 from llmstages.options import NonFinite
+from llmstages.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionCheckpoint
+from llmstages.run_plan import RUN_DIR_ENV, LoggerSpec, RunPlan, RunRequest, plan_run, slurm_job, survey
 from llmstages.stages.base import StageModule
-
-RUN_DIR_ENV = "LLMSTAGES_RUN_DIR"
-DEFAULT_ROOT = "runs"
 
 # upstream noise that says nothing about this run
 _QUIET = (
@@ -89,6 +91,40 @@ def _items(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def _resolve(class_path: str) -> type | None:
+    """The class a config's class_path names (None when it cannot be imported here)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError):
+        return None
+
+
+def _checkpoint_callbacks(cfg) -> list:
+    out = []
+    for callback in _items(cfg.trainer.callbacks):
+        cls = _resolve(_class_path(callback))
+        if cls is not None and issubclass(cls, ModelCheckpoint):
+            out.append(callback)
+    return out
+
+
+def run_request(cfg, subcommand: str) -> RunRequest:
+    """The parsed configuration's part in deciding the run folder."""
+    loggers = tuple(
+        LoggerSpec(cls=_resolve(_class_path(logger)), save_dir=logger.init_args.get("save_dir"),
+                   name=logger.init_args.get("name"), id=logger.init_args.get("id"))
+        for logger in _items(cfg.trainer.logger)
+    )
+    return RunRequest(
+        stage=ckpt.stage_name(_class_path(cfg.model)) or "run", subcommand=subcommand,
+        root=cfg.trainer.default_root_dir, run_name=cfg.get("run_name"), ckpt_path=cfg.get("ckpt_path"),
+        loggers=loggers, logger_disabled=cfg.trainer.logger is False or cfg.trainer.logger is None,
+        checkpoint_dirs=tuple(cb.init_args.get("dirpath") for cb in _checkpoint_callbacks(cfg)),
+        rank=rank_zero_only.rank, new_run_name=time.strftime("%Y%m%d-%H%M%S"), new_wandb_id=_wandb_id(),
+    )
+
+
 def _wandb_id() -> str:
     # not `random`: seed_everything has just seeded it, so every run would get the same id
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
@@ -96,6 +132,26 @@ def _wandb_id() -> str:
 
 class StagesCLI(LightningCLI):
     run_dir: Path | None = None
+    plan: RunPlan | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException as err:
+            self._record_outcome(err)
+            raise
+
+    def _record_outcome(self, err: BaseException) -> None:
+        """A run that stops before the trainer's callbacks could record it (a missing init_from, a bad data
+        file) is `failed` in run.json with its error, never `running` for ever."""
+        plan = self.plan
+        if plan is None or not plan.record or not plan.run_dir.is_dir() or isinstance(err, SystemExit) and not err.code:
+            return
+        if ckpt.read_run_info(plan.run_dir).get("status") != "running":
+            return  # RunFolder or PreemptionCheckpoint recorded the outcome
+        preempted = isinstance(err, (Preempted, SIGTERMException))
+        ckpt.write_run_info(plan.run_dir, status="preempted" if preempted else "failed",
+                            **({} if preempted else {"error": f"{type(err).__name__}: {err}"}))
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -122,75 +178,56 @@ class StagesCLI(LightningCLI):
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand:
-            self._resolve_run(self.config[subcommand], subcommand)
+            self._apply_plan(self.config[subcommand], subcommand)
 
-    def _resolve_run(self, cfg, subcommand: str) -> None:
-        stage = ckpt.stage_name(_class_path(cfg.model)) or "run"
-        root = Path(cfg.trainer.default_root_dir or DEFAULT_ROOT)
-        stage_root = root / stage
-        self.stage = stage
-        ckpt_path = cfg.get("ckpt_path")
-        inherited = os.environ.get(RUN_DIR_ENV)
-        if inherited:  # a process Lightning spawned for another rank: rank 0 chose the folder
-            run_dir = Path(inherited)
-        elif ckpt_path == "last" and subcommand == "fit":
-            run_dir = ckpt.find_resumable_run(stage_root, cfg.get("run_name"))
-        elif ckpt_path and ckpt_path not in ("last", "best") and subcommand == "fit" and ckpt.run_of_checkpoint(Path(ckpt_path)):
-            run_dir = ckpt.run_of_checkpoint(Path(ckpt_path))  # resuming a run's own checkpoint continues that run
-        elif rank_zero_only.rank == 0:
-            prefix = "" if subcommand == "fit" else f"{subcommand}-"  # a validate run never looks like a fit
-            run_dir = ckpt.claim_run_dir(stage_root, cfg.get("run_name"), prefix=prefix)
-        else:  # another rank under torchrun/srun: never creates anything; ModelCheckpoint broadcasts rank 0's folder
-            run_dir = stage_root / (cfg.get("run_name") or f"pending-rank{rank_zero_only.rank}")
-        if ckpt_path == "last":
-            cfg.ckpt_path = str(run_dir / "checkpoints" / "last.ckpt")
-        if cfg.get("ckpt_path") and cfg.ckpt_path != "best":
-            ckpt.check_checkpoint_file(cfg.ckpt_path)  # fail before any data is built
-            cfg.ckpt_path = os.path.realpath(cfg.ckpt_path)  # `latest` links: record the run it really was
+    def _apply_plan(self, cfg, subcommand: str) -> None:
+        """Decide the run (`run_plan.plan_run`, pure), then do what it says: claim, check, record."""
+        request = run_request(cfg, subcommand)
+        plan = plan_run(request, survey(request, cfg.get("ckpt_path")), os.environ)
+        if plan.claim:
+            fresh = request.run_name is None and plan.run_dir.name == request.new_run_name
+            claimed = ckpt.claim_run_dir(plan.run_dir.parent, None if fresh else plan.run_dir.name,
+                                         prefix="" if subcommand == "fit" else f"{subcommand}-")
+            plan = plan.moved_to(claimed)
+        for warning in plan.warnings:
+            rank_zero_warn(warning)
+        cfg.ckpt_path = plan.ckpt_path
+        if plan.ckpt_path and plan.ckpt_path != "best":
+            ckpt.check_checkpoint_file(plan.ckpt_path)  # fail before any data is built
+            cfg.ckpt_path = os.path.realpath(plan.ckpt_path)  # `latest` links: record the run it really was
         init = getattr(cfg.model, "init_args", None)
         if init is not None and init.get("init_from"):
             init.init_from = os.path.realpath(init.init_from) if os.path.exists(init.init_from) else init.init_from
-        self.run_dir = run_dir
-        if rank_zero_only.rank == 0 and not inherited:
-            os.environ[RUN_DIR_ENV] = str(run_dir)  # for ranks Lightning's launcher starts (cleared on exit)
-            resumed = ckpt.read_run_info(run_dir)
+        self.plan, self.stage, self.run_dir = plan, request.stage, plan.run_dir
+        if plan.record:
+            os.environ[RUN_DIR_ENV] = str(plan.run_dir)  # for ranks Lightning's launcher starts (cleared on exit)
+            started = ckpt.read_run_info(plan.run_dir).get("started", time.strftime("%Y-%m-%d %H:%M:%S"))
+            job = slurm_job(os.environ)
             ckpt.write_run_info(
-                run_dir, stage=stage, name=run_dir.name, command=subcommand,
-                status="running", started=resumed.get("started", time.strftime("%Y-%m-%d %H:%M:%S")),
-                resumed_from=cfg.get("ckpt_path"), argv=sys.argv[1:],
+                plan.run_dir, stage=request.stage, name=plan.run_dir.name, command=subcommand, status="running",
+                started=started, resumed_from=cfg.get("ckpt_path"), argv=sys.argv[1:],
+                **({"slurm_job_id": job} if job else {}), clear=("error", "preempted_at_step", "finished"),
             )
-            rank_zero_info(f"run folder: {run_dir}")
+            rank_zero_info(f"run folder: {plan.run_dir}")
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand is None:  # run=False: objects only, no run to give a folder
             return
         cfg = self.config[self.subcommand]
         self._as_given = copy.deepcopy(cfg)  # saved as config.yaml: no run paths, so it can be reused as is
-        run_dir = self.run_dir
-        info = ckpt.read_run_info(run_dir) if run_dir.exists() else {}
-        derived = True
-        for logger in _items(cfg.trainer.logger):
-            init = logger.init_args
-            if init.get("save_dir") is not None:
-                derived = False
-                continue
-            init.save_dir = str(run_dir)
-            if "CSV" in _class_path(logger) or "TensorBoard" in _class_path(logger):
-                init.name = "csv" if "CSV" in _class_path(logger) else "tensorboard"  # <run>/csv/version_<n>/
-            if "Wandb" in _class_path(logger):
-                wandb_id = init.get("id") or info.get("wandb_id") or _wandb_id()
-                init.id = wandb_id
-                init.name = f"{init.get('name') or self.stage}/{run_dir.name}"
-                if rank_zero_only.rank == 0 and run_dir.exists():
-                    ckpt.write_run_info(run_dir, wandb_id=wandb_id)
-        if cfg.trainer.logger is False or cfg.trainer.logger is None:
-            derived = True
-        for callback in _items(cfg.trainer.callbacks):
-            if _class_path(callback).endswith("ModelCheckpoint") and callback.init_args.get("dirpath") is None:
-                callback.init_args.dirpath = str(run_dir / "checkpoints")
-        cfg.trainer.default_root_dir = str(run_dir)
+        plan = self.plan
+        for logger, settings in zip(_items(cfg.trainer.logger), plan.loggers):
+            for key in ("save_dir", "name", "id"):
+                if getattr(settings, key) is not None:
+                    logger.init_args[key] = getattr(settings, key)
+            if settings.id is not None and plan.record and plan.run_dir.exists():
+                ckpt.write_run_info(plan.run_dir, wandb_id=settings.id)
+        for callback, dirpath in zip(_checkpoint_callbacks(cfg), plan.checkpoint_dirs):
+            callback.init_args.dirpath = str(dirpath)
+        cfg.trainer.default_root_dir = str(plan.run_dir)
         _tokenizer_from_model_folder(cfg)
-        self.save_config_kwargs = {**self.save_config_kwargs, "run_dir": str(run_dir) if derived else None,
+        config_dir = plan.config_dir
+        self.save_config_kwargs = {**self.save_config_kwargs, "run_dir": str(config_dir) if config_dir else None,
                                    "as_given": self._as_given}
 
     def instantiate_trainer(self, **kwargs):
@@ -202,6 +239,8 @@ class StagesCLI(LightningCLI):
         callbacks.append(NonFiniteGuard(self.stage, action=cfg.get("nonfinite") or "stop",
                                         max_skipped_steps=cfg.get("max_skipped_steps", 10)))
         callbacks.append(RunFolder(self.run_dir, finish=self.subcommand == "fit"))
+        if self.subcommand == "fit":
+            callbacks.append(PreemptionCheckpoint(self.run_dir, self.plan.checkpoint_dir))
         if trainer_cfg.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(StageProgressBar())
         plugins = _items(trainer_cfg.get("plugins"))
@@ -229,8 +268,9 @@ def _tokenizer_from_model_folder(cfg) -> None:
 def lightning_cli(args: list[str] | None = None, run: bool = True) -> StagesCLI:
     """`args` None reads the command line; a list is a programmatic run (tests, the demo).
 
-    From the command line, the run's own failures (a non-finite loss, an unreadable
-    checkpoint, a run folder that cannot be chosen) end with one line and exit code 1.
+    From the command line, the run's own failures (a non-finite loss, an unreadable or
+    unwritable checkpoint, a run folder that cannot be chosen) end with one line and exit
+    code 1; a preempted run with one line and `PREEMPTED_EXIT_CODE`.
     """
     owned_env = RUN_DIR_ENV not in os.environ
     try:
@@ -245,6 +285,11 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> StagesCLI:
                 args=args,
                 run=run,
             )
+    except (Preempted, SIGTERMException) as err:
+        if args is not None:
+            raise
+        print(f"llmstages: {str(err) or 'SIGTERM before the first step: nothing to save'}", file=sys.stderr)
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None
     except (NonFiniteError, ckpt.CheckpointError, ckpt.RunFolderError) as err:
         if args is not None:
             raise

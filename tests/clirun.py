@@ -27,13 +27,16 @@ def env(**extra: str) -> dict[str, str]:
 
 def tiny_fragment(tmp: Path, cache: Path, *, steps: int, every: int | None = None, stage: str = "sft",
                   seq_len: int = 64, batch_size: int = 4, accumulate: int = 1, extra: dict | None = None,
-                  kill_at: int | None = None) -> Path:
+                  kill_at: int | None = None, signal_at: dict | None = None) -> Path:
     """A config fragment: tiny model, short rows, CSV logging every step, checkpoints every `every` steps;
-    with `kill_at`, the run SIGKILLs itself (its whole group) right after step `kill_at`'s checkpoint."""
+    with `kill_at`, the run SIGKILLs itself (its whole group) right after step `kill_at`'s checkpoint;
+    with `signal_at`, it signals itself as `fault_injection.SignalAtStep(**signal_at)` says."""
     callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                   "init_args": {"save_last": True, "every_n_train_steps": every or steps}}]
     if kill_at is not None:
         callbacks.append({"class_path": "fault_injection.KillAtStep", "init_args": {"step": kill_at}})
+    if signal_at is not None:
+        callbacks.append({"class_path": "fault_injection.SignalAtStep", "init_args": dict(signal_at)})
     model = {"preset": "tiny"}
     if stage == "sft":
         model.update(generate_samples=0)

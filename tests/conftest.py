@@ -4,14 +4,18 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("LLMSTAGES_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The real data under ../shared/data; tests that need it skip when it is absent."""
+    """The real data under ../shared/data; locally, tests that need it skip when it is absent (with the
+    reason); on CI (`CI=true`) they fail instead, so a broken checkout never passes by skipping."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA} (../shared/data beside the project)")
+        reason = f"real data not found at {SHARED_DATA} (../shared/data beside the project)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason}; CI=true, so this is a failure, not a skip")
+        pytest.skip(reason)
     return SHARED_DATA
 
 

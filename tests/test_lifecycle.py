@@ -249,6 +249,34 @@ def test_wandb_that_cannot_start_at_all_falls_back_to_csv(tmp_path, monkeypatch,
     assert rows and "train/loss" in rows[0].read_text()
 
 
+@pytest.mark.parametrize("mirror", [True, False])
+def test_wandb_failing_mid_run_sends_the_rest_of_the_metrics_to_a_csv(tmp_path, monkeypatch, caplog, mirror):
+    import csv
+
+    from llmstages.loggers import WandbAutoLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = WandbAutoLogger(save_dir=str(tmp_path), offline=True, csv_mirror=mirror)
+    k, n = 3, 7
+    for step in range(k):
+        logger.log_metrics({"train/loss": float(step)}, step=step)
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("wandb-core went away")
+
+    monkeypatch.setattr(logger.experiment, "log", broken)
+    for step in range(k, n):
+        logger.log_metrics({"train/loss": float(step)}, step=step)
+    logger.finalize("success")
+    warnings = [r.getMessage() for r in caplog.records if "W&B log_metrics failed" in r.getMessage()]
+    assert len(warnings) == 1 and f"at step {k}" in warnings[0] and "metrics.csv" in warnings[0], warnings
+    assert logger.failed_at_step == k
+    [path] = tmp_path.glob("csv/version_*/metrics.csv")
+    with open(path, newline="") as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
+    assert steps == (list(range(n)) if mirror else list(range(k, n)))
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -289,6 +317,109 @@ def test_a_truncated_checkpoint_names_its_file(tmp_path, cache):
     assert result.returncode != 0
     assert str(path) in result.stderr and "truncated" in result.stderr
     assert "sft data:" not in result.stderr + result.stdout  # refused before any data was built
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A size-limited real filesystem (tmpfs), mounted by root; `mount(size_bytes)` returns its folder."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a size-limited tmpfs needs root")
+    mounted = []
+
+    def mount(size: int, read_only: bool = False) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+@pytest.mark.distributed
+def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_previous_last_checkpoint(tmp_path, cache, small_tmpfs):
+    fragment = tiny_fragment(tmp_path, cache, steps=1)
+    root = ("--trainer.default_root_dir", str(tmp_path / "runs"))
+    ok(run([*fit_args("sft", fragment, *root), "--run_name", "size"], tmp_path))
+    size = (tmp_path / "runs" / "sft" / "size" / "checkpoints" / "last.ckpt").stat().st_size
+    disk = small_tmpfs(int(size * 1.5))  # room for one checkpoint, not for its replacement beside it
+    full = tiny_fragment(tmp_path, cache, steps=4, every=1, extra={"trainer": {"callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(disk), "save_last": True, "save_top_k": 0, "every_n_train_steps": 1}}]}})
+    result = run([*fit_args("sft", full, *root), "--run_name", "full"], tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line == f"llmstages: cannot write checkpoint {disk / 'last.ckpt'}: No space left on device; " \
+                   "the previous last.ckpt is unchanged", result.stderr[-3000:]
+    assert [p.name for p in disk.iterdir()] == ["last.ckpt"]  # no temporary left
+    assert ckpt.load_checkpoint_file(disk / "last.ckpt")["global_step"] == 1
+    info = json.loads((tmp_path / "runs" / "sft" / "full" / "run.json").read_text())
+    assert info["status"] == "failed" and str(disk / "last.ckpt") in info["error"]
+
+
+def test_an_unwritable_checkpoint_folder_is_one_error_naming_the_file(small_tmpfs):
+    disk = small_tmpfs(1 << 20, read_only=True)  # root may write anywhere, except on a read-only filesystem
+    for path in (disk / "last.ckpt", disk / "sub" / "last.ckpt"):
+        with pytest.raises(ckpt.CheckpointWriteError, match=f"cannot write checkpoint {path}: Read-only file system; "
+                                                            "no last.ckpt was written"):
+            ckpt.atomic_save({"step": 1}, path)
+
+
+@pytest.mark.distributed
+def test_ckpt_path_last_reads_an_explicit_dirpath_and_refuses_an_ambiguous_one(tmp_path, cache):
+    outside = tmp_path / "elsewhere"
+    fragment = tiny_fragment(tmp_path, cache, steps=2, extra={"trainer": {"callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(outside), "save_last": True, "every_n_train_steps": 2}}]}})
+    root = ("--trainer.default_root_dir", str(tmp_path / "runs"))
+    ok(run(fit_args("sft", fragment, *root), tmp_path))
+    resumed = run(fit_args("sft", fragment, *root, "--ckpt_path", "last", "--trainer.max_steps", "3"), tmp_path)
+    ok(resumed)
+    assert ckpt.load_checkpoint_file(outside / "last.ckpt")["global_step"] == 3  # continued from step 2, not 0
+    (outside / "last-v1.ckpt").write_bytes((outside / "last.ckpt").read_bytes())
+    refused = run(fit_args("sft", fragment, *root, "--ckpt_path", "last", "--trainer.max_steps", "4"), tmp_path)
+    assert refused.returncode == 1
+    message = refused.stderr.strip()
+    assert "ambiguous" in message and str(outside / "last.ckpt") in message and str(outside / "last-v1.ckpt") in message
+
+
+@pytest.mark.distributed
+def test_a_run_failing_before_training_is_recorded_failed_with_its_error(tmp_path, cache):
+    fragment = tiny_fragment(tmp_path, cache, steps=2)
+    missing = tmp_path / "no-such-model"
+    result = run(fit_args("sft", fragment, "--trainer.default_root_dir", str(tmp_path / "runs"),
+                          "--model.init_args.init_from", str(missing)), tmp_path, timeout=60)
+    assert result.returncode != 0
+    run_dir = _one_run(tmp_path / "runs" / "sft")
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "failed" and str(missing) in info["error"], info
+    # the same run continued (nothing saved yet: from scratch, as Lightning's `last`) clears the stale error
+    ok(run(fit_args("sft", fragment, "--trainer.default_root_dir", str(tmp_path / "runs"), "--ckpt_path", "last",
+                    "--run_name", run_dir.name), tmp_path))
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "finished" and "error" not in info, info
+
+
+@pytest.mark.distributed
+def test_a_run_killed_early_keeps_every_metric_before_its_resume_point(tmp_path, cache):
+    """W&B's offline file of a run killed in its first seconds can be empty; the CSV mirror, flushed at every
+    checkpoint, holds every step the resumed run will not log again."""
+    wandb = {"trainer": {"logger": {"class_path": "llmstages.loggers.WandbAutoLogger", "init_args": {"offline": True}}}}
+    fragment = tiny_fragment(tmp_path, cache, steps=6, every=2, kill_at=2, extra=wandb)
+    result = run(fit_args("sft", fragment, "--trainer.default_root_dir", str(tmp_path / "runs")), tmp_path)
+    assert result.returncode == -9, result.stderr[-3000:]
+    from clirun import step_losses
+
+    logged = step_losses(_one_run(tmp_path / "runs" / "sft"), "train/step_loss")
+    assert sorted(logged)[:2] == [0, 1], logged  # steps 0 and 1: the resume point is global step 2
 
 
 def test_init_from_problems_are_reported_before_any_data_is_built(tmp_path):
