@@ -11,27 +11,25 @@ the rate is the round's labelled tokens over its time. Reported: the ratio
 of labelled tokens/s (target ≥ 2×), the fraction of row positions holding
 real tokens, and of those holding targets.
 
-    python benchmarks/packing_throughput.py            # ~5 min on 2 cores
-    python benchmarks/packing_throughput.py --quick    # < 1 min
+    python -m benchmarks.packing_throughput            # ~5 min on 2 cores
+    python -m benchmarks.packing_throughput --quick    # < 1 min
 """
 
 from __future__ import annotations
 
 import itertools
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED_DATA, Report, alternate, base_parser, data_files, med_range, output_dir, set_threads  # noqa: E402
+from benchmarks.common import SHARED_DATA, Report, alternate, base_parser, data_files, med_range, output_dir, set_threads
 
-from llmstages.data import SFTData  # noqa: E402
-from llmstages.losses import IGNORE_INDEX, reduce_token_loss, token_logps  # noqa: E402
-from llmstages.model.config import ModelConfig  # noqa: E402
-from llmstages.model.transformer import Transformer  # noqa: E402
+from llmstages.data import SFTData
+from llmstages.losses import IGNORE_INDEX, reduce_token_loss, token_logps
+from llmstages.model.config import ModelConfig
+from llmstages.model.transformer import Transformer
 
 LAYOUTS = ("none", "documents")
 
