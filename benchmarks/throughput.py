@@ -19,6 +19,9 @@ against this machine's float32 matmul rate measured in the same run, and a
   (`pip install --no-deps litgpt psutil --target DIR`) and pass
   `--litgpt-path DIR`; without it the LitGPT column is skipped with a note.
 
+Packed rows' attention (per document vs the dense mask) is compared in
+`benchmarks.packed_attention`, bf16-mixed vs float32 in `benchmarks.bf16`.
+
     python -m benchmarks.throughput                    # 5M and 25M shapes, ~15 min on 2 cores
     python -m benchmarks.throughput --quick            # smoke run, < 2 min, report in a temp folder
     python -m benchmarks.throughput --litgpt-path .cache/bench-litgpt
