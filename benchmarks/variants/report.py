@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import Report
+from benchmarks.common import Report, command_line, git_commit
 from benchmarks.variants.runner import mean_std
 
 HEADLINE = {"loss_mask": "exact_match", "normalize": "grad_rel_error", "packing": "val_loss", "dpo": "exact_match",
@@ -95,7 +95,9 @@ def rebuild_report(family: str, out: Path) -> None:
     """Rewrite `<out>/<family>.md` and its plots from its JSON, keeping the original run's provenance."""
     results = json.loads((out / f"{family}.json").read_text())
     old = (out / f"{family}.md").read_text()
-    provenance = old[old.index("## Run"):]
+    provenance = old[old.index("## Run"):].rstrip("\n").split("\n- rebuilt from")[0]
+    provenance += (f"\n- rebuilt from {family}.json (text and plots only; the numbers are the run's) by "
+                   f"`{command_line()}` at commit {git_commit()}\n")
     seeds = [str(s) for s in range(len(bench_seeds(results)))]
     body = report_body(family, results, seeds, out)
     (out / f"{family}.md").write_text(f"# Variant family: `{family}`\n\n" + body + "\n" + provenance)
