@@ -8,10 +8,16 @@ Design choices:
   timed seconds apart) and summarised by their median and min-max; absolute
   numbers are context only.
 - A report is Markdown with everything needed to judge and rerun it: the
-  exact command, the commit (and whether the tree was dirty), library
-  versions, CPU model, cores, threads, load average before and after, wall
-  time. `--quick` runs write to a temporary folder unless `--out` is given,
-  so a smoke run never overwrites a committed report.
+  exact command, the commit and whether the tree was clean (`git status`,
+  untracked files included, the reports folder excluded), library versions,
+  CPU model, cores, threads, load average before and after, wall time.
+- A committed report comes from committed code: writing into
+  `benchmarks/results/` from a tree with uncommitted changes is refused
+  (`output_dir`). `--quick` runs write to a temporary folder unless `--out`
+  is given, so a smoke run never overwrites a committed report; an explicit
+  `--out` elsewhere is always allowed.
+- The scripts are modules of the `benchmarks` package, run from the
+  repository root: `python -m benchmarks.<name>`.
 """
 
 from __future__ import annotations
@@ -131,14 +137,29 @@ def base_parser(description: str, default_repeats: int) -> argparse.ArgumentPars
 
 
 def output_dir(args: argparse.Namespace) -> Path:
+    """Where the report goes; refuses the committed results folder from a tree with uncommitted changes."""
     if args.out is not None:
         out = args.out
     elif args.quick:
         out = Path(tempfile.mkdtemp(prefix="llmstages-bench-"))
     else:
         out = RESULTS
+    refuse_dirty_results(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def refuse_dirty_results(out: Path) -> None:
+    """SystemExit when `out` is (inside) `benchmarks/results/` and the code tree is not clean."""
+    out = Path(out).resolve()
+    if out != RESULTS.resolve() and RESULTS.resolve() not in out.parents:
+        return
+    state = tree_state()
+    if not state.clean:
+        raise SystemExit(
+            f"refusing to write a committed report into {RESULTS} from a tree that is not clean "
+            f"({state.describe()}):\n{state.changes}\ncommit first, or pass --out elsewhere / --quick"
+        )
 
 
 # --------------------------------------------------------------------------- machine and versions
@@ -154,16 +175,53 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def git_commit() -> str:
+@dataclass(frozen=True)
+class TreeState:
+    """The commit and `git status` of the checkout the benchmark runs from."""
+
+    commit: str | None  # None: not a git checkout
+    changes: str  # `git status --porcelain` lines outside benchmarks/results/ ("" when clean)
+
+    @property
+    def clean(self) -> bool:
+        return self.commit is not None and not self.changes
+
+    def describe(self) -> str:
+        if self.commit is None:
+            return "unknown (not a git checkout)"
+        if self.clean:
+            return f"{self.commit} (clean tree)"
+        return f"{self.commit} (NOT clean: {len(self.changes.splitlines())} uncommitted change(s))"
+
+
+def tree_state() -> TreeState:
+    """Reports themselves are excluded: a run writing several reports stays clean between them."""
     def git(*cmd: str) -> str:
         return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
         commit = git("rev-parse", "--short=12", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return commit + (" (tracked files modified)" if dirty else "")
+        changes = git("status", "--porcelain", "--untracked-files=all", "--", ".",
+                      f":(exclude){RESULTS.relative_to(ROOT)}")
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        return TreeState(None, "")
+    return TreeState(commit, changes)
+
+
+def git_commit() -> str:
+    """The commit and whether the tree was clean, as a report line states it."""
+    return tree_state().describe()
+
+
+def command_line() -> str:
+    """How this run was started: `python -m benchmarks.<module> ...` for the package's scripts."""
+    script = Path(sys.argv[0]).resolve()
+    args = " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if script.suffix == ".py" and (ROOT / "benchmarks") in script.parents:
+        parts = script.relative_to(ROOT).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__main__" else parts)
+        return f"python -m {module} {args}".strip()
+    return f"python {shlex.quote(os.path.relpath(script, ROOT))} {args}".strip()
 
 
 def versions(extra: Sequence[str] = ()) -> dict[str, str]:
@@ -209,9 +267,8 @@ class Report:
     def provenance(self) -> str:
         import torch
 
-        command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
         lines = [
-            f"- command: `{command}`",
+            f"- command: `{command_line()}`",
             f"- commit: {self.commit}",
             "- versions: " + ", ".join(f"{k} {v}" for k, v in versions(self.extra_versions).items()),
             f"- machine: {cpu_model()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",

@@ -19,8 +19,8 @@ are shared with other sessions and wall-clock rounds are noisy there.
 An SFT row (chat template + best-fit packing of alpaca_en_demo, one
 conversation at a time) is given as context, without a target.
 
-    python benchmarks/data_prep.py            # ~3 min
-    python benchmarks/data_prep.py --quick    # < 1 min
+    python -m benchmarks.data_prep            # ~3 min
+    python -m benchmarks.data_prep --quick    # < 1 min
 """
 
 from __future__ import annotations
@@ -28,20 +28,18 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED_DATA, Report, alternate, base_parser, med_range, output_dir, paired_ratios, set_threads  # noqa: E402
+from benchmarks.common import SHARED_DATA, Report, alternate, base_parser, med_range, output_dir, paired_ratios, set_threads
 
-from llmstages.data import synthetic  # noqa: E402
-from llmstages.data.formats import iter_text  # noqa: E402
-from llmstages.data import PretrainData, SFTData  # noqa: E402
-from llmstages.data.tokenizer import Tokenizer  # noqa: E402
+from llmstages.data import synthetic
+from llmstages.data.formats import iter_text
+from llmstages.data import PretrainData, SFTData
+from llmstages.data.tokenizer import Tokenizer
 
 CORPORA = ("tinyshakespeare/input.txt", "llamafactory/wiki_demo.txt", "llamafactory/c4_demo.jsonl")
 

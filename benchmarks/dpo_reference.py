@@ -9,27 +9,25 @@ scored every pair once before training (`precompute_reference`, timed
 separately and reported as a one-off cost). Steps alternate; the ratio is
 per round (target: precompute / live ≤ 0.7).
 
-    python benchmarks/dpo_reference.py            # ~4 min on 2 cores
-    python benchmarks/dpo_reference.py --quick    # < 1 min
+    python -m benchmarks.dpo_reference            # ~4 min on 2 cores
+    python -m benchmarks.dpo_reference --quick    # < 1 min
 """
 
 from __future__ import annotations
 
 import itertools
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED_DATA, Report, alternate, base_parser, data_files, med_range, output_dir, paired_ratios, set_threads  # noqa: E402
+from benchmarks.common import SHARED_DATA, Report, alternate, base_parser, data_files, med_range, output_dir, paired_ratios, set_threads
 
-from llmstages.data import PreferenceData  # noqa: E402
-from llmstages.model.config import ModelConfig  # noqa: E402
-from llmstages.stages import DPOModule  # noqa: E402
+from llmstages.data import PreferenceData
+from llmstages.model.config import ModelConfig
+from llmstages.stages import DPOModule
 
 
 class Run:

@@ -9,8 +9,8 @@ Reported: new tokens per second (rows x new tokens / wall time), median and
 min-max over the repeats, and the ratio of the medians. Cached and uncached
 outputs are checked to be identical on every run (greedy).
 
-    python benchmarks/generation.py            # 256 new tokens, 5 repeats (~7 minutes on 2 shared cores)
-    python benchmarks/generation.py --quick    # 64 new tokens, 3 repeats, batch 1 and 8 (< 2 minutes)
+    python -m benchmarks.generation            # 256 new tokens, 5 repeats (~7 minutes on 2 shared cores)
+    python -m benchmarks.generation --quick    # 64 new tokens, 3 repeats, batch 1 and 8 (< 2 minutes)
 """
 
 from __future__ import annotations
@@ -19,17 +19,15 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, git_commit, load_average, output_dir  # noqa: E402
+from benchmarks.common import command_line, cpu_model, git_commit, load_average, output_dir
 
-from llmstages.model import ModelConfig, Transformer  # noqa: E402
-from llmstages.model.generate import generate_batch  # noqa: E402
+from llmstages.model import ModelConfig, Transformer
+from llmstages.model.generate import generate_batch
 
 
 def _timed(model, prompts, new_tokens: int, use_cache: bool) -> tuple[float, list]:
@@ -73,7 +71,7 @@ def run(args: argparse.Namespace) -> str:
     lines = [
         "# Generation throughput: KV cache vs. recomputing the sequence",
         "",
-        f"Command: `{' '.join(['python', *sys.argv])}`",
+        f"Command: `{command_line()}`",
         "",
         f"- model: `{args.preset}` preset shape, random weights, {model.num_parameters():,} parameters, "
         f"max_seq_len {config.max_seq_len}",

@@ -26,8 +26,8 @@ micro_batch`, DPO `legacy_mean_padded` and GRPO `bnpo` across the batch split,
 and pretraining `packing: concat` against `documents`. A suite whose controls
 pass is broken.
 
-    python benchmarks/invariance.py                 # every stage and class, 30 steps
-    python benchmarks/invariance.py --quick         # 2 stages, 2 classes, 5 steps (the test suite runs this)
+    python -m benchmarks.invariance                 # every stage and class, 30 steps
+    python -m benchmarks.invariance --quick         # 2 stages, 2 classes, 5 steps (the test suite runs this)
 """
 
 from __future__ import annotations
@@ -45,8 +45,7 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Report, base_parser, output_dir  # noqa: E402
+from benchmarks.common import ROOT, Report, base_parser, output_dir
 
 CONFIGS = ROOT / "configs"
 BIN = Path(sys.executable).parent
@@ -160,9 +159,9 @@ def cases(stages: list[str], classes: list[str]) -> list[Case]:
 
 def env() -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("LLMSTAGES_", "WANDB_"))}
-    path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parent), base.get("PYTHONPATH")) if p)
+    path = os.pathsep.join(p for p in (str(ROOT), base.get("PYTHONPATH")) if p)
     return {**base, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore",
-            "PYTHONPATH": path}  # PYTHONPATH: the runs import fault_injection
+            "PYTHONPATH": path}  # PYTHONPATH: the runs import benchmarks.fault_injection
 
 
 def fragment(work: Path, stage: str, steps: int, every: int, kill_at: int | None = None,
@@ -172,9 +171,9 @@ def fragment(work: Path, stage: str, steps: int, every: int, kill_at: int | None
     callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                   "init_args": {"save_last": True, "every_n_train_steps": every}}]
     if kill_at is not None:
-        callbacks.append({"class_path": "fault_injection.KillAtStep", "init_args": {"step": kill_at}})
+        callbacks.append({"class_path": "benchmarks.fault_injection.KillAtStep", "init_args": {"step": kill_at}})
     if preempt_at is not None:  # SIGTERM at the second micro-batch of step preempt_at
-        callbacks.append({"class_path": "fault_injection.SignalAtStep", "init_args": {"step": preempt_at, "micro": 1}})
+        callbacks.append({"class_path": "benchmarks.fault_injection.SignalAtStep", "init_args": {"step": preempt_at, "micro": 1}})
     model = {"preset": "tiny", "warmup_steps": 2}
     data = {"cache_dir": str(work / "cache"), "seq_len": 64 if stage != "sft" else 96}
     if stage == "sft":

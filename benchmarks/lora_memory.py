@@ -16,22 +16,21 @@ seconds. Per setting:
 Activations are not included: they depend on batch size and sequence length
 (and shrink with activation checkpointing), not on the choice of LoRA.
 
-    python benchmarks/lora_memory.py
+    python -m benchmarks.lora_memory
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import sys
 from pathlib import Path
 
 import torch
 
+from benchmarks.common import RESULTS, command_line, git_commit, refuse_dirty_results
 from llmstages.model import ModelConfig, Transformer
 from llmstages.model.lora import LoRAConfig, apply_lora, trainable_parameters
 
-RESULTS = Path(__file__).parent / "results"
 GIB = 1024**3
 FP32, BF16 = 4, 2
 
@@ -74,7 +73,7 @@ def report(preset: str) -> str:
     lines = [
         f"# LoRA vs full fine-tuning: memory of the `{preset}` shape (Llama-3.2-1B)",
         "",
-        f"Command: `{' '.join(['python', *sys.argv])}`; torch {torch.__version__}, Python {platform.python_version()}. "
+        f"Command: `{command_line()}`; commit {git_commit()}; torch {torch.__version__}, Python {platform.python_version()}. "
         "Computed from parameter counts of the model built on the meta device (no allocation).",
         "",
         f"Model: {full['total']:,} parameters (tied embeddings). Weights/gradients/AdamW state in fp32; "
@@ -106,6 +105,7 @@ def main() -> None:
     parser.add_argument("--preset", default="1b")
     parser.add_argument("--out", type=Path, default=RESULTS / "lora_memory.md")
     args = parser.parse_args()
+    refuse_dirty_results(args.out.parent)
     text = report(args.preset)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

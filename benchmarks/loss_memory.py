@@ -16,8 +16,8 @@ was really resident (Linux only). The time cost of chunking is also given
 relative to a whole train step of a backbone of this vocabulary at T (full
 runs only): the issue's bound is ≤ 10% of step time.
 
-    python benchmarks/loss_memory.py           # vocab 32k and 128k, T 2048, ~10 min on 2 cores
-    python benchmarks/loss_memory.py --quick   # vocab 8k, T 512, < 1 min
+    python -m benchmarks.loss_memory           # vocab 32k and 128k, T 2048, ~10 min on 2 cores
+    python -m benchmarks.loss_memory --quick   # vocab 8k, T 512, < 1 min
 """
 
 from __future__ import annotations
@@ -32,12 +32,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Report, alternate, base_parser, med_range, output_dir, paired_ratios, set_threads  # noqa: E402
+from benchmarks.common import ROOT, Report, alternate, base_parser, med_range, output_dir, paired_ratios, set_threads
 
-from llmstages.losses import IGNORE_INDEX, reduce_token_loss, token_logps  # noqa: E402
-from llmstages.model.config import ModelConfig  # noqa: E402
-from llmstages.model.transformer import Transformer  # noqa: E402
+from llmstages.losses import IGNORE_INDEX, reduce_token_loss, token_logps
+from llmstages.model.config import ModelConfig
+from llmstages.model.transformer import Transformer
 
 METHODS = ("chunked", "chunked recompute=False", "full")
 
@@ -91,8 +90,8 @@ def child(method: str, vocab: int, length: int, dim: int, chunk_size: int) -> No
 def peak_bytes(method: str, vocab: int, length: int, dim: int, chunk_size: int) -> int:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", PYTHONPATH=str(ROOT))
     result = subprocess.run(
-        [sys.executable, __file__, "--_child", method, str(vocab), str(length), str(dim), str(chunk_size)],
-        capture_output=True, text=True, env=env, timeout=900,
+        [sys.executable, "-m", "benchmarks.loss_memory", "--_child", method, str(vocab), str(length), str(dim), str(chunk_size)],
+        capture_output=True, text=True, env=env, timeout=900, cwd=ROOT,
     )
     if result.returncode != 0:
         raise RuntimeError(f"memory measurement of {method} failed:\n{result.stderr[-2000:]}")

@@ -19,17 +19,19 @@ against this machine's float32 matmul rate measured in the same run, and a
   (`pip install --no-deps litgpt psutil --target DIR`) and pass
   `--litgpt-path DIR`; without it the LitGPT column is skipped with a note.
 
-    python benchmarks/throughput.py                    # 5M and 25M shapes, ~15 min on 2 cores
-    python benchmarks/throughput.py --quick            # smoke run, < 2 min, report in a temp folder
-    python benchmarks/throughput.py --litgpt-path .cache/bench-litgpt
-    python benchmarks/throughput.py --device cuda --precision bf16-mixed --compile --shapes 124m 1b
+Packed rows' attention (per document vs the dense mask) is compared in
+`benchmarks.packed_attention`, bf16-mixed vs float32 in `benchmarks.bf16`.
+
+    python -m benchmarks.throughput                    # 5M and 25M shapes, ~15 min on 2 cores
+    python -m benchmarks.throughput --quick            # smoke run, < 2 min, report in a temp folder
+    python -m benchmarks.throughput --litgpt-path .cache/bench-litgpt
+    python -m benchmarks.throughput --device cuda --precision bf16-mixed --compile --shapes 124m 1b
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import statistics
 import sys
 import time
@@ -40,12 +42,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Report, alternate, base_parser, med_range, output_dir, paired_ratios, set_threads  # noqa: E402
+from benchmarks.common import Report, alternate, base_parser, med_range, output_dir, paired_ratios, set_threads
 
-from llmstages.losses import reduce_token_loss, token_logps  # noqa: E402
-from llmstages.model.config import ModelConfig  # noqa: E402
-from llmstages.model.transformer import Transformer  # noqa: E402
+from llmstages.losses import reduce_token_loss, token_logps
+from llmstages.model.config import ModelConfig
+from llmstages.model.transformer import Transformer
 
 
 @dataclass(frozen=True)
@@ -337,34 +338,8 @@ def _rms_norm_fused(self, x):
     return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def _attention_fused_qkv(self, x, cos, sin, mask, cache=None, layer=0):
-    """`Attention.forward` (training: no KV cache) with one matmul for q, k and v."""
-    from llmstages.model.transformer import apply_rope
-
-    if cache is not None:
-        raise ValueError("the fused-QKV variant is timed in training only (no KV cache)")
-    batch, length, _ = x.shape
-    weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-    bias = None if self.q_proj.bias is None else torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-    kv = self.n_kv_head * self.head_dim
-    q, k, v = F.linear(x, weight, bias).split([self.n_head * self.head_dim, kv, kv], dim=-1)
-    q = q.view(batch, length, self.n_head, self.head_dim)
-    k = k.view(batch, length, self.n_kv_head, self.head_dim)
-    v = v.view(batch, length, self.n_kv_head, self.head_dim).transpose(1, 2)
-    if self.q_norm is not None:
-        q, k = self.q_norm(q), self.k_norm(k)
-    q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
-    y = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_head != self.n_head
-    )
-    return self.o_proj(y.transpose(1, 2).reshape(batch, length, -1))
-
-
-def _mlp_fused_gate_up(self, x):
-    gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
-    return self.down_proj(F.silu(gate) * up)
-
-
+# No variant copies a model method: a copied `Attention.forward` (fused QKV, 0.95x of the baseline in the
+# report of commit c079f1f) drifted from the real one once and was removed; variants are options of the real model.
 VARIANTS = {
     "baseline (AdamW foreach, chunk 1024)": {},
     "loss recompute=False": {"recompute": False},
@@ -373,7 +348,6 @@ VARIANTS = {
     "AdamW fused": {"adamw": "fused"},
     "AdamW for-loop": {"adamw": "for-loop"},
     "F.rms_norm": {"patch": {"RMSNorm": _rms_norm_fused}},
-    "fused QKV + gate/up (torch.cat of weights per step)": {"patch": {"Attention": _attention_fused_qkv, "MLP": _mlp_fused_gate_up}},
     "SDPA math backend": {"sdpa": "MATH"},
     "torch.compile (each block)": {"compile": True},
 }

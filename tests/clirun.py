@@ -20,7 +20,7 @@ TORCHRUN = str(BIN / "torchrun")
 
 def env(**extra: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("LLMSTAGES_", "WANDB_"))}
-    path = os.pathsep.join(p for p in (str(ROOT / "benchmarks"), base.get("PYTHONPATH")) if p)  # fault_injection
+    path = os.pathsep.join(p for p in (str(ROOT), base.get("PYTHONPATH")) if p)  # benchmarks.fault_injection
     return {**base, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
             "PYTHONWARNINGS": "ignore", "PYTHONPATH": path, **extra}
 
@@ -30,13 +30,13 @@ def tiny_fragment(tmp: Path, cache: Path, *, steps: int, every: int | None = Non
                   kill_at: int | None = None, signal_at: dict | None = None) -> Path:
     """A config fragment: tiny model, short rows, CSV logging every step, checkpoints every `every` steps;
     with `kill_at`, the run SIGKILLs itself (its whole group) right after step `kill_at`'s checkpoint;
-    with `signal_at`, it signals itself as `fault_injection.SignalAtStep(**signal_at)` says."""
+    with `signal_at`, it signals itself as `benchmarks.fault_injection.SignalAtStep(**signal_at)` says."""
     callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                   "init_args": {"save_last": True, "every_n_train_steps": every or steps}}]
     if kill_at is not None:
-        callbacks.append({"class_path": "fault_injection.KillAtStep", "init_args": {"step": kill_at}})
+        callbacks.append({"class_path": "benchmarks.fault_injection.KillAtStep", "init_args": {"step": kill_at}})
     if signal_at is not None:
-        callbacks.append({"class_path": "fault_injection.SignalAtStep", "init_args": dict(signal_at)})
+        callbacks.append({"class_path": "benchmarks.fault_injection.SignalAtStep", "init_args": dict(signal_at)})
     model = {"preset": "tiny"}
     if stage == "sft":
         model.update(generate_samples=0)

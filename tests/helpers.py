@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -27,13 +27,10 @@ def labelled_runs(labels: list[int]) -> list[tuple[int, int]]:
 
 
 def load_benchmark(name: str) -> ModuleType:
-    """A script under benchmarks/ as a module (its own imports of `common` resolve)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    """`benchmarks.<name>`, the repository root put on sys.path (as `python -m benchmarks.<name>` has it)."""
+    if str(BENCHMARKS.parent) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS.parent))
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def sharpen(module: torch.nn.Module, std: float = 0.15, seed: int = 1) -> None:

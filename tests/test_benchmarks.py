@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from helpers import BENCHMARKS, load_benchmark
 
-import common  # noqa: E402
+ROOT = BENCHMARKS.parent
+common = load_benchmark("common")
 
 
 def test_alternate_rotates_the_starting_candidate_and_skips_warmup() -> None:
@@ -53,6 +53,32 @@ def test_report_records_command_commit_machine_and_load(tmp_path: Path) -> None:
     for field in ("- command: `python", "- commit:", "- versions: python", "torch", "- machine:", "logical cores",
                   "- load average", "- wall time:", "--quick"):
         assert field in text
+    assert "(clean tree)" in text or "(NOT clean:" in text  # whether the code was committed, stated either way
+
+
+def test_a_committed_report_is_refused_from_a_tree_with_changes(tmp_path: Path, monkeypatch) -> None:
+    dirty = common.TreeState("0123456789ab", "?? benchmarks/new_script.py")
+    assert not dirty.clean and "NOT clean: 1 uncommitted change" in dirty.describe()
+    monkeypatch.setattr(common, "tree_state", lambda: dirty)
+    with pytest.raises(SystemExit, match="new_script.py"):
+        common.output_dir(argparse.Namespace(quick=False, out=None))
+    with pytest.raises(SystemExit, match="refusing"):
+        common.output_dir(argparse.Namespace(quick=False, out=common.RESULTS / "sub"))
+    assert common.output_dir(argparse.Namespace(quick=False, out=tmp_path / "r")) == tmp_path / "r"  # elsewhere: fine
+    quick = common.output_dir(argparse.Namespace(quick=True, out=None))  # a smoke run: a temporary folder
+    quick.rmdir()
+    clean = common.TreeState("0123456789ab", "")
+    monkeypatch.setattr(common, "tree_state", lambda: clean)
+    assert clean.clean and clean.describe() == "0123456789ab (clean tree)"
+    common.refuse_dirty_results(common.RESULTS)  # a clean tree may write the committed reports
+
+
+def test_tree_state_sees_untracked_files_but_not_the_reports_themselves() -> None:
+    """The real checkout: `git status` lines outside benchmarks/results/ only."""
+    state = common.tree_state()
+    if state.commit is None:
+        pytest.skip("not a git checkout")
+    assert all("benchmarks/results/" not in line for line in state.changes.splitlines())
 
 
 SCRIPTS = {
@@ -63,6 +89,8 @@ SCRIPTS = {
     "packing_throughput": ["## Ratio (labelled tokens/s, documents over none", "| 4 × 256 | none | ", "| 4 × 256 | documents | "],
     "dpo_reference": ["| precompute / live |", "| live | ", "| precompute | "],
     "data_prep": ["## Ratio (MB/s, ours over raw encode_batch", " MB/s"],
+    "packed_attention": ["| 256 | alpaca | attention |", "| 512 | long | layer |", "## Peak memory"],
+    "bf16": ["| train step (tokens/s) |", "## Profile of one step by operator family", "| matmul |"],
 }
 
 
@@ -70,7 +98,7 @@ SCRIPTS = {
 @pytest.mark.parametrize("name", list(SCRIPTS))
 def test_quick_run_writes_its_report(name: str, tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]

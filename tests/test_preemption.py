@@ -2,7 +2,7 @@
 two under torchrun) ends the run at the step boundary with a checkpoint there, `run.json` saying
 `preempted` and exit code PREEMPTED_EXIT_CODE; `--ckpt_path last` then logs every step's loss exactly once,
 equal to an uninterrupted run's. The signal comes from inside the run at a chosen micro-batch
-(`fault_injection.SignalAtStep`), never from a timer racing it."""
+(`benchmarks.fault_injection.SignalAtStep`), never from a timer racing it."""
 
 import json
 import signal

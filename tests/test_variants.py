@@ -1,5 +1,7 @@
 """The variant benchmark's metric functions against hand-computed cases, and its --quick run end to end."""
 
+import argparse
+
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +12,20 @@ import torch
 from helpers import BENCHMARKS, load_benchmark
 from llmstages.losses import IGNORE_INDEX as X
 
-SCRIPT = BENCHMARKS / "variants.py"
-
 
 @pytest.fixture(scope="module")
 def variants():
-    return load_benchmark("variants")
+    return load_benchmark("variants.runner")
+
+
+@pytest.fixture(scope="module")
+def normalize():
+    return load_benchmark("variants.normalize")
+
+
+@pytest.fixture(scope="module")
+def report():
+    return load_benchmark("variants.report")
 
 
 def test_gradient_cosine_and_relative_error(variants) -> None:
@@ -33,21 +43,22 @@ def test_length_drift(variants) -> None:
         variants.length_drift([1], [1, 2])
 
 
-def test_token_weights_show_the_length_bias(variants) -> None:
+def test_token_weights_show_the_length_bias(normalize) -> None:
     """Two micro-batches: one example of 1 target token, one of 3. token weighs every token 1/N (N = 4);
     micro_batch gives the short example's token 1/(2*1) and the long one's 1/(2*3); sequence 1/(2*len)."""
     short = {"labels": torch.tensor([[X, 5]])}
     long = {"labels": torch.tensor([[X, 5, 6, 7]])}
     micro = [short, long]
-    assert variants._token_weights(micro, "token") == pytest.approx((1.0, 1.0))
+    assert normalize.token_weights(micro, "token") == pytest.approx((1.0, 1.0))
     # relative to token's 1/4: micro_batch short 1/2 -> 2.0, long 1/6 -> 4/6
-    assert variants._token_weights(micro, "micro_batch") == pytest.approx((2.0, 4.0 / 6.0))
-    assert variants._token_weights(micro, "sequence") == pytest.approx((2.0, 4.0 / 6.0))
-    assert variants._token_weights(micro, "sum") == pytest.approx((4.0, 4.0))
+    assert normalize.token_weights(micro, "micro_batch") == pytest.approx((2.0, 4.0 / 6.0))
+    assert normalize.token_weights(micro, "sequence") == pytest.approx((2.0, 4.0 / 6.0))
+    assert normalize.token_weights(micro, "sum") == pytest.approx((4.0, 4.0))
 
 
 @pytest.mark.distributed
-def test_two_process_gradient_matches_the_full_batch_only_when_normalisation_is_exact(variants, tmp_path) -> None:
+def test_two_process_gradient_matches_the_full_batch_only_when_normalisation_is_exact(variants, normalize,
+                                                                                       tmp_path) -> None:
     """2 gloo processes x 2 micro-batches of very different lengths: `token` gives the full-batch token-mean
     gradient; `micro_batch` gives the single-process micro_batch gradient, which is not the full-batch one."""
     from llmstages.stages import SFTModule
@@ -68,19 +79,15 @@ def test_two_process_gradient_matches_the_full_batch_only_when_normalisation_is_
     micro = [batch([1, 2]), batch([18, 19]), batch([3, 1]), batch([17, 16])]
     single = SFTModule(**build)
     single.setup("fit")
-    reference = variants._step_gradient(single, [variants._merge(micro)], "token")
-    token = variants._ddp_step_gradient({**build, "normalize": "token"}, micro, "token")
+    reference = normalize.step_gradient(single, [normalize.merge(micro)], "token")
+    token = normalize.ddp_step_gradient({**build, "normalize": "token"}, micro, "token")
     assert variants.relative_error(token, reference) < 1e-5
-    per_micro = variants._ddp_step_gradient({**build, "normalize": "micro_batch"}, micro, "micro_batch")
-    assert variants.relative_error(per_micro, variants._step_gradient(single, micro, "micro_batch")) < 1e-5
+    per_micro = normalize.ddp_step_gradient({**build, "normalize": "micro_batch"}, micro, "micro_batch")
+    assert variants.relative_error(per_micro, normalize.step_gradient(single, micro, "micro_batch")) < 1e-5
     assert variants.relative_error(per_micro, reference) > 0.05
 
 
-def test_real_data_files_reach_the_data_modules_and_key_the_checkpoints(variants, tmp_path, monkeypatch) -> None:
-    import argparse
-
-    from llmstages.stages import PretrainModule
-
+def test_real_data_files_reach_the_data_modules_and_key_the_checkpoints(variants, tmp_path) -> None:
     def bench(**files):
         args = argparse.Namespace(cache=str(tmp_path), preset="tiny", scale=0.1, **{"sft_data": None, "pref_data": None,
                                                                                      **files})
@@ -89,29 +96,54 @@ def test_real_data_files_reach_the_data_modules_and_key_the_checkpoints(variants
     given, embedded = bench(sft_data=[Path("a.json")], pref_data=[Path("b.json")]), bench()
     assert given.data("sft").files == [Path("a.json")] and given.data("preference").files == [Path("b.json")]
     assert embedded.data("sft").files is None and embedded.data("preference").files is None
-    monkeypatch.setattr(variants, "fit", lambda *args, **kwargs: ([], 0.0))  # no training: only the file names
-    build = lambda: (PretrainModule(preset="tiny", vocab_size=32), None, 1)  # noqa: E731
-    assert given.checkpoint("x", build) != embedded.checkpoint("x", build)  # other data never reuses a checkpoint
+    assert given.checkpoint_path("x") != embedded.checkpoint_path("x")  # other data never reuses a checkpoint
+    assert embedded.code in embedded.checkpoint_path("x").name  # nor does other code
 
 
-def test_summary_sentence_separates_only_beyond_the_seed_spread(variants) -> None:
+def test_code_hash_changes_with_any_source_or_config_file(variants, tmp_path) -> None:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "s.yaml").write_text("lr: 1\n")
+    folders = [tmp_path / "pkg", tmp_path / "cfg"]
+    first = variants.code_hash(folders)
+    assert variants.code_hash(folders) == first
+    (tmp_path / "cfg" / "s.yaml").write_text("lr: 2\n")
+    second = variants.code_hash(folders)
+    (tmp_path / "pkg" / "b.py").write_text("")
+    third = variants.code_hash(folders)
+    (tmp_path / "pkg" / "notes.txt").write_text("not code")
+    assert len({first, second, third}) == 3 and variants.code_hash(folders) == third
+
+
+def test_summary_sentence_separates_only_beyond_the_seed_spread(report) -> None:
     results = {"a": [{"exact_match": 0.5}, {"exact_match": 0.7}], "b": [{"exact_match": 0.1}, {"exact_match": 0.1}],
                "c": [{"exact_match": 0.55}, {"exact_match": 0.75}]}
-    text = variants.summary_sentence("loss_mask", results)
+    text = report.summary_sentence("loss_mask", results)
     assert "default `a` scores 0.600 ± 0.141" in text
     assert "clearly worse: `b` (0.100)" in text and "none is clearly better" in text and "`c`" not in text
     results["d"] = [{"exact_match": 0.99}, {"exact_match": 0.99}]
-    assert "clearly better: `d` (0.990)" in variants.summary_sentence("loss_mask", results)
+    assert "clearly better: `d` (0.990)" in report.summary_sentence("loss_mask", results)
     lower = {"token": [{"val_loss": 2.0}, {"val_loss": 2.0}], "sum": [{"val_loss": 3.0}, {"val_loss": 3.0}]}
-    assert "clearly worse: `sum` (3.000)" in variants.summary_sentence("packing", lower)
+    assert "clearly worse: `sum` (3.000)" in report.summary_sentence("packing", lower)
+
+
+def test_normalize_sentence_calls_its_metric_a_distance_from_token(report) -> None:
+    """`grad_rel_error` is 0 for `token` by construction: far from it is not "worse" training."""
+    results = {"token": [{"grad_rel_error": 0.0}, {"grad_rel_error": 0.0}],
+               "sum": [{"grad_rel_error": 0.6}, {"grad_rel_error": 0.7}]}
+    text = report.summary_sentence("normalize", results)
+    assert "clearly further from it: `sum` (0.650)" in text and "worse" not in text
+    assert "distance from the full-batch token-mean gradient" in text
 
 
 @pytest.mark.slow
 def test_quick_run_writes_reports(tmp_path: Path) -> None:
     out = tmp_path / "reports"
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--seeds", "0", "--out", str(out), "--cache", str(tmp_path / "cache")],
-        capture_output=True, text=True, timeout=900,
+        [sys.executable, "-m", "benchmarks.variants", "--quick", "--seeds", "0", "--out", str(out),
+         "--cache", str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=900, cwd=BENCHMARKS.parent,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for family in ("loss_mask", "normalize", "packing", "dpo", "grpo"):
