@@ -196,3 +196,12 @@ def as_messages(prompt: list[dict[str, str]] | str) -> list[dict[str, str]]:
     if not messages:
         raise ValueError("a prompt needs at least one message before the reply")
     return messages
+
+
+def padding_id(tokenizer, model) -> int:
+    """An id to fill a batch's padding with: the tokenizer's pad, or its end of text when the model has no pad row.
+
+    Padding is masked, so any id the embedding has works; a model folder without a pad token (Llama 3.x)
+    has one row fewer than the tokenizer that got `<|pad|>` appended.
+    """
+    return tokenizer.pad_id if tokenizer.pad_id < model.config.vocab_size else tokenizer.eos_id
