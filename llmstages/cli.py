@@ -55,11 +55,12 @@ def main(argv: list[str] | None = None) -> None:
 
         lightning_cli(argv if given else None)  # None: LightningCLI reads sys.argv itself
     except Exception as error:
-        from llmstages.errors import is_user_error, report
+        from llmstages.errors import find_user_error, report
 
-        if not is_user_error(error):
+        cause = find_user_error(error)
+        if cause is None:
             raise
-        raise SystemExit(report(command, error)) from None
+        raise SystemExit(report(command, cause)) from None
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ class UserError(Exception):
     """A mistake the user can fix; the message says where (file, line, field, option) and why."""
 
 
-def is_user_error(error: BaseException) -> bool:
+def _is_user_error_type(error: BaseException) -> bool:
     if isinstance(error, UserError):
         return True
     for module_name, names in KNOWN_USER_ERRORS.items():
@@ -44,6 +44,23 @@ def is_user_error(error: BaseException) -> bool:
         if module is not None and isinstance(error, tuple(getattr(module, n) for n in names if hasattr(module, n))):
             return True
     return False
+
+
+def find_user_error(error: BaseException) -> BaseException | None:
+    """`error` if it is a user error, else the user error it wraps (jsonargparse wraps what a class's
+    `__init__` raises in its own ValueError, with the original as the cause); None for a bug."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if _is_user_error_type(current):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def is_user_error(error: BaseException) -> bool:
+    return find_user_error(error) is not None
 
 
 def debug() -> bool:

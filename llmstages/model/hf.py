@@ -46,6 +46,7 @@ Design choices:
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from collections.abc import Iterable, Mapping
@@ -435,8 +436,9 @@ def from_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transforme
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
-        what = "folder" if path.is_dir() else "folder, which does not exist"
-        raise FileNotFoundError(f"no config.json in {path} (a Hugging Face model {what} needs one)")
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such Hugging Face model folder")
+        raise FileNotFoundError(f"no config.json in {path} (a Hugging Face model folder needs one)")
     try:
         config = config_from_hf(json.loads(config_file.read_text()))
     except ValueError as error:
@@ -473,6 +475,14 @@ def _prepare_folder(path: str | Path) -> Path:
         # transformers would find two checkpoints in one folder
         raise FileExistsError(f"{path} already holds a sharded checkpoint (model.safetensors.index.json)")
     return path
+
+
+def _save_weights(tensors: Mapping[str, Tensor], file: Path) -> None:
+    """`model.safetensors`, readable like the other files of the folder (safetensors creates it 0600)."""
+    save_file(dict(tensors), str(file), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    file.chmod(0o666 & ~umask)
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
@@ -542,7 +552,7 @@ def to_hf(
     tensors = state_dict_to_hf(_export_state(model), config, architecture=architecture)
     ids = _token_ids(tokenizer, bos_token_id, eos_token_id, pad_token_id)
     hf_config = config_to_hf(config, architecture=architecture, dtype=model.embed.weight.dtype, **ids)
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    _save_weights(tensors, path / "model.safetensors")
     _write_json(path / "config.json", hf_config)
     if any(v is not None for v in ids.values()):
         _write_json(path / "generation_config.json", {k: v for k, v in ids.items() if v is not None})
@@ -586,7 +596,7 @@ def to_hf_reward(
         id2label={"0": "LABEL_0"},  # num_labels = 1: one scalar score
         label2id={"LABEL_0": 0},
     )
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    _save_weights(tensors, path / "model.safetensors")
     _write_json(path / "config.json", hf_config)
     _write_tokenizer(path, tokenizer, chat_template)
     return path

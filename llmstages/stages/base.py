@@ -43,7 +43,7 @@ from torch import Tensor
 from llmstages.checkpointing import check_init_from, load_checkpoint_file
 from llmstages.losses import NORMALIZE_MODES, token_logps
 from llmstages.metrics import WeightedMeans
-from llmstages.model.config import ModelConfig
+from llmstages.model.config import ModelConfig, PresetName
 from llmstages.model.lora import LoRAConfig, apply_lora, base_state_dict, is_adapter_name, merge_lora_state_dict
 from llmstages.model.transformer import Transformer
 from llmstages.options import Normalize, check_choice
@@ -163,7 +163,7 @@ class StageModule(L.LightningModule):
     def __init__(
         self,
         model: ModelConfig | dict | None = None,
-        preset: str = "tiny",
+        preset: PresetName = "tiny",
         vocab_size: int | None = None,
         init_from: str | None = None,
         lr: float = 3e-4,
@@ -179,7 +179,7 @@ class StageModule(L.LightningModule):
         Args:
             model: the backbone's shape (or its dict, as a checkpoint saves it); None takes it from a Hugging Face
                 `init_from` folder's config.json, else from `preset`.
-            preset: a named `ModelConfig` preset (tiny, demo, small, 124m, qwen2-0.5b, 1b).
+            preset: a named `ModelConfig` preset (`model.config.PresetName`).
             vocab_size: overrides the config's; the CLI links it to the data's tokenizer.
             init_from: an llmstages `.ckpt` or a Hugging Face model folder to start from.
             lr: peak learning rate (AdamW), reached after `warmup_steps`.

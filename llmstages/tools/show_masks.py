@@ -89,6 +89,7 @@ def render_row(tokenizer, input_ids, labels, document_ids=None, plain: bool = Fa
 def show_masks(config: str | Path, n: int = 3, split: str = "train", html: str | None = None,
                overrides: list[str] | None = None) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
     from llmstages.data.batch import sequence_prefixes
     from llmstages.errors import UserError
@@ -101,7 +102,7 @@ def show_masks(config: str | Path, n: int = 3, split: str = "train", html: str |
         raise UserError(f"{config}: the {split} split is empty (val_fraction: {data.val_fraction})")
     console = Console(record=html is not None)
     plain = console.no_color or not console.is_terminal or console.color_system is None
-    legend = f"{OPEN}labelled{CLOSE} / not labelled" if plain else "[black on green]labelled[/] / [dim]not labelled[/]"
+    legend = escape(f"{OPEN}labelled{CLOSE} / not labelled") if plain else "[black on green]labelled[/] / [dim]not labelled[/]"
     console.print(f"[bold]{config}[/] ({split}): {legend}")
     shown = 0
     for i in range(len(dataset)):
