@@ -43,10 +43,11 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from llmstages import checkpointing as ckpt
-from llmstages.callbacks import NonFiniteError, NonFiniteGuard, RunFolder, StageProgressBar
+from llmstages.callbacks import NonFiniteError, NonFiniteGuard, RunFolder
 from llmstages.data.base import StageData
 from llmstages.loggers import LoggedConfig
 from llmstages.options import NonFinite
+from llmstages.progress import make_progress_bar
 from llmstages.stages.base import StageModule
 
 RUN_DIR_ENV = "LLMSTAGES_RUN_DIR"
@@ -58,6 +59,7 @@ _QUIET = (
     ".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
     ".*The '\\w+_dataloader' does not have many workers.*",
     ".*Checkpoint directory .* exists and is not empty.*",  # a resumed run's own folder
+    ".*The dirpath has changed from .*",  # validate restores a fit's ModelCheckpoint into its own (unwritten) folder
     # the stages log metrics already reduced over ranks (torchmetrics / WeightedMeans)
     ".*It is recommended to use `self.log\\(.*sync_dist=True\\)` when logging on epoch level.*",
 )
@@ -203,7 +205,7 @@ class StagesCLI(LightningCLI):
                                         max_skipped_steps=cfg.get("max_skipped_steps", 10)))
         callbacks.append(RunFolder(self.run_dir, finish=self.subcommand == "fit"))
         if trainer_cfg.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks.append(StageProgressBar())
+            callbacks.append(make_progress_bar(self.stage))  # a step bar in a terminal, plain lines in a log
         plugins = _items(trainer_cfg.get("plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(ckpt.AtomicCheckpointIO())

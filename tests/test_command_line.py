@@ -113,3 +113,47 @@ def test_exported_weights_are_readable_like_the_other_files(tmp_path):
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in folder.iterdir()}
     assert modes["model.safetensors"] == modes["config.json"], modes
     assert modes["model.safetensors"] & stat.S_IROTH or os.umask(os.umask(0)) & stat.S_IROTH
+
+
+# ---------------------------------------------------------------- what a run prints into a log file
+
+NOISE = ("💡 Tip", "dirpath has changed", "returned a view tensor", "Traceback")
+
+
+def test_fit_into_a_log_file_prints_step_lines_and_no_known_noise(tmp_path, cache):
+    from clirun import fit_args, ok, tiny_fragment
+
+    fragment = tiny_fragment(tmp_path, cache, steps=6, extra={"trainer": {
+        "enable_progress_bar": True, "log_every_n_steps": 2, "val_check_interval": 3, "limit_val_batches": 1,
+        "default_root_dir": str(tmp_path / "runs")}})
+    result = run(fit_args("sft", fragment), tmp_path, timeout=180, PYTHONWARNINGS="default")
+    ok(result)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("sft step ")]
+    # stdout is a file here: a plain line every log_every_n_steps optimiser steps, with loss, tokens/s and ETA
+    assert [line.split(" | ")[0] for line in lines] == ["sft step 2/6", "sft step 4/6", "sft step 6/6"], result.stdout
+    for line in lines:
+        fields = dict(part.split(" ", 1) for part in line.split(" | ")[1:])
+        assert float(fields["loss"]) > 0 and float(fields["tokens/s"]) > 0 and "ETA" in fields
+    assert "sft validation at step 6: " in result.stdout and "val/loss" in result.stdout
+    assert "\r" not in result.stdout and "━" not in result.stdout  # no live bar written into a file
+    last = next((tmp_path / "runs" / "sft").glob("*/checkpoints/last.ckpt"))
+    validate = run(["validate", "--config", str(CONFIGS / "sft.yaml"), "--config", str(fragment),
+                    "--ckpt_path", str(last)], tmp_path, timeout=180, PYTHONWARNINGS="default")
+    ok(validate)
+    for output in (result, validate):
+        for noise in NOISE:
+            assert noise not in output.stdout + output.stderr, (noise, output.stderr[-3000:])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp2_fit_prints_no_view_tensor_warning(tmp_path, cache):
+    from clirun import fit_args, ok, tiny_fragment
+
+    fragment = tiny_fragment(tmp_path, cache, steps=3, extra={"trainer": {"devices": 2, "accelerator": "cpu"}})
+    result = run(fit_args("sft", fragment, "--config", str(CONFIGS / "fragments" / "fsdp.yaml"),
+                          "--trainer.devices", "2", "--trainer.accelerator", "cpu"),
+                 tmp_path, timeout=300, PYTHONWARNINGS="default")
+    ok(result)
+    for noise in NOISE:
+        assert noise not in result.stdout + result.stderr, (noise, result.stderr[-3000:])
