@@ -144,3 +144,30 @@ def test_reward_export_of_a_padless_model_adds_a_pad_row_and_scores_as_we_do(fol
         ours = backbone.hidden_states(ids)[0, -1] @ head[0]
         theirs = hf(ids).logits[0, 0]
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_a_model_trained_with_the_appended_pad_row_exports_row_and_token(folder, tmp_path, capsys):
+    """`init_from` such a folder adds the pad's row (as a stage does); the export keeps both, and they agree."""
+    from llmstages.cli import main
+    from llmstages.model.config import ModelConfig
+    from llmstages.model.hf import from_hf
+    from llmstages.model.transformer import Transformer
+
+    tokenizer = _our_tokenizer(folder)
+    source = from_hf(folder)
+    model = Transformer(ModelConfig.from_dict({**source.config.to_dict(), "vocab_size": tokenizer.vocab_size}))
+    state = source.state_dict()
+    for name in ("embed.weight", "lm_head.weight"):
+        state[name] = torch.cat([state[name], state[name].mean(0, keepdim=True)])
+    model.load_state_dict(state)
+    ckpt = tmp_path / "sft.ckpt"
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"model": model.config.to_dict(), "init_from": str(folder)}}, ckpt)
+    expected = _generate(ckpt, capsys)
+    out = tmp_path / "exported"
+    main(["export", "--ckpt", str(ckpt), "--out", str(out)])
+    exported = AutoTokenizer.from_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    assert len(exported) == config["vocab_size"] == 6401 and exported.pad_token == "<|pad|>"
+    assert config["pad_token_id"] == exported.pad_token_id == 6400
+    assert _transformers_replies(out, tokenizer) == expected
