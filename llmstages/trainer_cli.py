@@ -231,8 +231,9 @@ def _tokenizer_from_model_folder(cfg) -> None:
 def lightning_cli(args: list[str] | None = None, run: bool = True) -> StagesCLI:
     """`args` None reads the command line; a list is a programmatic run (tests, the demo).
 
-    From the command line, the run's own failures (a non-finite loss, an unreadable
-    checkpoint, a run folder that cannot be chosen) end with one line and exit code 1.
+    From the command line, a non-finite loss ends the run with one line and exit code 1; an
+    unreadable checkpoint or a run folder that cannot be chosen is a user error (`llmstages.errors`:
+    one line, exit code 2, printed by `llmstages.cli`).
     """
     owned_env = RUN_DIR_ENV not in os.environ
     try:
@@ -247,7 +248,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> StagesCLI:
                 args=args,
                 run=run,
             )
-    except (NonFiniteError, ckpt.CheckpointError, ckpt.RunFolderError) as err:
+    except NonFiniteError as err:  # the run failed (exit 1); user errors go on to `llmstages.cli` (exit 2)
         if args is not None:
             raise
         raise SystemExit(f"llmstages: {err}") from None
