@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
         print(usage())
         return
     if argv[0] not in TOOLS and argv[0] not in TRAINING and not argv[0].startswith("-"):
-        raise SystemExit(f"llmstages: unknown command {argv[0]!r}\n\n{usage()}")
+        print(f"llmstages: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        raise SystemExit(2)
     command = argv[0] if not argv[0].startswith("-") else ""
     try:
         if argv[0] in TOOLS:
