@@ -27,11 +27,12 @@ from lightning.pytorch.callbacks import ProgressBar
 from rich.table import Column
 
 from llmstages.callbacks import StageProgressBar, batch_tokens
+from llmstages.checkpointing import stage_name
 
 DEFAULT_SECONDS = 30.0
 
 
-def make_progress_bar(stage: str = "train") -> ProgressBar:
+def make_progress_bar(stage: str | None = None) -> ProgressBar:
     """The progress display for this process's stdout: a step bar in a terminal, plain lines otherwise."""
     return StepProgressBar() if sys.stdout.isatty() else LogProgress(stage)
 
@@ -87,7 +88,13 @@ class StepProgressBar(StageProgressBar):
 class LogProgress(ProgressBar):
     """Plain progress lines for a stdout that is not a terminal (see the module docstring)."""
 
-    def __init__(self, stage: str = "train", every: int | None = None, seconds: float = DEFAULT_SECONDS) -> None:
+    def __init__(self, stage: str | None = None, every: int | None = None, seconds: float = DEFAULT_SECONDS) -> None:
+        """
+        Args:
+            stage: the name each line starts with (default: the stage's, `sft` for `SFTModule`).
+            every: a line every this many optimiser steps (default: the trainer's `log_every_n_steps`).
+            seconds: and a line whenever this many seconds have passed since the last one.
+        """
         super().__init__()
         self.stage, self.every, self.seconds = stage, every, seconds
         self._enabled = True
@@ -110,6 +117,7 @@ class LogProgress(ProgressBar):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._reset()
+        self.stage = self.stage or stage_name(type(pl_module).__name__)
         self._first_step = self._last_step = trainer.global_step
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else "?"
         self.print(f"{self.stage}: training from step {trainer.global_step} to {total} "
@@ -151,6 +159,7 @@ class LogProgress(ProgressBar):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or trainer.state.fn not in ("fit", "validate"):
             return
+        self.stage = self.stage or stage_name(type(pl_module).__name__)  # validate: no training started
         values = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         if values:
             where = f"step {trainer.global_step}" if trainer.state.fn == "fit" else "checkpoint"

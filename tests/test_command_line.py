@@ -157,3 +157,18 @@ def test_fsdp2_fit_prints_no_view_tensor_warning(tmp_path, cache):
     ok(result)
     for noise in NOISE:
         assert noise not in result.stdout + result.stderr, (noise, result.stderr[-3000:])
+
+
+def test_log_lines_also_come_by_time_between_step_multiples(tmp_path, cache):
+    """`seconds` bounds the silence: with seconds=0 every optimiser step prints, though `every` is never reached."""
+    from clirun import fit_args, ok, tiny_fragment
+
+    progress = {"class_path": "llmstages.progress.LogProgress", "init_args": {"every": 1000, "seconds": 0.0}}
+    checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"save_last": True, "every_n_train_steps": 3}}
+    fragment = tiny_fragment(tmp_path, cache, steps=3, accumulate=2, extra={"trainer": {
+        "enable_progress_bar": True, "callbacks": [checkpoint, progress], "default_root_dir": str(tmp_path / "runs")}})
+    result = run(fit_args("sft", fragment), tmp_path, timeout=180)
+    ok(result)
+    steps = [line.split(" | ")[0] for line in result.stdout.splitlines() if line.startswith("sft step ")]
+    assert steps == ["sft step 1/3", "sft step 2/3", "sft step 3/3"], result.stdout  # optimiser steps, not micro-batches
