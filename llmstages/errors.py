@@ -29,6 +29,7 @@ DEBUG_VARIABLE = "LLMSTAGES_DEBUG"
 KNOWN_USER_ERRORS: dict[str, tuple[str, ...]] = {
     "llmstages.data.formats": ("DataFormatError",),
     "llmstages.checkpointing": ("CheckpointError", "RunFolderError"),
+    "llmstages.model.checkpoint": ("CheckpointError",),  # where the checkpoint reader is moving
 }
 
 
