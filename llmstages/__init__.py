@@ -7,3 +7,7 @@ how a loss is normalised is a named, tested option.
 """
 
 __version__ = "0.1.0"
+
+from llmstages import noise as _noise  # noqa: E402
+
+_noise.install()  # Lightning's cloud advertisements, on every Trainer (llmstages.noise)

@@ -46,12 +46,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from llmstages import checkpointing as ckpt
-from llmstages.callbacks import NonFiniteError, NonFiniteGuard, RunFolder, StageProgressBar
+from llmstages.callbacks import NonFiniteError, NonFiniteGuard, RunFolder
 from llmstages.data.base import StageData
 from llmstages.loggers import LoggedConfig
 from llmstages.options import NonFinite
 from llmstages.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionCheckpoint
 from llmstages.run_plan import RUN_DIR_ENV, LoggerSpec, RunPlan, RunRequest, plan_run, slurm_job, survey
+from llmstages.progress import make_progress_bar
 from llmstages.stages.base import StageModule
 
 # upstream noise that says nothing about this run
@@ -60,6 +61,7 @@ _QUIET = (
     ".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
     ".*The '\\w+_dataloader' does not have many workers.*",
     ".*Checkpoint directory .* exists and is not empty.*",  # a resumed run's own folder
+    ".*The dirpath has changed from .*",  # validate restores a fit's ModelCheckpoint into its own (unwritten) folder
     # the stages log metrics already reduced over ranks (torchmetrics / WeightedMeans)
     ".*It is recommended to use `self.log\\(.*sync_dist=True\\)` when logging on epoch level.*",
 )
@@ -242,7 +244,7 @@ class StagesCLI(LightningCLI):
         if self.subcommand == "fit":
             callbacks.append(PreemptionCheckpoint(self.run_dir, self.plan.checkpoint_dir))
         if trainer_cfg.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks.append(StageProgressBar())
+            callbacks.append(make_progress_bar(self.stage))  # a step bar in a terminal, plain lines in a log
         plugins = _items(trainer_cfg.get("plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(ckpt.AtomicCheckpointIO())
@@ -268,9 +270,10 @@ def _tokenizer_from_model_folder(cfg) -> None:
 def lightning_cli(args: list[str] | None = None, run: bool = True) -> StagesCLI:
     """`args` None reads the command line; a list is a programmatic run (tests, the demo).
 
-    From the command line, the run's own failures (a non-finite loss, an unreadable or
-    unwritable checkpoint, a run folder that cannot be chosen) end with one line and exit
-    code 1; a preempted run with one line and `PREEMPTED_EXIT_CODE`.
+    From the command line, the run's own failures (a non-finite loss, a checkpoint that cannot be
+    written) end with one line and exit code 1; a preempted run with one line and
+    `PREEMPTED_EXIT_CODE`; an unreadable checkpoint or a run folder that cannot be chosen is a
+    user error (`llmstages.errors`: one line, exit code 2, printed by `llmstages.cli`).
     """
     owned_env = RUN_DIR_ENV not in os.environ
     try:
@@ -290,7 +293,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> StagesCLI:
             raise
         print(f"llmstages: {str(err) or 'SIGTERM before the first step: nothing to save'}", file=sys.stderr)
         raise SystemExit(PREEMPTED_EXIT_CODE) from None
-    except (NonFiniteError, ckpt.CheckpointError, ckpt.RunFolderError) as err:
+    except (NonFiniteError, ckpt.CheckpointWriteError) as err:  # the run failed (exit 1); user errors go on to `llmstages.cli` (exit 2)
         if args is not None:
             raise
         raise SystemExit(f"llmstages: {err}") from None

@@ -66,12 +66,14 @@ def fit_args(stage: str, fragment: Path, *more: str) -> list[str]:
     return ["fit", "--config", str(CONFIGS / f"{stage}.yaml"), "--config", str(fragment), *more]
 
 
-def run(args: list[str], cwd: Path, timeout: float = 120, launcher: list[str] | None = None, **env_extra: str):
-    """Run `llmstages <args>` (or `<launcher> <args>`); a run past `timeout` is killed and fails the test."""
+def run(args: list[str], cwd: Path, timeout: float = 120, launcher: list[str] | None = None,
+        stdin: str | None = None, **env_extra: str):
+    """Run `llmstages <args>` (or `<launcher> <args>`), with `stdin` as its input; a run past `timeout` is killed
+    and fails the test."""
     command = [*(launcher or [LLMSTAGES]), *args]
     try:
         return subprocess.run(command, cwd=cwd, env=env(**env_extra), capture_output=True, text=True, timeout=timeout,
-                              start_new_session=True)
+                              start_new_session=True, input=stdin)
     except subprocess.TimeoutExpired as err:
         raise AssertionError(f"timed out after {timeout} s (a hang?): {' '.join(command)}\n{(err.stderr or b'')[-3000:]}") from None
 

@@ -386,7 +386,7 @@ def test_ckpt_path_last_reads_an_explicit_dirpath_and_refuses_an_ambiguous_one(t
     assert ckpt.load_checkpoint_file(outside / "last.ckpt")["global_step"] == 3  # continued from step 2, not 0
     (outside / "last-v1.ckpt").write_bytes((outside / "last.ckpt").read_bytes())
     refused = run(fit_args("sft", fragment, *root, "--ckpt_path", "last", "--trainer.max_steps", "4"), tmp_path)
-    assert refused.returncode == 1
+    assert refused.returncode == 2  # a user error (llmstages.errors): one line, exit 2
     message = refused.stderr.strip()
     assert "ambiguous" in message and str(outside / "last.ckpt") in message and str(outside / "last-v1.ckpt") in message
 

@@ -46,7 +46,8 @@ class SFTData(StageData):
         """
         Args:
             files: chat data files (alpaca, sharegpt, messages; JSON or JSONL); null: the embedded synthetic tasks.
-            format: the files' format; auto detects it per record.
+            format: the files' format; auto detects it per file, from its first record with one format's keys
+                (a later record of another format is an error).
             template: chatml, llama3, plain, or auto/hf: the tokenizer's own Jinja chat template (a model folder's);
                 the chat template that renders conversations into tokens.
             loss_mask: which tokens carry a loss: assistant (every reply and its end-of-turn token), last_assistant,

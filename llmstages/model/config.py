@@ -5,6 +5,8 @@ Design choices:
   YAML and checkpoints store it as data (never an `nn.Module` as a
   hyper-parameter: Lightning #19906).
 - Presets are data, not code paths: `ModelConfig.from_name("tiny", vocab_size=...)`.
+  Their names are also the `Literal` `PresetName`, so the command-line parser
+  refuses a mistyped `preset` and its help lists exactly the presets there are.
 - `vocab_size` is usually linked from the data module's tokenizer by the CLI;
   the presets carry the size of the tokenizer their shape is known with.
 - Mistakes (heads not dividing the width, ...) raise `ValueError` here, before
@@ -20,7 +22,7 @@ Design choices:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Literal, get_args
 
 
 @dataclass
@@ -148,3 +150,8 @@ _PRESET_ARGS: dict[str, dict[str, Any]] = {
 }
 
 PRESETS: dict[str, ModelConfig] = {name: ModelConfig(**args) for name, args in _PRESET_ARGS.items()}
+
+#: The preset names as a type: a stage's `preset` option; the parser refuses anything else.
+PresetName = Literal["tiny", "demo", "small", "124m", "qwen2-0.5b", "1b", "llama3.2-1b", "qwen3-0.6b"]
+if set(get_args(PresetName)) != set(PRESETS):  # one list of names, checked at import
+    raise AssertionError(f"PresetName {get_args(PresetName)} != PRESETS {tuple(PRESETS)}")

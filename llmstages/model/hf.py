@@ -40,12 +40,22 @@ Design choices:
   the score at the last non-pad token of each row. Our `RewardModule` reads
   it at the last labelled token, which for our preference data is the
   reply's end-of-turn token, the last real token of the sequence; so on
-  right-padded rows without trailing text the two agree.
+  right-padded rows without trailing text the two agree. The exported chat
+  template is wrapped so `apply_chat_template` ends at the last end-of-turn
+  token (`reward_chat_template`): scored through it, the export reads the
+  position it trained on, not the newline chatml puts after `<|im_end|>`.
+- A tokenizer whose pad token was appended to a folder without one (Llama
+  3.x) has one token more than the model has rows. A causal-LM export drops
+  that pad (tokenizer and embedding agree, `pad_token_id` unset, as the
+  folder came); a reward export keeps it and adds a zero embedding row,
+  because transformers needs a pad id to find each row's last token. A model
+  trained with a pad row keeps row and token.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from collections.abc import Iterable, Mapping
@@ -66,6 +76,7 @@ __all__ = [
     "config_to_hf",
     "from_hf",
     "hf_tensor_names",
+    "reward_chat_template",
     "state_dict_from_hf",
     "state_dict_to_hf",
     "to_hf",
@@ -435,8 +446,9 @@ def from_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> Transforme
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
-        what = "folder" if path.is_dir() else "folder, which does not exist"
-        raise FileNotFoundError(f"no config.json in {path} (a Hugging Face model {what} needs one)")
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such Hugging Face model folder")
+        raise FileNotFoundError(f"no config.json in {path} (a Hugging Face model folder needs one)")
     try:
         config = config_from_hf(json.loads(config_file.read_text()))
     except ValueError as error:
@@ -475,22 +487,50 @@ def _prepare_folder(path: str | Path) -> Path:
     return path
 
 
+def _save_weights(tensors: Mapping[str, Tensor], file: Path) -> None:
+    """`model.safetensors`, readable like the other files of the folder (safetensors creates it 0600)."""
+    save_file(dict(tensors), str(file), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    file.chmod(0o666 & ~umask)
+
+
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _write_tokenizer(path: Path, tokenizer: Any, chat_template: str | None) -> None:
-    """`tokenizer.json` + `tokenizer_config.json`, with the chat template when given."""
+def _write_tokenizer(path: Path, tokenizer: Any, chat_template: str | None, rows: int | None = None) -> None:
+    """`tokenizer.json` + `tokenizer_config.json`, with the chat template when given.
+
+    A pad token past the model's `rows` (one the tokenizer appended to a folder that had none) is left out,
+    so the written tokenizer has exactly as many tokens as the embedding has rows.
+    """
     if tokenizer is None:
         if chat_template is not None:
             raise ValueError("a chat_template is written into tokenizer_config.json: pass the tokenizer too")
         return
     tokenizer.save(path)
+    config_file = path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
     if chat_template is not None:
-        config_file = path / "tokenizer_config.json"
-        config = json.loads(config_file.read_text())
         config["chat_template"] = chat_template
-        _write_json(config_file, config)
+    if rows is not None and _pad_beyond(tokenizer, rows):
+        backend_file = path / "tokenizer.json"
+        backend = json.loads(backend_file.read_text(encoding="utf-8"))
+        backend["added_tokens"] = [t for t in backend.get("added_tokens", []) if t["id"] != tokenizer.pad_id]
+        backend_file.write_text(json.dumps(backend, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        config.pop("pad_token", None)
+    _write_json(config_file, config)
+
+
+def _pad_beyond(tokenizer: Any, rows: int) -> bool:
+    """Whether `tokenizer`'s pad is the one token past a model's `rows`; more tokens than that is an error."""
+    if tokenizer is None:
+        return False
+    beyond = tokenizer.vocab_size - rows
+    if beyond > (1 if tokenizer.pad_id >= rows else 0):
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model {rows} embedding rows")
+    return tokenizer.pad_id >= rows
 
 
 def _export_state(model: Transformer) -> dict[str, Tensor]:
@@ -541,12 +581,14 @@ def to_hf(
     config = model.config
     tensors = state_dict_to_hf(_export_state(model), config, architecture=architecture)
     ids = _token_ids(tokenizer, bos_token_id, eos_token_id, pad_token_id)
+    if _pad_beyond(tokenizer, config.vocab_size) and ids["pad_token_id"] == tokenizer.pad_id:
+        ids["pad_token_id"] = None  # the folder had no pad and gets none back: its tokenizer matches its rows
     hf_config = config_to_hf(config, architecture=architecture, dtype=model.embed.weight.dtype, **ids)
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    _save_weights(tensors, path / "model.safetensors")
     _write_json(path / "config.json", hf_config)
     if any(v is not None for v in ids.values()):
         _write_json(path / "generation_config.json", {k: v for k, v in ids.items() if v is not None})
-    _write_tokenizer(path, tokenizer, chat_template)
+    _write_tokenizer(path, tokenizer, chat_template, config.vocab_size)
     return path
 
 
@@ -580,15 +622,35 @@ def to_hf_reward(
     tensors = state_dict_to_hf(_export_state(model), config, architecture=family)
     tensors.pop("lm_head.weight", None)
     tensors["score.weight"] = head.to(model.embed.weight.dtype)
+    rows = config.vocab_size
+    if ids["pad_token_id"] >= rows:
+        # transformers needs a pad id to find each row's last token; a reward model has no LM head, so a
+        # zero embedding row for it changes no score (padding is never attended to)
+        if ids["pad_token_id"] != rows:
+            raise ValueError(f"pad_token_id {ids['pad_token_id']} is beyond the model's {rows} embedding rows")
+        embed = tensors["model.embed_tokens.weight"]
+        tensors["model.embed_tokens.weight"] = torch.cat([embed, embed.new_zeros(1, embed.shape[1])])
+        config = ModelConfig.from_dict({**config.to_dict(), "vocab_size": rows + 1})
     hf_config = config_to_hf(config, architecture=family, dtype=model.embed.weight.dtype, **ids)
     hf_config.update(
         architectures=[REWARD_ARCHITECTURES[family]],
         id2label={"0": "LABEL_0"},  # num_labels = 1: one scalar score
         label2id={"LABEL_0": 0},
     )
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    _save_weights(tensors, path / "model.safetensors")
     _write_json(path / "config.json", hf_config)
-    _write_tokenizer(path, tokenizer, chat_template)
+    _write_tokenizer(path, tokenizer, None if chat_template is None else reward_chat_template(chat_template),
+                     config.vocab_size)
     return path
+
+
+def reward_chat_template(chat_template: str) -> str:
+    """`chat_template` rendering without trailing whitespace, so a conversation ends at its end-of-turn token.
+
+    transformers scores a sequence classifier at its last non-pad token; chatml-style templates put a
+    newline after each `<|im_end|>`, a position the reward model never trained on (it scores the reply's
+    end-of-turn token). The whole rendering is captured and right-stripped, nothing else changes.
+    """
+    return "{%- set rendered -%}" + chat_template + "{%- endset -%}{{- rendered.rstrip() -}}"
 
 

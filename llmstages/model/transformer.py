@@ -271,6 +271,12 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def _not_a_view(value):
+    if isinstance(value, Tensor) and value.requires_grad and value._base is not None:
+        return value.clone()
+    return value
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -366,7 +372,12 @@ class Transformer(nn.Module):
         """Logits `[B, T, vocab]`, or `head(hidden_states, output_weight)` when a head is given."""
         hidden = self.hidden_states(input_ids, position_ids, document_ids, attention_mask, cache)
         if head is not None:
-            return head(hidden, self.output_weight)
+            out = head(hidden, self.output_weight)
+            # FSDP2 hooks the root module's grad-carrying outputs, and a view there would lose that hook
+            # under an in-place op (torch warns on every step); heads return small [B, T] results to copy
+            if isinstance(out, tuple):
+                return tuple(_not_a_view(t) for t in out)
+            return _not_a_view(out)
         return F.linear(hidden, self.output_weight)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

@@ -50,7 +50,7 @@ from llmstages.checkpointing import check_init_from
 from llmstages.losses import NORMALIZE_MODES, token_logps
 from llmstages.metrics import WeightedMeans
 from llmstages.model.checkpoint import load_backbone_weights, resolve_config
-from llmstages.model.config import ModelConfig
+from llmstages.model.config import ModelConfig, PresetName
 from llmstages.model.lora import LoRAConfig, apply_lora
 from llmstages.model.transformer import Transformer
 from llmstages.options import Normalize, check_choice
@@ -117,7 +117,7 @@ class StageModule(L.LightningModule):
     def __init__(
         self,
         model: ModelConfig | dict | None = None,
-        preset: str = "tiny",
+        preset: PresetName = "tiny",
         vocab_size: int | None = None,
         init_from: str | None = None,
         lr: float = 3e-4,
@@ -133,7 +133,7 @@ class StageModule(L.LightningModule):
         Args:
             model: the backbone's shape (or its dict, as a checkpoint saves it); None takes it from a Hugging Face
                 `init_from` folder's config.json, else from `preset`.
-            preset: a named `ModelConfig` preset (tiny, demo, small, 124m, qwen2-0.5b, 1b).
+            preset: a named `ModelConfig` preset (`model.config.PresetName`).
             vocab_size: overrides the config's; the CLI links it to the data's tokenizer.
             init_from: an llmstages `.ckpt` or a Hugging Face model folder to start from.
             lr: peak learning rate (AdamW), reached after `warmup_steps`.

@@ -10,7 +10,9 @@ Design choices:
   conversation, `/system TEXT` sets a system message (kept across /reset).
 - When the conversation no longer fits the context with `--max-new-tokens`
   room, the oldest turns are dropped (a note goes to stderr), never the
-  system message or the newest user message.
+  system message or the newest user message. Without `--max-new-tokens` a
+  reply may take up to 256 tokens but never more than half the context (a
+  note says so), so the default works on a model with a short context.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import argparse
 import sys
 from typing import TextIO
 
-from llmstages.checkpointing import CheckpointError
+from llmstages.tools import TOOLS
+from llmstages.tools.generate import DEFAULT_MAX_NEW_TOKENS, add_sampling_arguments
 
-HELP = "interactive multi-turn chat on stdin, streamed, from a .ckpt or a Hugging Face folder"
+HELP = TOOLS["chat"].help
 
 
 class _Streamer:
@@ -57,18 +60,30 @@ def _fit_context(messages: list[dict], encode, room: int) -> list[dict]:
     return messages
 
 
+def reply_budget(requested: int | None, context: int) -> int:
+    """New tokens per reply: `requested` if it leaves room for a prompt, else the default capped to half the context."""
+    if requested is not None:
+        if requested >= context:
+            raise ValueError(f"--max-new-tokens {requested} leaves no room in the {context}-token context")
+        return requested
+    budget = min(DEFAULT_MAX_NEW_TOKENS, context // 2)
+    if budget < DEFAULT_MAX_NEW_TOKENS:
+        print(f"[max new tokens per reply: {budget}, half the model's {context}-token context]", file=sys.stderr)
+    return budget
+
+
 def chat(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
     import torch
 
     from llmstages.model.generate import generate_batch
+    from llmstages.tools.common import padding_id
     from llmstages.tools.generate import load_for_generation
 
     model, tokenizer, template = load_for_generation(args)
     stop_ids = {template.stop_token_id(tokenizer), tokenizer.eos_id}
     generator = torch.Generator().manual_seed(args.seed)
-    room = model.config.max_seq_len - args.max_new_tokens
-    if room < 1:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room in the {model.config.max_seq_len}-token context")
+    max_new_tokens = reply_budget(args.max_new_tokens, model.config.max_seq_len)
+    room = model.config.max_seq_len - max_new_tokens
     system: list[dict] = []
     history: list[dict] = []
     interactive = stdin.isatty()
@@ -99,8 +114,8 @@ def chat(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
         stream = _Streamer(tokenizer, stdout)
         stdout.write("assistant> ")
         generate_batch(
-            model, [prompt], args.max_new_tokens, stop_ids=stop_ids, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, generator=generator, pad_id=tokenizer.pad_id, on_token=stream,
+            model, [prompt], max_new_tokens, stop_ids=stop_ids, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, generator=generator, pad_id=padding_id(tokenizer, model), on_token=stream,
         )
         stdout.write(stream.text()[stream.printed:] + "\n")
         stdout.flush()
@@ -108,13 +123,10 @@ def chat(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
 
 
 def main(argv: list[str]) -> None:
-    from llmstages.tools.generate import add_sampling_arguments
-
     parser = argparse.ArgumentParser(prog="llmstages chat", description=HELP)
     add_sampling_arguments(parser)
-    parser.set_defaults(max_new_tokens=256)
     args = parser.parse_args(argv)
-    try:
+    from llmstages.errors import as_user_error
+
+    with as_user_error(ValueError, FileNotFoundError):
         chat(args, sys.stdin, sys.stdout)
-    except (ValueError, FileNotFoundError, CheckpointError) as error:
-        parser.exit(2, f"llmstages chat: error: {error}\n")

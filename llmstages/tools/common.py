@@ -8,7 +8,10 @@ Design choices:
   saved them); a Hugging Face source's own `tokenizer.json` (the folder
   itself, or the `.ckpt`'s `init_from` / `imported_from` folder); else the embedded default
   tokenizer, trained once in `cache_dir` as the data modules do. Its size
-  must fit the model's embedding, or the wrong tokenizer is named.
+  must fit the model's embedding, or the wrong tokenizer is named; a pad
+  token the tokenizer appended (a folder whose tokenizer has no pad, as
+  Llama 3.x ships) may lie one past the last row: inference never embeds it
+  (`padding_id` pads with a row the model has, under the mask).
 - The chat template is the one given, else the recorded one, else `chatml`
   (the SFT data's default).
 """
@@ -50,10 +53,13 @@ def resolve_tokenizer(loaded: LoadedModel, tokenizer: str | None, cache_dir: str
                 f"{loaded.source}: the model has {loaded.model.config.vocab_size} embedding rows but "
                 f"{origin} has {result.vocab_size} tokens; pass the run's tokenizer with --tokenizer"
             )
-    if result.vocab_size > loaded.model.config.vocab_size:
+    rows = loaded.model.config.vocab_size
+    # a pad token the tokenizer appended (a folder without one, e.g. Llama 3.x) needs no row: padding is masked
+    beyond = result.vocab_size - rows - (1 if result.pad_id >= rows else 0)
+    if beyond > 0:
         raise ValueError(
             f"{origin} has {result.vocab_size} tokens, more than the model's "
-            f"{loaded.model.config.vocab_size} embedding rows: not this model's tokenizer"
+            f"{rows} embedding rows: not this model's tokenizer"
         )
     return result
 
@@ -94,3 +100,12 @@ def as_messages(prompt: list[dict[str, str]] | str) -> list[dict[str, str]]:
     if not messages:
         raise ValueError("a prompt needs at least one message before the reply")
     return messages
+
+
+def padding_id(tokenizer, model) -> int:
+    """An id to fill a batch's padding with: the tokenizer's pad, or its end of text when the model has no pad row.
+
+    Padding is masked, so any id the embedding has works; a model folder without a pad token (Llama 3.x)
+    has one row fewer than the tokenizer that got `<|pad|>` appended.
+    """
+    return tokenizer.pad_id if tokenizer.pad_id < model.config.vocab_size else tokenizer.eos_id

@@ -15,14 +15,9 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-from rich.console import Console
-from rich.table import Table
+from llmstages.tools import TOOLS
 
-from llmstages.data import synthetic
-from llmstages.evaluation import evaluate_replies
-
-HELP = "train pretrain -> SFT -> reward model -> DPO -> GRPO on the embedded data and report what each learned"
+HELP = TOOLS["demo"].help
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 STAGES = (  # name, config, init_from stage, default steps
     ("pretrain", "pretrain.yaml", None, 400),
@@ -35,6 +30,9 @@ STAGES = (  # name, config, init_from stage, default steps
 
 def answer_quality(model, data, n: int = 64, seed: int = 12345) -> dict[str, float]:
     """Exact-match accuracy and stop rate of greedy replies to held-out task prompts."""
+    from llmstages.data import synthetic
+    from llmstages.evaluation import evaluate_replies
+
     items = synthetic.prompt_answer_pairs(n, seed=seed)
     prompts = [data.template.encode_prompt(messages, data.tokenizer) for messages, _, _ in items]
     quality = evaluate_replies(model, prompts, [answer for _, answer, _ in items],
@@ -85,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not CONFIGS.is_dir():
         raise SystemExit(f"configs folder not found at {CONFIGS}: run the demo from a checkout of llmstages")
+    from rich.console import Console
+
     out = Path(args.out)
     console = Console()
     results, quality, checkpoints, started = {}, {}, {}, time.time()
@@ -117,7 +117,9 @@ def _chat_view(data):
     return View
 
 
-def _report(console: Console, results: dict, quality: dict, seconds: float, out: Path) -> None:
+def _report(console, results: dict, quality: dict, seconds: float, out: Path) -> None:
+    from rich.table import Table
+
     table = Table(title="what each stage learned (held-out prompts)")
     for column in ("stage", "validation metrics", "exact match", "stops at end-of-turn"):
         table.add_column(column)

@@ -26,9 +26,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from llmstages.checkpointing import CheckpointError
+from llmstages.tools import TOOLS
 
-HELP = "checkpoint -> Hugging Face folder (weights, tokenizer, chat template, generation config)"
+HELP = TOOLS["export"].help
 MODEL_OWN_TEMPLATE = ("hf", "auto")
 
 
@@ -131,9 +131,9 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if not Path(args.ckpt).is_file():
         parser.error(f"--ckpt {args.ckpt}: no such file")
-    try:
+    from llmstages.errors import as_user_error
+
+    with as_user_error(ValueError, FileNotFoundError, FileExistsError):
         out = export(args.ckpt, args.out, tokenizer=args.tokenizer, template=args.template, kind=args.kind,
                      architecture=args.architecture, cache_dir=args.cache_dir)
-    except (ValueError, FileNotFoundError, CheckpointError) as error:
-        parser.exit(2, f"llmstages export: error: {error}\n")
     print(f"wrote {out}")

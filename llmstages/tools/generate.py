@@ -5,8 +5,12 @@ Design choices:
   `.jsonl` row has `messages` or `prompt`), rendered with the chat template
   up to the assistant header, unless `--raw` continues the text as it is.
 - Replies stop at the template's end-of-turn token (and end-of-text) or after
-  `--max-new-tokens`; prompts run in batches through the KV cache
+  the new-token budget; prompts run in batches through the KV cache
   (`generate_batch`), greedy unless `--temperature` > 0.
+- The budget: `--max-new-tokens N` exactly, refused when a prompt leaves less
+  room in the model's context; without it, up to `DEFAULT_MAX_NEW_TOKENS`,
+  capped to what the context leaves after the prompt (a note on stderr says
+  so), so the default works on any model, the demo's 256-token one included.
 - Output: one block per prompt, or with `--jsonl` one JSON object per line
   (`prompt`, `reply`, `stopped`, `new_tokens`), which scripts and tests read.
 """
@@ -17,9 +21,10 @@ import argparse
 import json
 import sys
 
-from llmstages.checkpointing import CheckpointError
+from llmstages.tools import TOOLS
 
-HELP = "generate replies to prompts (file or --prompt) from a .ckpt or a Hugging Face folder"
+HELP = TOOLS["generate"].help
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,13 +32,32 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an llmstages .ckpt or a Hugging Face model folder")
     parser.add_argument("--tokenizer", help="tokenizer.json or its folder (default: the model's, see docs)")
     parser.add_argument("--template", help="chat template: chatml, llama3, plain (default: recorded, else chatml)")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=f"new tokens per reply (default: {DEFAULT_MAX_NEW_TOKENS}, or what the context leaves)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0, help="seeds sampling (temperature > 0)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--cache-dir", help="where the embedded default tokenizer is cached (.cache/llmstages)")
+
+
+def new_token_budget(requested: int | None, prompt_tokens: int, context: int) -> int:
+    """Tokens a reply may add after a prompt of `prompt_tokens`: `requested` exactly, else the default capped."""
+    room = context - prompt_tokens
+    if requested is not None:
+        if requested > room:
+            raise ValueError(
+                f"--max-new-tokens {requested}: the longest prompt ({prompt_tokens} tokens) plus max_new_tokens="
+                f"{requested} exceeds max_seq_len={context}"
+            )
+        return requested
+    if room < 1:
+        raise ValueError(f"a prompt of {prompt_tokens} tokens leaves no room in the model's {context}-token context")
+    if room < DEFAULT_MAX_NEW_TOKENS:
+        print(f"[max new tokens: {room}, what the {context}-token context leaves after a {prompt_tokens}-token prompt]",
+              file=sys.stderr)
+    return min(DEFAULT_MAX_NEW_TOKENS, room)
 
 
 def load_for_generation(args: argparse.Namespace):
@@ -64,10 +88,10 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
-    try:
+    from llmstages.errors import as_user_error
+
+    with as_user_error(ValueError, FileNotFoundError):
         results = run(args)
-    except (ValueError, FileNotFoundError, CheckpointError) as error:
-        parser.exit(2, f"llmstages generate: error: {error}\n")
     for i, row in enumerate(results):
         if args.jsonl:
             print(json.dumps(row, ensure_ascii=False))
@@ -80,7 +104,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     import torch
 
     from llmstages.model.generate import generate_batch
-    from llmstages.tools.common import as_messages, read_prompts
+    from llmstages.tools.common import as_messages, padding_id, read_prompts
 
     prompts = args.prompt if args.prompt is not None else read_prompts(args.prompts)
     model, tokenizer, template = load_for_generation(args)
@@ -90,14 +114,15 @@ def run(args: argparse.Namespace) -> list[dict]:
         encoded = [tokenizer.encode(p) for p in prompts]
     else:
         encoded = [template.encode_prompt(as_messages(p), tokenizer) for p in prompts]
+    max_new_tokens = new_token_budget(args.max_new_tokens, max(map(len, encoded)), model.config.max_seq_len)
     stop_ids = {tokenizer.eos_id} if args.raw else {template.stop_token_id(tokenizer), tokenizer.eos_id}
     generator = torch.Generator().manual_seed(args.seed)
     results: list[dict] = []
     for start in range(0, len(encoded), args.batch_size):
         batch = encoded[start : start + args.batch_size]
         outputs = generate_batch(
-            model, batch, args.max_new_tokens, stop_ids=stop_ids, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, generator=generator, pad_id=tokenizer.pad_id,
+            model, batch, max_new_tokens, stop_ids=stop_ids, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, generator=generator, pad_id=padding_id(tokenizer, model),
         )
         for prompt, (new, stopped) in zip(prompts[start : start + args.batch_size], outputs):
             results.append({

@@ -14,9 +14,9 @@ import argparse
 import os
 from pathlib import Path
 
-from llmstages.checkpointing import CheckpointError
+from llmstages.tools import TOOLS
 
-HELP = "Hugging Face folder -> llmstages checkpoint (for init_from / export)"
+HELP = TOOLS["import"].help
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -50,8 +50,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", required=True, help="the .ckpt file to write")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     args = parser.parse_args(argv)
-    try:
+    from llmstages.errors import as_user_error
+
+    with as_user_error(ValueError, FileNotFoundError):
         out = import_hf(args.hf, args.out, args.dtype)
-    except (ValueError, FileNotFoundError, CheckpointError) as error:
-        parser.exit(2, f"llmstages import: error: {error}\n")
     print(f"wrote {out}")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "train a byte-level BPE tokenizer on text files"
+from llmstages.tools import TOOLS
+
+HELP = TOOLS["tokenizer"].help
 
 
 def main(argv: list[str]) -> None:
