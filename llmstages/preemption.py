@@ -164,7 +164,7 @@ class PreemptionCheckpoint(Callback):
         path = self._last_path(trainer)
         trainer.save_checkpoint(path)  # every rank: a collective save, atomic through the trainer's CheckpointIO
         for logger in trainer.loggers:
-            logger.save()  # the saved step's metrics reach disk before the process ends
+            logger.save()  # what is logged so far is on disk now (this step's metrics follow this hook; finalize flushes them)
         self._saved = (trainer.global_step, str(path), signum)
         name = signal.Signals(signum).name
         if trainer.is_global_zero:

@@ -121,6 +121,7 @@ class RunPlan:
     claim: bool  # this process must create run_dir (exclusively) before anything else
     record: bool  # this process writes run.json (rank 0, not an inherited folder)
     ckpt_path: str | None
+    timestamped: bool = False  # run_dir is named after the start time: a taken name gets a suffix, not an error
     wandb_id: str | None = None
     warnings: tuple[str, ...] = ()
 
@@ -190,7 +191,7 @@ def plan_run(request: RunRequest, on_disk: OnDisk, env: Mapping[str, str]) -> Ru
     elif ckpt_path and ckpt_path != "best" and on_disk.checkpoint_run is not None:
         continued = Path(on_disk.checkpoint_run)  # resuming a run's own checkpoint continues that run
 
-    claim = False
+    claim = timestamped = False
     if env.get(RUN_DIR_ENV):  # a process Lightning spawned for another rank: rank 0 chose the folder
         run_dir = Path(env[RUN_DIR_ENV])
     elif fit and continued is not None:
@@ -200,13 +201,14 @@ def plan_run(request: RunRequest, on_disk: OnDisk, env: Mapping[str, str]) -> Ru
     elif request.rank == 0:
         prefix = "" if fit else f"{request.subcommand}-"  # a validate run never looks like a fit
         run_dir, claim = request.stage_root / (request.run_name or prefix + request.new_run_name), True
+        timestamped = request.run_name is None
     else:  # another rank under torchrun/srun: never creates anything; ModelCheckpoint broadcasts rank 0's folder
         run_dir = request.stage_root / (request.run_name or f"pending-rank{request.rank}")
 
     info = on_disk.runs[run_dir.name].info if run_dir.parent == request.stage_root and run_dir.name in on_disk.runs else {}
     configured = [s.id for s in request.loggers if s.cls is not None and issubclass(s.cls, WandbLogger) and s.id]
     wandb_id = (configured or [None])[0] or info.get("wandb_id") or request.new_wandb_id
-    return RunPlan(request=request, run_dir=run_dir, claim=claim, record=request.rank == 0 and not env.get(RUN_DIR_ENV),
+    return RunPlan(request=request, run_dir=run_dir, claim=claim, timestamped=timestamped, record=request.rank == 0 and not env.get(RUN_DIR_ENV),
                    ckpt_path=ckpt_path, wandb_id=wandb_id, warnings=tuple(warnings))
 
 

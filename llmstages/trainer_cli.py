@@ -186,9 +186,8 @@ class StagesCLI(LightningCLI):
         """Decide the run (`run_plan.plan_run`, pure), then do what it says: claim, check, record."""
         request = run_request(cfg, subcommand)
         plan = plan_run(request, survey(request, cfg.get("ckpt_path")), os.environ)
-        if plan.claim:
-            fresh = request.run_name is None and plan.run_dir.name == request.new_run_name
-            claimed = ckpt.claim_run_dir(plan.run_dir.parent, None if fresh else plan.run_dir.name,
+        if plan.claim:  # exclusive mkdir: a start-time name already taken gets `-2`, a given name is an error
+            claimed = ckpt.claim_run_dir(plan.run_dir.parent, None if plan.timestamped else plan.run_dir.name,
                                          prefix="" if subcommand == "fit" else f"{subcommand}-")
             plan = plan.moved_to(claimed)
         for warning in plan.warnings:

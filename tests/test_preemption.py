@@ -127,6 +127,7 @@ def test_after_a_fit_sigterm_handling_is_what_it_was_before(tmp_path):
         signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.slow
 def test_slurm_requeue_signal_checkpoints_requeues_and_the_requeued_job_continues_its_run(tmp_path):
     """Lightning's SLURM auto-requeue, end to end: SIGUSR1 (`--signal=USR1@90`) inside an accumulated step
     checkpoints at the step's end and calls `scontrol requeue <job>` (a stand-in records it); the requeued

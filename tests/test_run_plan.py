@@ -25,7 +25,8 @@ def _run(*last: tuple[str, float], info=None, hpc=()) -> RunOnDisk:
 
 def test_a_new_fit_claims_a_start_time_folder_on_rank_0_only():
     plan = plan_run(_request(), OnDisk(), {})
-    assert plan.run_dir == Path("/r/sft/20260101-000000") and plan.claim and plan.record
+    assert plan.run_dir == Path("/r/sft/20260101-000000") and plan.claim and plan.record and plan.timestamped
+    assert not plan_run(_request(run_name="mine"), OnDisk(), {}).timestamped  # a given name is never renamed
     assert plan.ckpt_path is None and plan.checkpoint_dir == plan.run_dir / "checkpoints"
     other = plan_run(_request(rank=1), OnDisk(), {})
     assert not other.claim and not other.record and other.run_dir.name == "pending-rank1"
@@ -40,7 +41,7 @@ def test_a_spawned_rank_takes_rank_0s_folder_from_the_environment():
 
 def test_validate_gets_its_own_prefixed_folder():
     plan = plan_run(_request(subcommand="validate", ckpt_path="/x/a.ckpt"), OnDisk(checkpoint_run="/r/sft/a"), {})
-    assert plan.run_dir == Path("/r/sft/validate-20260101-000000") and plan.claim
+    assert plan.run_dir == Path("/r/sft/validate-20260101-000000") and plan.claim and plan.timestamped
 
 
 @pytest.mark.parametrize("cls, name", [(CSVLogger, "csv"), (RunCSVLogger, "csv"), (TensorBoardLogger, "tensorboard")])
