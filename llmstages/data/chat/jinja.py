@@ -28,6 +28,20 @@ Design choices:
   It is also the stop id for generation.
 - `legacy_minimind` adds the whitespace tokens after the end-of-turn token
   (ChatML's newline), as the named templates add their separator.
+- Reasoning, tool calls and tools: messages go to the template with every
+  field they carry (`reasoning_content`, `tool_calls`, `tool_call_id`,
+  `name`; `weight` is ours and stays out) and a `Conversation`'s `tools` as
+  `tools=`, so ids equal `apply_chat_template(messages, tools=tools)`. A
+  reply is what the template writes where the model writes (`spans.py`: the
+  rendering up to the reply compared with the same rendering ending in a
+  sentinel reply), so reasoning is trained where the template keeps it and
+  tool calls in the template's own format; headers, tool results, schemas
+  and inserted scaffolding never. A template that drops tool calls or tool
+  schemas (probed with sentinel values, as TRL's `supports_tool_calling`
+  does) is an error; a final reply's `reasoning_content` that the template
+  never reads is a one-time warning. `<think>`/`</think>` in a reply are the
+  template's to parse, not an error.
+- `weight: 0` on an assistant message makes it context (`loss_mask.trained_replies`).
 - Refusals are loud: a template exception (gemma-2 on a system role) is a
   `ValueError` naming the template; a system message the rendering does not
   contain (Mistral-Nemo drops it unless the conversation ends on a user turn)
@@ -228,8 +242,10 @@ class HFChatTemplate:
         for i, m in enumerate(msgs):
             # Reasoning markers in a reply are the template's to parse (Qwen3 splits on </think>).
             allowed = _THINK_MARKERS if m["role"] == "assistant" else ()
-            for key in ("content", "reasoning_content"):
-                token = next((t for t in markers.specials if t in m.get(key, "") and t not in allowed), None)
+            calls = json.dumps(m.get("tool_calls") or [], ensure_ascii=False)
+            for key, value in (("content", m["content"]), ("reasoning_content", m.get("reasoning_content", "")),
+                               ("tool_calls", calls)):
+                token = next((t for t in markers.specials if t in value and t not in allowed), None)
                 if token is not None:
                     where = "" if key == "content" else f"{key} "
                     raise ValueError(
@@ -324,11 +340,12 @@ class HFChatTemplate:
 
     # ----------------------------------------------------------- encoding
     def _sentinel_renders(self, msgs: list[Message], i: int, tokenizer: Tokenizer) -> list[str]:
-        """The conversation with reply `i` replaced by each sentinel (no reasoning, no tool calls)."""
+        """The conversation up to reply `i`, that reply replaced by each sentinel (no reasoning, no
+        tool calls): what the template writes before the model's part. Later messages are left out,
+        so a template that checks the whole conversation (Mistral's role alternation) accepts it."""
         out = []
         for sentinel in SENTINELS:
-            other = Conversation(msgs, tools=tools_of(msgs))
-            other[i] = {"role": "assistant", "content": sentinel}
+            other = Conversation([*msgs[:i], {"role": "assistant", "content": sentinel}], tools=tools_of(msgs))
             out.append(self.render(other, tokenizer))
         return out
 

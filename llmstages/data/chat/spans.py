@@ -86,14 +86,6 @@ def _common_prefix(a: str, b: str) -> int:
     return i
 
 
-def _common_suffix(a: str, b: str, floor: int) -> int:
-    n = min(len(a), len(b)) - floor
-    i = 0
-    while i < n and a[-1 - i] == b[-1 - i]:
-        i += 1
-    return i
-
-
 def locate_replies(
     text: str,
     msgs: Sequence[Mapping[str, Any]],
@@ -128,12 +120,12 @@ def _reply_span(
     text: str, i: int, m: Mapping[str, Any], cursor: int, markers: Markers, template: str, others: Sequence[str]
 ) -> tuple[int, int]:
     start = min(_common_prefix(text, o) for o in others)
-    end = len(text) - min(_common_suffix(text, o, start) for o in others)
+    end = text.find(markers.eot, start)
     where = f"message {i}: chat template {template!r}"
-    if start < cursor or special_at(text, end, markers.specials) is None:
+    if start < cursor or end < 0:
         raise ValueError(
             f"{where} renders this assistant reply in a form the loss mask cannot locate "
-            "(its rendering changes text outside the reply, or no special token ends it)"
+            "(its rendering changes text before the reply, or no end-of-turn marker follows it)"
         )
     reply = text[start:end]
     forms = answer_forms(m["content"])
