@@ -46,13 +46,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypedDict
 
-from llmstages.data.chat.messages import ROLES, Message, Role
+from llmstages.data.chat.messages import ROLES, Conversation, Message, Role
 from llmstages.options import OnError, choices
 
 __all__ = [
@@ -97,7 +98,7 @@ _SHAREGPT_ROLES: dict[str, Role] = {
     "gpt": "assistant",
     "assistant": "assistant",
     "function_call": "assistant",
-    "observation": "user",
+    "observation": "tool",
 }
 _MESSAGE_ROLES: dict[str, Role] = {role: role for role in ROLES}  # type: ignore[misc]
 
@@ -179,6 +180,7 @@ class LoadReport:
     skipped: Counter[str] = field(default_factory=Counter)
     first_errors: list[str] = field(default_factory=list)
     format: str | None = None  # the chat/preference format read, when there is one
+    ignored: Counter[str] = field(default_factory=Counter)  # fields of kept records no reader uses -> count
 
     MAX_ERRORS: ClassVar[int] = 5
 
@@ -193,6 +195,9 @@ class LoadReport:
             # Most frequent first; ties alphabetical so the line is stable.
             parts = sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0]))
             line += " (" + ", ".join(f"{k}: {v}" for k, v in parts) + ")"
+        if self.ignored:
+            fields = sorted(self.ignored.items(), key=lambda kv: (-kv[1], kv[0]))
+            line += "; ignored fields: " + ", ".join(f"{k} ({v})" for k, v in fields)
         return line
 
 
@@ -302,6 +307,7 @@ class _Collector:
         self.path, self.on_error = path, on_error
         self.items: list[Any] = []
         self.report = LoadReport(path=path)
+        self.unused = _UnusedFields(self.report, on_error)
 
     def reject(self, err: DataFormatError) -> None:
         if self.on_error == "raise":
@@ -316,12 +322,17 @@ class _Collector:
             if isinstance(value, DataFormatError):
                 self.reject(value)
                 continue
+            outer, _UnusedFields.current = _UnusedFields.current, self.unused
             try:
                 item = parse(value)
             except _Invalid as bad:
+                self.unused.commit(kept=False)
                 err = DataFormatError(self.path, index, bad.field, bad.reason, bad.detail, index_kind=kind)
                 self.reject(err)
                 continue
+            finally:
+                _UnusedFields.current = outer
+            self.unused.commit(kept=True)
             self.report.kept += 1
             yield item
 
@@ -411,12 +422,152 @@ def _req_list(rec: dict[str, Any], key: str) -> list[Any]:
 
 @dataclass
 class _Turn:
-    """A message plus the source fields to blame for it."""
+    """A message plus the source fields to blame for it; `extra` holds its optional `Message` fields."""
 
     role: Role
     content: str
     role_field: str | None
     content_field: str | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_calls(self) -> bool:
+        return bool(self.extra.get("tool_calls"))
+
+
+# Field names a reader may meet and never uses: counted and named in the load report, never an error.
+IGNORABLE_FIELDS = frozenset({"id", "idx", "index", "uuid", "source", "dataset", "category", "meta", "metadata", "lang", "language"})
+# Content parts that carry no text; a record holding one is refused rather than trained without it.
+_TEXT_PART_KEYS = ("text", "value")
+_REASONING_OPEN, _REASONING_CLOSE = "<think>", "</think>"
+
+
+class _UnusedFields:
+    """Fields a record holds and the reader does not use: an error under on_error="raise" (unless
+    the name is in IGNORABLE_FIELDS), else counted per field in the report (`LoadReport.ignored`)."""
+
+    current: ClassVar[_UnusedFields | None] = None
+
+    def __init__(self, report: LoadReport, on_error: str) -> None:
+        self.report, self.on_error = report, on_error
+        self.pending: Counter[str] = Counter()
+
+    def check(self, rec: dict[str, Any], used: Collection[str], base: str | None = None) -> None:
+        for key in rec:
+            if key in used:
+                continue
+            name = f"{base}.{key}" if base else key
+            if key not in IGNORABLE_FIELDS and self.on_error == "raise":
+                raise _Invalid("unknown_field", name, f"this reader does not use it (it reads: {', '.join(sorted(used))})")
+            self.pending[re.sub(r"\[\d+\]", "[]", name)] += 1
+
+    def commit(self, kept: bool) -> None:
+        if kept:
+            self.report.ignored.update(self.pending)
+        self.pending.clear()
+
+
+def _unused(rec: dict[str, Any], used: Collection[str], base: str | None = None) -> None:
+    if _UnusedFields.current is not None:
+        _UnusedFields.current.check(rec, used, base)
+
+
+def _content(value: Any, field: str, role: Role) -> tuple[str, dict[str, Any]]:
+    """A message's content: a string, or a list of typed parts (OpenAI `{"type": "text", "text"}`,
+    LLaMA-Factory v1 `{"type": "text" | "reasoning" | "tool_call", "value"}`). Text parts are joined;
+    reasoning and tool-call parts become `reasoning_content` and `tool_calls`; any other part is an error."""
+    if isinstance(value, str):
+        return value, {}
+    if not isinstance(value, list):
+        raise _wrong_type(field, "a string or an array of content parts", value)
+    texts: list[str] = []
+    reasoning: list[str] = []
+    calls: list[Any] = []
+    for j, part in enumerate(value):
+        where = f"{field}[{j}]"
+        if not isinstance(part, dict):
+            raise _wrong_type(where, "a content part object", part)
+        kind = part.get("type")
+        key = next((k for k in _TEXT_PART_KEYS if k in part), None)
+        if kind not in ("text", "reasoning", "tool_call") or key is None:
+            raise _Invalid(
+                "unsupported_part", f"{where}.type",
+                f"a {kind!r} part; only text (and an assistant's reasoning/tool_call) parts can be trained",
+            )
+        _unused(part, ("type", key), where)
+        text = part[key]
+        if not isinstance(text, str):
+            raise _wrong_type(f"{where}.{key}", "string", text)
+        if kind != "text" and role != "assistant":
+            raise _Invalid("unsupported_part", f"{where}.type", f"a {kind} part in a {role} message")
+        if kind == "tool_call":
+            calls.append(_tool_call(text, f"{where}.{key}"))
+        elif kind == "reasoning":
+            reasoning.append(text)
+        else:
+            texts.append(text)
+    extra: dict[str, Any] = {}
+    if reasoning:
+        extra["reasoning_content"] = "\n".join(reasoning)
+    if calls:
+        extra["tool_calls"] = calls
+    return "".join(texts), extra
+
+
+def _json_value(value: Any, field: str) -> Any:
+    """A value that datasets often store as a JSON string: parsed, with the field named when it is not JSON."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as err:
+        raise _Invalid("invalid_json", field, f"{err.msg} (column {err.colno})") from None
+
+
+def _tool_call(value: Any, field: str) -> dict[str, Any]:
+    """One call as templates read it: `{"type": "function", "function": {"name", "arguments": {...}}}`
+    (plus `id` when given). Bare `{"name", "arguments"}` (LLaMA-Factory) is accepted; `arguments`
+    given as a JSON string is parsed, so every template renders the same object."""
+    value = _json_value(value, field)
+    if not isinstance(value, dict):
+        raise _wrong_type(field, "a tool call object", value)
+    function = value.get("function", value)
+    fbase = f"{field}.function" if "function" in value else field
+    if "function" in value:
+        _unused(value, ("function", "type", "id"), field)
+    if not isinstance(function, dict):
+        raise _wrong_type(fbase, "an object with name and arguments", function)
+    _unused(function, ("name", "arguments") if function is not value else ("name", "arguments", "type", "id"), fbase)
+    name = _req_str(function, "name", f"{fbase}.name")
+    if not name.strip():
+        raise _Invalid("missing_field", f"{fbase}.name", "empty tool name")
+    arguments = _json_value(function.get("arguments", {}), f"{fbase}.arguments")
+    if not isinstance(arguments, dict):
+        raise _wrong_type(f"{fbase}.arguments", "an object (or a JSON string of one)", arguments)
+    call: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    if "id" in value:
+        call["id"] = _req_str(value, "id", f"{field}.id")
+    return call
+
+
+def _tools(rec: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """A record's `tools`: function schemas (a list, or a JSON string of one, as datasets store it),
+    each as `{"type": "function", "function": {"name", ...}}`; bare `{"name", ...}` schemas are wrapped."""
+    if "tools" not in rec or rec["tools"] in (None, "", []):
+        return None
+    tools = _json_value(rec["tools"], "tools")
+    if not isinstance(tools, list):
+        raise _wrong_type("tools", "an array of function schemas (or a JSON string of one)", tools)
+    out = []
+    for k, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise _wrong_type(f"tools[{k}]", "a function schema object", tool)
+        function = tool.get("function", tool) if tool.get("type", "function") == "function" else tool
+        where = f"tools[{k}].function" if "function" in tool else f"tools[{k}]"
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"].strip():
+            raise _Invalid("missing_field", f"{where}.name", "a tool schema needs a function name")
+        out.append({"type": "function", "function": function})
+    return out
 
 
 def _role_turn(
@@ -426,10 +577,53 @@ def _role_turn(
         raise _wrong_type(base, "an object", item)
     role_field, content_field = f"{base}.{role_key}", f"{base}.{content_key}"
     name = _req_str(item, role_key, role_field)
-    content = _req_str(item, content_key, content_field)
     if name not in roles:
         raise _Invalid("unknown_role", role_field, f"{name!r} (known: {', '.join(roles)})")
-    return _Turn(roles[name], content, role_field, content_field)
+    role = roles[name]
+    sharegpt = role_key == "from"
+    used = {role_key, content_key, "weight", "loss_weight"}
+    if content_key not in item:
+        raise _Invalid("missing_field", content_field)
+    raw = item[content_key]
+    if role == "assistant" and raw is None and not sharegpt:
+        raw = ""  # OpenAI writes null content beside tool_calls
+    content, extra = _content(raw, content_field, role)
+    if sharegpt and name == "function_call":  # LLaMA-Factory: the value is the call (or a list of calls)
+        calls = _json_value(content, content_field)
+        calls = calls if isinstance(calls, list) else [calls]
+        extra["tool_calls"] = [_tool_call(c, f"{content_field}[{j}]" if len(calls) > 1 else content_field)
+                               for j, c in enumerate(calls)]
+        content = ""
+    if not sharegpt:
+        used |= {"reasoning_content", "tool_calls", "tool_call_id", "name"}
+        if role == "assistant" and item.get("reasoning_content") is not None:
+            extra["reasoning_content"] = _req_str(item, "reasoning_content", f"{base}.reasoning_content")
+        if role == "assistant" and item.get("tool_calls"):
+            calls = item["tool_calls"]
+            if not isinstance(calls, list):
+                raise _wrong_type(f"{base}.tool_calls", "an array of tool calls", calls)
+            extra["tool_calls"] = [_tool_call(c, f"{base}.tool_calls[{j}]") for j, c in enumerate(calls)]
+        for key in ("tool_call_id", "name"):
+            if role == "tool" and item.get(key) is not None:
+                extra[key] = _req_str(item, key, f"{base}.{key}")
+        if role != "assistant" and item.get("tool_calls"):
+            raise _Invalid("wrong_role", f"{base}.tool_calls", f"tool calls in a {role} message")
+    weight = _weight(item, base)
+    if weight is not None and role == "assistant":
+        extra["weight"] = weight
+    _unused(item, used, base)
+    return _Turn(role, content, role_field, content_field, extra)
+
+
+def _weight(item: dict[str, Any], base: str) -> int | None:
+    """`weight` (OpenAI fine-tuning) or `loss_weight` (LLaMA-Factory v1): 0 (context) or 1 (target)."""
+    key = next((k for k in ("weight", "loss_weight") if k in item), None)
+    if key is None:
+        return None
+    value = item[key]
+    if isinstance(value, bool) or value not in (0, 1):
+        raise _Invalid("wrong_type", f"{base}.{key}", f"expected 0 (context) or 1 (trained), got {value!r}")
+    return int(value)
 
 
 def _turn_list(
@@ -464,35 +658,49 @@ def _prompt_turns(rec: dict[str, Any]) -> list[_Turn]:
 
 
 def _check_turns(turns: list[_Turn], *, prev_role: Role | None = None, allow_system: bool = True) -> None:
-    """Roles in order, no empty user/assistant turns. `prev_role` continues a prompt."""
+    """Roles in order, no empty turns, tool results only after a call. `prev_role` continues a prompt."""
+    calls = False  # whether a tool result may follow
     for i, turn in enumerate(turns):
         if turn.role == "system":
             if not allow_system or i > 0 or prev_role is not None:
                 raise _Invalid("misplaced_system", turn.role_field, "a system prompt may only be the first turn")
-        elif turn.role == prev_role:
+        elif turn.role == "tool":
+            if not calls:
+                raise _Invalid("orphan_tool_result", turn.role_field, "a tool result with no tool call before it")
+        elif turn.role == prev_role and not (turn.role == "assistant" and turn.has_calls):
             raise _Invalid(f"consecutive_{turn.role}", turn.role_field, f"two {turn.role} turns in a row")
-        elif not turn.content.strip():
+        elif not turn.content.strip() and not turn.has_calls:
             raise _Invalid("empty_reply" if turn.role == "assistant" else "empty_message", turn.content_field)
+        if turn.role != "assistant" and any(m in turn.content for m in (_REASONING_OPEN, _REASONING_CLOSE)):
+            raise _Invalid(
+                "reasoning_marker", turn.content_field,
+                f"a {turn.role} message contains <think>/</think>; reasoning belongs in an assistant reply",
+            )
+        calls = turn.has_calls or (calls and turn.role == "tool")
         prev_role = turn.role
 
 
-def _to_messages(turns: list[_Turn]) -> list[Message]:
+def _to_messages(turns: list[_Turn], tools: list[dict[str, Any]] | None = None) -> list[Message]:
     # Empty system prompts were accepted by _check_turns and are dropped here.
-    return [
-        {"role": t.role, "content": t.content}
+    messages = [
+        {"role": t.role, "content": t.content, **t.extra}  # type: ignore[typeddict-item]
         for t in turns
         if t.role != "system" or t.content.strip()
     ]
+    return Conversation(messages, tools=tools) if tools else messages
 
 
-def _finish_chat(turns: list[_Turn]) -> list[Message]:
+def _finish_chat(turns: list[_Turn], tools: list[dict[str, Any]] | None = None) -> list[Message]:
     _check_turns(turns)
     if not any(t.role == "assistant" for t in turns):
         raise _Invalid("no_assistant")
-    return _to_messages(turns)
+    if not any(t.role == "assistant" and t.extra.get("weight", 1) for t in turns):
+        raise _Invalid("no_target", None, "every assistant turn has weight 0")
+    return _to_messages(turns, tools)
 
 
 def _parse_alpaca(rec: dict[str, Any]) -> list[Message]:
+    _unused(rec, ("instruction", "input", "output", "system", "history"))
     instruction = _req_str(rec, "instruction")
     extra = _opt_str(rec, "input")
     output = _req_str(rec, "output")
@@ -516,14 +724,16 @@ def _parse_alpaca(rec: dict[str, Any]) -> list[Message]:
 
 
 def _parse_sharegpt(rec: dict[str, Any]) -> list[Message]:
+    _unused(rec, ("conversations", "system", "tools"))
     turns = _system_turn(rec) + _sharegpt_turns(_req_list(rec, "conversations"), "conversations")
-    return _finish_chat(turns)
+    return _finish_chat(turns, _tools(rec))
 
 
 def _parse_messages(rec: dict[str, Any]) -> list[Message]:
     # A top-level `system` is honoured here too rather than silently ignored.
+    _unused(rec, ("messages", "system", "tools"))
     turns = _system_turn(rec) + _openai_turns(_req_list(rec, "messages"), "messages")
-    return _finish_chat(turns)
+    return _finish_chat(turns, _tools(rec))
 
 
 # The key that marks each chat format, and its parser.

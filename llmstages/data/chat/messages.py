@@ -71,7 +71,9 @@ class Conversation(list):
         return (Conversation, (list(self), self.tools))
 
     def __eq__(self, other: object) -> bool:
-        return list.__eq__(self, other) and getattr(other, "tools", None) == self.tools
+        # Against a plain list only the messages compare, as a list compares with a Conversation.
+        same = list.__eq__(self, other)
+        return same if not isinstance(other, Conversation) or same is NotImplemented else same and other.tools == self.tools
 
     __hash__ = None  # type: ignore[assignment]
 
