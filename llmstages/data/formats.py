@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypedDict
 
-from llmstages.data.chat.messages import ROLES, Conversation, Message, Role
+from llmstages.data.chat.messages import ROLES, Conversation, Message, Role, tools_of
 from llmstages.options import OnError, choices
 
 __all__ = [
@@ -806,7 +806,7 @@ def _completion(rec: dict[str, Any], key: str, sharegpt: bool) -> list[_Turn]:
         turn = _sharegpt_turns([value], key)[0] if sharegpt else _openai_turns([value], key)[0]
         # Re-blame on `chosen.value`, not `chosen[0].value`: the source had no list.
         role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
-        turns = [_Turn(turn.role, turn.content, f"{key}.{role_key}", f"{key}.{content_key}")]
+        turns = [_Turn(turn.role, turn.content, f"{key}.{role_key}", f"{key}.{content_key}", turn.extra)]
     elif isinstance(value, list):
         turns = _sharegpt_turns(value, key) if sharegpt else _openai_turns(value, key)
     else:
@@ -822,6 +822,7 @@ def _completion(rec: dict[str, Any], key: str, sharegpt: bool) -> list[_Turn]:
 
 def _parse_preference(value: Any) -> PreferencePair:
     rec = _as_object(value)
+    _unused(rec, ("conversations", "prompt", "chosen", "rejected", "system", "tools"))
     if "conversations" in rec:
         sharegpt = True
         prompt = _system_turn(rec) + _sharegpt_turns(_req_list(rec, "conversations"), "conversations")
@@ -838,7 +839,7 @@ def _parse_preference(value: Any) -> PreferencePair:
     rejected = _to_messages(_completion(rec, "rejected", sharegpt))
     if chosen == rejected:
         raise _Invalid("identical_pair", "rejected")
-    return {"prompt": _to_messages(prompt), "chosen": chosen, "rejected": rejected}
+    return {"prompt": _to_messages(prompt, _tools(rec)), "chosen": chosen, "rejected": rejected}
 
 
 def read_preference(
@@ -936,16 +937,20 @@ def iter_text(
 def prompt_record(messages: list[Message], task: str | None = None) -> PromptRecord:
     """A conversation as a prompt: everything before its final assistant turn, whose content is the answer
     (a conversation that ends on a user turn is all prompt, with no answer)."""
+    tools = tools_of(messages)
     if messages and messages[-1]["role"] == "assistant":
-        return PromptRecord(messages=list(messages[:-1]), answer=messages[-1]["content"], task=task, text=None)
-    return PromptRecord(messages=list(messages), answer=None, task=task, text=None)
+        prompt = Conversation(messages[:-1], tools=tools) if tools else list(messages[:-1])
+        return PromptRecord(messages=prompt, answer=messages[-1]["content"], task=task, text=None)
+    return PromptRecord(messages=Conversation(messages, tools=tools) if tools else list(messages), answer=None,
+                        task=task, text=None)
 
 
-def _prompt_messages(turns: list[_Turn], field: str) -> list[Message]:
+def _prompt_messages(turns: list[_Turn], field: str, tools: list[dict[str, Any]] | None = None) -> list[Message]:
+    """A prompt: ends with a user turn, or with tool results (the model answers them next)."""
     _check_turns(turns)
-    if not turns or turns[-1].role != "user":
+    if not turns or turns[-1].role not in ("user", "tool"):
         raise _Invalid("prompt_not_user", turns[-1].role_field if turns else field)
-    return _to_messages(turns)
+    return _to_messages(turns, tools)
 
 
 def _plain_text(rec: dict[str, Any]) -> str | None:
@@ -959,7 +964,8 @@ def _parse_prompt_record(value: Any) -> PromptRecord:
     rec = value
     if "prompt" not in rec:
         raise _Invalid("missing_field", "prompt")
-    messages = _prompt_messages(_prompt_turns(rec), "prompt")
+    _unused(rec, ("prompt", "answer", "task", "system", "tools"))
+    messages = _prompt_messages(_prompt_turns(rec), "prompt", _tools(rec))
     answer = _req_str(rec, "answer") if "answer" in rec else None
     task = _req_str(rec, "task") if "task" in rec else None
     return PromptRecord(messages=messages, answer=answer, task=task, text=_plain_text(rec))
