@@ -31,7 +31,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from llmstages.data import synthetic
@@ -194,6 +194,9 @@ class StageData(L.LightningDataModule):
     def _report(self, name: str, kept: int, reports: list[LoadReport] = ()) -> None:
         for report in reports:
             self.skipped.update(report.skipped)
+            if report.ignored:  # fields no reader uses (on_error: skip, or known-ignorable): named once
+                fields = ", ".join(f"{k} ({v})" for k, v in sorted(report.ignored.items(), key=lambda kv: (-kv[1], kv[0])))
+                rank_zero_warn(f"{report.path.name}: fields not used for training, ignored: {fields}")
         parts = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped.items()))
         rank_zero_info(f"{name}: kept {kept} examples" + (f", skipped {sum(self.skipped.values())} ({parts})" if parts else ""))
         if kept == 0:

@@ -3,8 +3,11 @@
 Rows come from the configured data module's own batches (the same encode,
 truncation and packing path as training), so what you see is what trains.
 Labelled tokens are shown on green, document boundaries in packed rows as
-`│`, padding is left out. `--html` writes the same view as a page (rich's
-recorded console export).
+`│`, padding is left out. Without colours (output piped to a file, `NO_COLOR`)
+each labelled run is written between `⟦` and `⟧` instead, so the view reads in
+plain text (the README's examples). `--html` writes the same view as a page
+(rich's recorded console export). A reply with `weight: 0` is context: shown
+unlabelled, and counted in the header.
 """
 
 from __future__ import annotations
@@ -37,18 +40,32 @@ def load_data_module(config_path: str | Path) -> StageData:
     return parser.instantiate_classes(namespace).data
 
 
-def render_row(tokenizer, input_ids, labels, document_ids=None) -> Text:
+OPEN, CLOSE = "⟦", "⟧"
+
+
+def render_row(tokenizer, input_ids, labels, document_ids=None, marks: bool = False) -> Text:
+    """One row; `marks` brackets each labelled run (for output without colours)."""
     text = Text()
     previous_doc = None
+    inside = False
     for t, (token, label) in enumerate(zip(input_ids, labels)):
         doc = None if document_ids is None else int(document_ids[t])
         if doc == -1:
             break  # padding
+        labelled = int(label) != IGNORE_INDEX
+        if marks and inside and (not labelled or (previous_doc is not None and doc != previous_doc)):
+            text.append(CLOSE)
+            inside = False
         if previous_doc is not None and doc != previous_doc:
             text.append(" │ ", style="bold magenta")
         previous_doc = doc
+        if marks and labelled and not inside:
+            text.append(OPEN)
+            inside = True
         piece = tokenizer.decode([int(token)])
-        text.append(piece, style=LABELLED if int(label) != IGNORE_INDEX else PROMPT)
+        text.append(piece, style=LABELLED if labelled else PROMPT)
+    if inside:
+        text.append(CLOSE)
     return text
 
 
@@ -59,7 +76,12 @@ def show_masks(config: str | Path, n: int = 3, split: str = "train", html: str |
     if not dataset:
         raise SystemExit(f"{config}: the {split} split is empty (val_fraction: {data.val_fraction})")
     console = Console(record=html is not None)
-    console.print(f"[bold]{config}[/] ({split}): [black on green]labelled[/] / [dim]not labelled[/]")
+    marks = console.color_system is None
+    legend = f"labelled between {OPEN} {CLOSE}" if marks else "[black on green]labelled[/] / [dim]not labelled[/]"
+    console.print(f"[bold]{config}[/] ({split}): {legend}")
+    context = getattr(data, "context_replies", 0)
+    if context:
+        console.print(f"{context} assistant replies have weight: 0 (context, not targets)")
     shown = 0
     for i in range(len(dataset)):
         if shown >= n:
@@ -71,7 +93,7 @@ def show_masks(config: str | Path, n: int = 3, split: str = "train", html: str |
             docs = batch.get(f"{prefix}document_ids")
             targets = count_targets(labels[None])
             console.rule(f"row {i}{' ' + prefix.rstrip('_') if prefix else ''}: {targets} target tokens of {len(ids)}")
-            console.print(render_row(data.tokenizer, ids.tolist(), labels.tolist(), None if docs is None else docs[0].tolist()))
+            console.print(render_row(data.tokenizer, ids.tolist(), labels.tolist(), None if docs is None else docs[0].tolist(), marks))
         shown += 1
     if html:
         Path(html).parent.mkdir(parents=True, exist_ok=True)
