@@ -10,6 +10,8 @@ templates that drop tool calls are refused, never silently trained without them.
 from __future__ import annotations
 
 import datetime as dt
+import json
+from collections import Counter
 import logging
 from pathlib import Path
 
@@ -304,3 +306,42 @@ def test_weight_zero_reply_is_context_in_every_template(base: Tokenizer, shared_
         ChatTemplate.get("chatml").encode([Q, {"role": "assistant", "content": "x", "weight": 0}], base)
     with pytest.raises(ValueError, match="weight must be 0 or 1"):
         ChatTemplate.get("chatml").encode([Q, {"role": "assistant", "content": "x", "weight": 0.5}], base)
+
+
+# ------------------------------------------------------------------ the glaive demo, as LLaMA-Factory ships it
+def test_glaive_tool_demo_trains_with_its_tools(shared_data: Path, tmp_path: Path) -> None:
+    """sharegpt function_call/observation + `tools` through the real minimind folder's own template."""
+    from llmstages.data import SFTData
+    from llmstages.data.formats import read_chat
+
+    transformers = pytest.importorskip("transformers")
+    folder = shared_data / "minimind"
+    tok = Tokenizer.from_file(folder)
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    template = resolve_template("auto", tok)
+    convs, report = read_chat(shared_data / "llamafactory" / "glaive_toolcall_en_demo.json")
+    assert report.ignored == Counter()
+    with_calls = [c for c in convs if any(m.get("tool_calls") for m in c)][:12]
+    assert len(with_calls) == 12
+    for conv in with_calls:
+        out = template.encode(conv, tok)
+        assert out["input_ids"] == hf.apply_chat_template(list(conv), tools=conv.tools, tokenize=True, return_dict=False)
+        labelled = _labelled(tok, out)
+        replies = [m for m in conv if m["role"] == "assistant"]
+        assert len(labelled) == len(replies)
+        for text, m in zip(labelled, replies):
+            if m.get("tool_calls"):
+                assert text == "".join(CALL.replace('"city": "%s"', json.dumps(c["function"]["arguments"], ensure_ascii=False)[1:-1])
+                                       .replace("get_weather", c["function"]["name"]) for c in m["tool_calls"]) + "<|im_end|>"
+            else:
+                assert text.endswith(m["content"] + "<|im_end|>")
+        rendered = tok.decode(out["input_ids"])
+        assert "<tools>" in rendered and all("<tools>" not in t for t in labelled)
+
+    raw = json.loads((shared_data / "llamafactory" / "glaive_toolcall_en_demo.json").read_text(encoding="utf-8"))
+    path = tmp_path / "glaive3.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [r for r in raw if r["tools"] != "[]"][:3]), encoding="utf-8")
+    data = SFTData(files=[str(path)], tokenizer=str(folder), template="auto", packing="none", val_fraction=0,
+                   seq_len=2048, cache_dir=str(tmp_path))
+    data.setup("fit")
+    assert all("<tools>" in tok.decode(e["input_ids"]) for e in data.train_set.items)
