@@ -20,12 +20,29 @@ Design choices:
   deliberate exceptions: alpaca joins `instruction` and `input` with "\\n",
   and empty system prompts (`"system": ""` is common in exports) are
   dropped rather than rejected.
-- ShareGPT tool roles follow LLaMA-Factory: `function_call` is an assistant
-  turn (the model learns to emit the call) and `observation` a user turn (the
-  tool result is context). Extra keys such as `tools` are ignored.
+- Tools: a record's `tools` (a list of function schemas, or a JSON string of
+  one) makes the conversation a `Conversation` carrying them; OpenAI
+  `tool_calls` (arguments an object or a JSON string, parsed so every template
+  renders the same object) and `tool` messages are read as written. ShareGPT
+  follows LLaMA-Factory: `function_call` is an assistant turn whose value is
+  the call (the model learns to emit it), `observation` a `tool` message (the
+  result is context). A tool result with no call before it is an error.
+- Reasoning: inline `<think>` in an assistant's content is kept as written (the
+  template parses it); `reasoning_content` is read; `<think>` in a user, system
+  or tool message is an error (`reasoning_marker`).
+- Content parts (`[{"type": "text", "text"}]`, LLaMA-Factory v1's `{"type",
+  "value"}` with `reasoning` and `tool_call` parts) are read; any other part
+  type (image, audio) is an error naming it, never skipped.
+- `weight` (OpenAI) or `loss_weight` (LLaMA-Factory v1), 0 or 1, on an
+  assistant message: 0 keeps the reply as context.
+- No field dropped silently: a field a reader does not use is an error under
+  `on_error="raise"`; under `skip`, and for bookkeeping names
+  (`IGNORABLE_FIELDS`: `id`, `source`...) always, it is counted per field in
+  `LoadReport.ignored` and named in the summary.
 - Structure rules: roles known; system only as the first turn; at least one
-  assistant turn; no two assistant or two user turns in a row; assistant
-  replies and user turns non-empty. A trailing user turn is allowed (it is
+  assistant turn with weight 1; no two assistant or two user turns in a row
+  (an assistant turn of tool calls may follow a reply); assistant replies
+  (content or tool calls) and user turns non-empty. A trailing user turn is allowed (it is
   prompt, so it never carries a loss under the default mask, and a chat that
   ends on a user turn is exactly a generation prompt for evaluation).
   `read_chat` rejects preference records (`format_mismatch`) instead of
