@@ -345,3 +345,17 @@ def test_glaive_tool_demo_trains_with_its_tools(shared_data: Path, tmp_path: Pat
                    seq_len=2048, cache_dir=str(tmp_path))
     data.setup("fit")
     assert all("<tools>" in tok.decode(e["input_ids"]) for e in data.train_set.items)
+
+
+def test_grpo_prompts_from_tool_records_render_with_their_tools(base: Tokenizer, shared_data: Path, tmp_path: Path) -> None:
+    """The prompt is the conversation up to the final reply (tool results included), rendered with `tools=`."""
+    from llmstages.data.formats import read_prompts
+
+    tok, hf = _model(base, shared_data, "Qwen-Qwen3-0.6B")
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps({"tools": [WEATHER], "messages": TOOLS["no_content"]}) + "\n", encoding="utf-8")
+    (record,), _ = read_prompts(path)
+    assert record["answer"] == "It is 21 degrees in Paris."
+    for options in ({}, {"template_kwargs": {"enable_thinking": False}}):
+        ids = resolve_template("auto", tok, **options).encode_prompt(record["messages"], tok)
+        assert ids == _hf_ids(hf, TOOLS["no_content"][:3], tools=[WEATHER], add_generation_prompt=True, **options.get("template_kwargs", {}))
