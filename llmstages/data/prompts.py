@@ -177,11 +177,15 @@ class PromptData(StageData):
                 self.skipped["prompt_too_long_dropped"] += 1
                 return None
             ids = ids[-self.max_prompt_len :]
+            self.truncated += 1
         return {"prompt_ids": ids, "answer": record.get("answer"), "task": record.get("task"),
                 "messages": record["messages"]}
 
+    _truncation_reason = "prompt_truncated"
+
     def _build(self) -> None:
         records, reports = self._records()
+        self.truncated = 0
         items = [e for e in (self.encode(r) for r in records) if e is not None]
         self._report("prompt data", len(items), reports)
         train, val = self._split(items)
