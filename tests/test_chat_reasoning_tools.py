@@ -221,9 +221,12 @@ def test_special_strings_outside_replies_stay_errors(base: Tokenizer, shared_dat
 
 
 # ------------------------------------------------------------------ tools
-def _expected_tool_labels(stem: str, name: str) -> list[str] | None:
-    if stem not in PARALLEL:
-        return None
+def _expected_tool_labels(stem: str, name: str) -> list[str]:
+    if stem.startswith("meta-llama"):  # the call as JSON with "parameters", nothing else
+        return ['{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>', "It is 21 degrees in Paris.<|eot_id|>"]
+    if stem.startswith("mistral"):  # [TOOL_CALLS] is the model's to write: labelled
+        return ['[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "call00001"}]</s>',
+                "It is 21 degrees in Paris.</s>"]
     if name == "no_content":
         return [CALL % "Paris" + "<|im_end|>", "It is 21 degrees in Paris.<|im_end|>"]
     return ["Let me check.\n" + CALL % "Paris" + "\n" + CALL % "Rome" + "<|im_end|>", "You are welcome.<|im_end|>"]
@@ -235,7 +238,6 @@ def test_tool_calls_match_transformers_and_label_only_the_calls_and_replies(
 ) -> None:
     tok, hf = _model(base, shared_data, stem)
     template = resolve_template("auto", tok)
-    eot = MODELS[stem][2] if stem.startswith("mistral") else tok.decode([template.stop_token_id(tok)])
     for name, msgs in TOOLS.items():
         if name.startswith("parallel") and stem not in PARALLEL:
             with pytest.raises(ValueError, match="single tool-calls|cannot locate"):  # Llama-3.x: one call a turn; Mistral drops content
@@ -244,12 +246,7 @@ def test_tool_calls_match_transformers_and_label_only_the_calls_and_replies(
         out = template.encode(Conversation(msgs, tools=[WEATHER]), tok)
         assert out["input_ids"] == _hf_ids(hf, msgs, tools=[WEATHER]), (stem, name)
         labelled = _labelled(tok, out)
-        expected = _expected_tool_labels(stem, name)
-        if expected is not None:
-            assert labelled == expected, (stem, name)
-        else:  # Llama-3.x and Mistral write calls as JSON: the call's name and arguments are labelled, then the eot
-            assert len(labelled) == 2 and '"get_weather"' in labelled[0] and '"Paris"' in labelled[0], (stem, labelled)
-            assert labelled[0].endswith(eot) and labelled[1] == "It is 21 degrees in Paris." + eot
+        assert labelled == _expected_tool_labels(stem, name), (stem, name)
         text = tok.decode(out["input_ids"])
         for secret in ("temp", "The weather in a city", "Weather in Paris"):  # results, schemas, prompts
             assert secret in text and all(secret not in t for t in labelled), (stem, secret)
