@@ -20,6 +20,10 @@ Design choices:
   deliberate exceptions: alpaca joins `instruction` and `input` with "\\n",
   and empty system prompts (`"system": ""` is common in exports) are
   dropped rather than rejected.
+- Field helpers live in `record_fields.py` (typed getters, `Invalid`, fields no
+  reader uses) and the parts of a message beyond role and text in
+  `message_parts.py` (content parts, tool calls, tool schemas, weights); this
+  module reads files and applies the record and turn rules.
 - Tools: a record's `tools` (a list of function schemas, or a JSON string of
   one) makes the conversation a `Conversation` carrying them; OpenAI
   `tool_calls` (arguments an object or a JSON string, parsed so every template
@@ -63,14 +67,26 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypedDict
 
 from llmstages.data.chat.messages import ROLES, Conversation, Message, Role, tools_of
+from llmstages.data.message_parts import REASONING_MARKERS, content_parts, message_weight, read_tools, tool_call
+from llmstages.data.record_fields import (
+    Invalid,
+    UnusedFields,
+    as_object,
+    json_type,
+    json_value,
+    opt_str,
+    req_list,
+    req_str,
+    unused,
+    wrong_type,
+)
 from llmstages.options import OnError, choices
 
 __all__ = [
@@ -221,14 +237,6 @@ class LoadReport:
 # --------------------------------------------------------------------------- reading
 
 
-class _Invalid(Exception):
-    """A record-level problem; the read loop adds the file and index."""
-
-    def __init__(self, reason: str, field: str | None = None, detail: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason, self.field, self.detail = reason, field, detail
-
-
 _BOM = "\ufeff"
 
 
@@ -307,7 +315,7 @@ def _json_records(path: Path) -> Iterator[_Raw]:
             raise DataFormatError(path, err.lineno, None, "invalid_json", detail) from None
         if not isinstance(data, list):
             raise DataFormatError(
-                path, None, None, "wrong_type", f"a .json file must hold an array of records, got {_json_type(data)}"
+                path, None, None, "wrong_type", f"a .json file must hold an array of records, got {json_type(data)}"
             )
         for i, value in enumerate(data):
             yield i, "record", value
@@ -324,11 +332,11 @@ class _Collector:
         self.path, self.on_error = path, on_error
         self.items: list[Any] = []
         self.report = LoadReport(path=path)
-        self.unused = _UnusedFields(self.report, on_error)
+        self.unused = UnusedFields(self.report.ignored, on_error)
 
     def reject(self, err: DataFormatError) -> None:
         if self.on_error == "raise":
-            raise err from None  # the internal _Invalid adds nothing to the traceback
+            raise err from None  # the internal Invalid adds nothing to the traceback
         self.report.skipped[err.reason] += 1
         if len(self.report.first_errors) < LoadReport.MAX_ERRORS:
             self.report.first_errors.append(str(err))
@@ -339,16 +347,16 @@ class _Collector:
             if isinstance(value, DataFormatError):
                 self.reject(value)
                 continue
-            outer, _UnusedFields.current = _UnusedFields.current, self.unused
+            outer, UnusedFields.current = UnusedFields.current, self.unused
             try:
                 item = parse(value)
-            except _Invalid as bad:
+            except Invalid as bad:
                 self.unused.commit(kept=False)
                 err = DataFormatError(self.path, index, bad.field, bad.reason, bad.detail, index_kind=kind)
                 self.reject(err)
                 continue
             finally:
-                _UnusedFields.current = outer
+                UnusedFields.current = outer
             self.unused.commit(kept=True)
             self.report.kept += 1
             yield item
@@ -377,63 +385,6 @@ def _check_policy(on_error: str) -> None:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
 
 
-# --------------------------------------------------------------------------- field helpers
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
-
-
-def _wrong_type(field: str | None, expected: str, value: Any) -> _Invalid:
-    return _Invalid("wrong_type", field, f"expected {expected}, got {_json_type(value)}")
-
-
-def _as_object(value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise _wrong_type(None, "a JSON object", value)
-    return value
-
-
-def _req_str(rec: dict[str, Any], key: str, field: str | None = None) -> str:
-    if key not in rec:
-        raise _Invalid("missing_field", field or key)
-    value = rec[key]
-    if not isinstance(value, str):
-        raise _wrong_type(field or key, "string", value)
-    return value
-
-
-def _opt_str(rec: dict[str, Any], key: str) -> str:
-    """An optional string field; absent and null both read as ""."""
-    value = rec.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise _wrong_type(key, "string", value)
-    return value
-
-
-def _req_list(rec: dict[str, Any], key: str) -> list[Any]:
-    if key not in rec:
-        raise _Invalid("missing_field", key)
-    value = rec[key]
-    if not isinstance(value, list):
-        raise _wrong_type(key, "array", value)
-    return value
-
-
 # --------------------------------------------------------------------------- conversations
 
 
@@ -452,202 +403,56 @@ class _Turn:
         return bool(self.extra.get("tool_calls"))
 
 
-# Field names a reader may meet and never uses: counted and named in the load report, never an error.
-IGNORABLE_FIELDS = frozenset({"id", "idx", "index", "uuid", "source", "dataset", "category", "meta", "metadata", "lang", "language"})
-# Content parts that carry no text; a record holding one is refused rather than trained without it.
-_TEXT_PART_KEYS = ("text", "value")
-_REASONING_OPEN, _REASONING_CLOSE = "<think>", "</think>"
-
-
-class _UnusedFields:
-    """Fields a record holds and the reader does not use: an error under on_error="raise" (unless
-    the name is in IGNORABLE_FIELDS), else counted per field in the report (`LoadReport.ignored`)."""
-
-    current: ClassVar[_UnusedFields | None] = None
-
-    def __init__(self, report: LoadReport, on_error: str) -> None:
-        self.report, self.on_error = report, on_error
-        self.pending: Counter[str] = Counter()
-
-    def check(self, rec: dict[str, Any], used: Collection[str], base: str | None = None) -> None:
-        for key in rec:
-            if key in used:
-                continue
-            name = f"{base}.{key}" if base else key
-            if key not in IGNORABLE_FIELDS and self.on_error == "raise":
-                raise _Invalid("unknown_field", name, f"this reader does not use it (it reads: {', '.join(sorted(used))})")
-            self.pending[re.sub(r"\[\d+\]", "[]", name)] += 1
-
-    def commit(self, kept: bool) -> None:
-        if kept:
-            self.report.ignored.update(self.pending)
-        self.pending.clear()
-
-
-def _unused(rec: dict[str, Any], used: Collection[str], base: str | None = None) -> None:
-    if _UnusedFields.current is not None:
-        _UnusedFields.current.check(rec, used, base)
-
-
-def _content(value: Any, field: str, role: Role) -> tuple[str, dict[str, Any]]:
-    """A message's content: a string, or a list of typed parts (OpenAI `{"type": "text", "text"}`,
-    LLaMA-Factory v1 `{"type": "text" | "reasoning" | "tool_call", "value"}`). Text parts are joined;
-    reasoning and tool-call parts become `reasoning_content` and `tool_calls`; any other part is an error."""
-    if isinstance(value, str):
-        return value, {}
-    if not isinstance(value, list):
-        raise _wrong_type(field, "a string or an array of content parts", value)
-    texts: list[str] = []
-    reasoning: list[str] = []
-    calls: list[Any] = []
-    for j, part in enumerate(value):
-        where = f"{field}[{j}]"
-        if not isinstance(part, dict):
-            raise _wrong_type(where, "a content part object", part)
-        kind = part.get("type")
-        key = next((k for k in _TEXT_PART_KEYS if k in part), None)
-        if kind not in ("text", "reasoning", "tool_call") or key is None:
-            raise _Invalid(
-                "unsupported_part", f"{where}.type",
-                f"a {kind!r} part; only text (and an assistant's reasoning/tool_call) parts can be trained",
-            )
-        _unused(part, ("type", key), where)
-        text = part[key]
-        if not isinstance(text, str):
-            raise _wrong_type(f"{where}.{key}", "string", text)
-        if kind != "text" and role != "assistant":
-            raise _Invalid("unsupported_part", f"{where}.type", f"a {kind} part in a {role} message")
-        if kind == "tool_call":
-            calls.append(_tool_call(text, f"{where}.{key}"))
-        elif kind == "reasoning":
-            reasoning.append(text)
-        else:
-            texts.append(text)
-    extra: dict[str, Any] = {}
-    if reasoning:
-        extra["reasoning_content"] = "\n".join(reasoning)
-    if calls:
-        extra["tool_calls"] = calls
-    return "".join(texts), extra
-
-
-def _json_value(value: Any, field: str) -> Any:
-    """A value that datasets often store as a JSON string: parsed, with the field named when it is not JSON."""
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError as err:
-        raise _Invalid("invalid_json", field, f"{err.msg} (column {err.colno})") from None
-
-
-def _tool_call(value: Any, field: str) -> dict[str, Any]:
-    """One call as templates read it: `{"type": "function", "function": {"name", "arguments": {...}}}`
-    (plus `id` when given). Bare `{"name", "arguments"}` (LLaMA-Factory) is accepted; `arguments`
-    given as a JSON string is parsed, so every template renders the same object."""
-    value = _json_value(value, field)
-    if not isinstance(value, dict):
-        raise _wrong_type(field, "a tool call object", value)
-    function = value.get("function", value)
-    fbase = f"{field}.function" if "function" in value else field
-    if "function" in value:
-        _unused(value, ("function", "type", "id"), field)
-    if not isinstance(function, dict):
-        raise _wrong_type(fbase, "an object with name and arguments", function)
-    _unused(function, ("name", "arguments") if function is not value else ("name", "arguments", "type", "id"), fbase)
-    name = _req_str(function, "name", f"{fbase}.name")
-    if not name.strip():
-        raise _Invalid("missing_field", f"{fbase}.name", "empty tool name")
-    arguments = _json_value(function.get("arguments", {}), f"{fbase}.arguments")
-    if not isinstance(arguments, dict):
-        raise _wrong_type(f"{fbase}.arguments", "an object (or a JSON string of one)", arguments)
-    call: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}
-    if "id" in value:
-        call["id"] = _req_str(value, "id", f"{field}.id")
-    return call
-
-
-def _tools(rec: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """A record's `tools`: function schemas (a list, or a JSON string of one, as datasets store it),
-    each as `{"type": "function", "function": {"name", ...}}`; bare `{"name", ...}` schemas are wrapped."""
-    if "tools" not in rec or rec["tools"] in (None, "", []):
-        return None
-    tools = _json_value(rec["tools"], "tools")
-    if not isinstance(tools, list):
-        raise _wrong_type("tools", "an array of function schemas (or a JSON string of one)", tools)
-    out = []
-    for k, tool in enumerate(tools):
-        if not isinstance(tool, dict):
-            raise _wrong_type(f"tools[{k}]", "a function schema object", tool)
-        function = tool.get("function", tool) if tool.get("type", "function") == "function" else tool
-        where = f"tools[{k}].function" if "function" in tool else f"tools[{k}]"
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"].strip():
-            raise _Invalid("missing_field", f"{where}.name", "a tool schema needs a function name")
-        out.append({"type": "function", "function": function})
-    return out
-
-
 def _role_turn(
     item: Any, base: str, role_key: str, content_key: str, roles: dict[str, Role]
 ) -> _Turn:
     if not isinstance(item, dict):
-        raise _wrong_type(base, "an object", item)
+        raise wrong_type(base, "an object", item)
     role_field, content_field = f"{base}.{role_key}", f"{base}.{content_key}"
-    name = _req_str(item, role_key, role_field)
+    name = req_str(item, role_key, role_field)
     if name not in roles:
-        raise _Invalid("unknown_role", role_field, f"{name!r} (known: {', '.join(roles)})")
+        raise Invalid("unknown_role", role_field, f"{name!r} (known: {', '.join(roles)})")
     role = roles[name]
     sharegpt = role_key == "from"
     used = {role_key, content_key, "weight", "loss_weight"}
     if content_key not in item:
-        raise _Invalid("missing_field", content_field)
+        raise Invalid("missing_field", content_field)
     raw = item[content_key]
     if role == "assistant" and raw is None and not sharegpt:
         raw = ""  # OpenAI writes null content beside tool_calls
-    content, extra = _content(raw, content_field, role)
+    content, extra = content_parts(raw, content_field, role)
     if sharegpt and name == "function_call":  # LLaMA-Factory: the value is the call (or a list of calls)
-        calls = _json_value(content, content_field)
+        calls = json_value(content, content_field)
         calls = calls if isinstance(calls, list) else [calls]
-        extra["tool_calls"] = [_tool_call(c, f"{content_field}[{j}]" if len(calls) > 1 else content_field)
+        extra["tool_calls"] = [tool_call(c, f"{content_field}[{j}]" if len(calls) > 1 else content_field)
                                for j, c in enumerate(calls)]
         content = ""
     if not sharegpt:
         used |= {"reasoning_content", "tool_calls", "tool_call_id", "name"}
         if role == "assistant" and item.get("reasoning_content") is not None:
-            extra["reasoning_content"] = _req_str(item, "reasoning_content", f"{base}.reasoning_content")
+            extra["reasoning_content"] = req_str(item, "reasoning_content", f"{base}.reasoning_content")
         if role == "assistant" and item.get("tool_calls"):
             calls = item["tool_calls"]
             if not isinstance(calls, list):
-                raise _wrong_type(f"{base}.tool_calls", "an array of tool calls", calls)
-            extra["tool_calls"] = [_tool_call(c, f"{base}.tool_calls[{j}]") for j, c in enumerate(calls)]
+                raise wrong_type(f"{base}.tool_calls", "an array of tool calls", calls)
+            extra["tool_calls"] = [tool_call(c, f"{base}.tool_calls[{j}]") for j, c in enumerate(calls)]
         for key in ("tool_call_id", "name"):
             if role == "tool" and item.get(key) is not None:
-                extra[key] = _req_str(item, key, f"{base}.{key}")
+                extra[key] = req_str(item, key, f"{base}.{key}")
         if role != "assistant" and item.get("tool_calls"):
-            raise _Invalid("wrong_role", f"{base}.tool_calls", f"tool calls in a {role} message")
-    weight = _weight(item, base)
+            raise Invalid("wrong_role", f"{base}.tool_calls", f"tool calls in a {role} message")
+    weight = message_weight(item, base)
     if weight is not None and role == "assistant":
         extra["weight"] = weight
-    _unused(item, used, base)
+    unused(item, used, base)
     return _Turn(role, content, role_field, content_field, extra)
-
-
-def _weight(item: dict[str, Any], base: str) -> int | None:
-    """`weight` (OpenAI fine-tuning) or `loss_weight` (LLaMA-Factory v1): 0 (context) or 1 (target)."""
-    key = next((k for k in ("weight", "loss_weight") if k in item), None)
-    if key is None:
-        return None
-    value = item[key]
-    if isinstance(value, bool) or value not in (0, 1):
-        raise _Invalid("wrong_type", f"{base}.{key}", f"expected 0 (context) or 1 (trained), got {value!r}")
-    return int(value)
 
 
 def _turn_list(
     items: Any, base: str, role_key: str, content_key: str, roles: dict[str, Role]
 ) -> list[_Turn]:
     if not isinstance(items, list):
-        raise _wrong_type(base, "array", items)
+        raise wrong_type(base, "array", items)
     return [_role_turn(x, f"{base}[{i}]", role_key, content_key, roles) for i, x in enumerate(items)]
 
 
@@ -660,7 +465,7 @@ def _openai_turns(items: Any, base: str) -> list[_Turn]:
 
 
 def _system_turn(rec: dict[str, Any]) -> list[_Turn]:
-    text = _opt_str(rec, "system")
+    text = opt_str(rec, "system")
     return [_Turn("system", text, "system", "system")] if text.strip() else []
 
 
@@ -671,7 +476,7 @@ def _prompt_turns(rec: dict[str, Any]) -> list[_Turn]:
         return _system_turn(rec) + [_Turn("user", raw, "prompt", "prompt")]
     if isinstance(raw, list):
         return _system_turn(rec) + _openai_turns(raw, "prompt")
-    raise _wrong_type("prompt", "a string or an array of messages", raw)
+    raise wrong_type("prompt", "a string or an array of messages", raw)
 
 
 def _check_turns(turns: list[_Turn], *, prev_role: Role | None = None, allow_system: bool = True) -> None:
@@ -680,16 +485,16 @@ def _check_turns(turns: list[_Turn], *, prev_role: Role | None = None, allow_sys
     for i, turn in enumerate(turns):
         if turn.role == "system":
             if not allow_system or i > 0 or prev_role is not None:
-                raise _Invalid("misplaced_system", turn.role_field, "a system prompt may only be the first turn")
+                raise Invalid("misplaced_system", turn.role_field, "a system prompt may only be the first turn")
         elif turn.role == "tool":
             if not calls:
-                raise _Invalid("orphan_tool_result", turn.role_field, "a tool result with no tool call before it")
+                raise Invalid("orphan_tool_result", turn.role_field, "a tool result with no tool call before it")
         elif turn.role == prev_role and not (turn.role == "assistant" and turn.has_calls):
-            raise _Invalid(f"consecutive_{turn.role}", turn.role_field, f"two {turn.role} turns in a row")
+            raise Invalid(f"consecutive_{turn.role}", turn.role_field, f"two {turn.role} turns in a row")
         elif not turn.content.strip() and not turn.has_calls:
-            raise _Invalid("empty_reply" if turn.role == "assistant" else "empty_message", turn.content_field)
-        if turn.role != "assistant" and any(m in turn.content for m in (_REASONING_OPEN, _REASONING_CLOSE)):
-            raise _Invalid(
+            raise Invalid("empty_reply" if turn.role == "assistant" else "empty_message", turn.content_field)
+        if turn.role != "assistant" and any(m in turn.content for m in REASONING_MARKERS):
+            raise Invalid(
                 "reasoning_marker", turn.content_field,
                 f"a {turn.role} message contains <think>/</think>; reasoning belongs in an assistant reply",
             )
@@ -710,29 +515,29 @@ def _to_messages(turns: list[_Turn], tools: list[dict[str, Any]] | None = None) 
 def _finish_chat(turns: list[_Turn], tools: list[dict[str, Any]] | None = None) -> list[Message]:
     _check_turns(turns)
     if not any(t.role == "assistant" for t in turns):
-        raise _Invalid("no_assistant")
+        raise Invalid("no_assistant")
     if not any(t.role == "assistant" and t.extra.get("weight", 1) for t in turns):
-        raise _Invalid("no_target", None, "every assistant turn has weight 0")
+        raise Invalid("no_target", None, "every assistant turn has weight 0")
     return _to_messages(turns, tools)
 
 
 def _parse_alpaca(rec: dict[str, Any]) -> list[Message]:
-    _unused(rec, ("instruction", "input", "output", "system", "history"))
-    instruction = _req_str(rec, "instruction")
-    extra = _opt_str(rec, "input")
-    output = _req_str(rec, "output")
+    unused(rec, ("instruction", "input", "output", "system", "history"))
+    instruction = req_str(rec, "instruction")
+    extra = opt_str(rec, "input")
+    output = req_str(rec, "output")
     turns = _system_turn(rec)
     history = rec.get("history")
     if history is not None:
         if not isinstance(history, list):
-            raise _wrong_type("history", "array of [user, assistant] pairs", history)
+            raise wrong_type("history", "array of [user, assistant] pairs", history)
         for i, pair in enumerate(history):
             base = f"history[{i}]"
             if not (isinstance(pair, list) and len(pair) == 2):
-                raise _wrong_type(base, "a [user, assistant] pair", pair)
+                raise wrong_type(base, "a [user, assistant] pair", pair)
             for j, (role, text) in enumerate(zip(("user", "assistant"), pair)):
                 if not isinstance(text, str):
-                    raise _wrong_type(f"{base}[{j}]", "string", text)
+                    raise wrong_type(f"{base}[{j}]", "string", text)
                 turns.append(_Turn(role, text, base, f"{base}[{j}]"))  # type: ignore[arg-type]
     prompt = "\n".join(part for part in (instruction, extra) if part.strip())
     turns.append(_Turn("user", prompt, "instruction", "instruction"))
@@ -741,16 +546,16 @@ def _parse_alpaca(rec: dict[str, Any]) -> list[Message]:
 
 
 def _parse_sharegpt(rec: dict[str, Any]) -> list[Message]:
-    _unused(rec, ("conversations", "system", "tools"))
-    turns = _system_turn(rec) + _sharegpt_turns(_req_list(rec, "conversations"), "conversations")
-    return _finish_chat(turns, _tools(rec))
+    unused(rec, ("conversations", "system", "tools"))
+    turns = _system_turn(rec) + _sharegpt_turns(req_list(rec, "conversations"), "conversations")
+    return _finish_chat(turns, read_tools(rec))
 
 
 def _parse_messages(rec: dict[str, Any]) -> list[Message]:
     # A top-level `system` is honoured here too rather than silently ignored.
-    _unused(rec, ("messages", "system", "tools"))
-    turns = _system_turn(rec) + _openai_turns(_req_list(rec, "messages"), "messages")
-    return _finish_chat(turns, _tools(rec))
+    unused(rec, ("messages", "system", "tools"))
+    turns = _system_turn(rec) + _openai_turns(req_list(rec, "messages"), "messages")
+    return _finish_chat(turns, read_tools(rec))
 
 
 # The key that marks each chat format, and its parser.
@@ -783,9 +588,9 @@ def read_chat(
     chosen: list[str | None] = [None if format == "auto" else format]
 
     def parse(value: Any) -> list[Message]:
-        rec = _as_object(value)
+        rec = as_object(value)
         if "chosen" in rec and "rejected" in rec:
-            raise _Invalid("format_mismatch", None, "a preference record; read it with read_preference")
+            raise Invalid("format_mismatch", None, "a preference record; read it with read_preference")
         found = _formats_of(rec)
         fmt = chosen[0]
         if fmt is None:
@@ -796,12 +601,12 @@ def read_chat(
                     if found
                     else f"no key of a known chat format ({', '.join(_MARKERS.values())})"
                 )
-                raise _Invalid(reason, None, detail)
+                raise Invalid(reason, None, detail)
             fmt = chosen[0] = col.report.format = found[0]
         if fmt not in found:
             if found:
-                raise _Invalid("format_mismatch", None, f"a {found[0]} record in a {fmt} file")
-            raise _Invalid("missing_field", _MARKERS[fmt])
+                raise Invalid("format_mismatch", None, f"a {found[0]} record in a {fmt} file")
+            raise Invalid("missing_field", _MARKERS[fmt])
         return _PARSERS[fmt](rec)
 
     if format != "auto":
@@ -815,7 +620,7 @@ def read_chat(
 
 def _completion(rec: dict[str, Any], key: str, sharegpt: bool) -> list[_Turn]:
     if key not in rec:
-        raise _Invalid("missing_field", key)
+        raise Invalid("missing_field", key)
     value = rec[key]
     if isinstance(value, str):
         turns = [_Turn("assistant", value, key, key)]
@@ -827,36 +632,36 @@ def _completion(rec: dict[str, Any], key: str, sharegpt: bool) -> list[_Turn]:
     elif isinstance(value, list):
         turns = _sharegpt_turns(value, key) if sharegpt else _openai_turns(value, key)
     else:
-        raise _wrong_type(key, "a string, a message object or an array of messages", value)
+        raise wrong_type(key, "a string, a message object or an array of messages", value)
     if not turns:
-        raise _Invalid("empty_reply", key, "no messages")
+        raise Invalid("empty_reply", key, "no messages")
     for end in (turns[0], turns[-1]):
         if end.role != "assistant":
-            raise _Invalid("wrong_role", end.role_field, f"{key} must start and end with an assistant turn")
+            raise Invalid("wrong_role", end.role_field, f"{key} must start and end with an assistant turn")
     _check_turns(turns, prev_role="user", allow_system=False)
     return turns
 
 
 def _parse_preference(value: Any) -> PreferencePair:
-    rec = _as_object(value)
-    _unused(rec, ("conversations", "prompt", "chosen", "rejected", "system", "tools"))
+    rec = as_object(value)
+    unused(rec, ("conversations", "prompt", "chosen", "rejected", "system", "tools"))
     if "conversations" in rec:
         sharegpt = True
-        prompt = _system_turn(rec) + _sharegpt_turns(_req_list(rec, "conversations"), "conversations")
+        prompt = _system_turn(rec) + _sharegpt_turns(req_list(rec, "conversations"), "conversations")
     elif "prompt" in rec:
         sharegpt = False
         prompt = _prompt_turns(rec)
     else:
-        raise _Invalid("missing_field", "prompt", "expected 'conversations' (sharegpt) or 'prompt'")
+        raise Invalid("missing_field", "prompt", "expected 'conversations' (sharegpt) or 'prompt'")
     _check_turns(prompt)
     if not prompt or prompt[-1].role != "user":
         field = prompt[-1].role_field if prompt else ("conversations" if sharegpt else "prompt")
-        raise _Invalid("prompt_not_user", field)
+        raise Invalid("prompt_not_user", field)
     chosen = _to_messages(_completion(rec, "chosen", sharegpt))
     rejected = _to_messages(_completion(rec, "rejected", sharegpt))
     if chosen == rejected:
-        raise _Invalid("identical_pair", "rejected")
-    return {"prompt": _to_messages(prompt, _tools(rec)), "chosen": chosen, "rejected": rejected}
+        raise Invalid("identical_pair", "rejected")
+    return {"prompt": _to_messages(prompt, read_tools(rec)), "chosen": chosen, "rejected": rejected}
 
 
 def read_preference(
@@ -917,9 +722,9 @@ class TextStream:
             field = self.field
 
             def parse(value: Any) -> str:
-                text = _req_str(_as_object(value), field)
+                text = req_str(as_object(value), field)
                 if not text.strip():
-                    raise _Invalid("empty_text", field)
+                    raise Invalid("empty_text", field)
                 return text
 
             yield from col.stream(_json_records(path), parse)
@@ -966,7 +771,7 @@ def _prompt_messages(turns: list[_Turn], field: str, tools: list[dict[str, Any]]
     """A prompt: ends with a user turn, or with tool results (the model answers them next)."""
     _check_turns(turns)
     if not turns or turns[-1].role not in ("user", "tool"):
-        raise _Invalid("prompt_not_user", turns[-1].role_field if turns else field)
+        raise Invalid("prompt_not_user", turns[-1].role_field if turns else field)
     return _to_messages(turns, tools)
 
 
@@ -977,14 +782,14 @@ def _plain_text(rec: dict[str, Any]) -> str | None:
 
 def _parse_prompt_record(value: Any) -> PromptRecord:
     if not isinstance(value, dict):
-        raise _wrong_type(None, "an object", value)
+        raise wrong_type(None, "an object", value)
     rec = value
     if "prompt" not in rec:
-        raise _Invalid("missing_field", "prompt")
-    _unused(rec, ("prompt", "answer", "task", "system", "tools"))
-    messages = _prompt_messages(_prompt_turns(rec), "prompt", _tools(rec))
-    answer = _req_str(rec, "answer") if "answer" in rec else None
-    task = _req_str(rec, "task") if "task" in rec else None
+        raise Invalid("missing_field", "prompt")
+    unused(rec, ("prompt", "answer", "task", "system", "tools"))
+    messages = _prompt_messages(_prompt_turns(rec), "prompt", read_tools(rec))
+    answer = req_str(rec, "answer") if "answer" in rec else None
+    task = req_str(rec, "task") if "task" in rec else None
     return PromptRecord(messages=messages, answer=answer, task=task, text=_plain_text(rec))
 
 
@@ -999,7 +804,7 @@ def _parse_prompt_line(value: Any) -> PromptRecord:
     if isinstance(value, dict) and isinstance(value.get("prompt"), str):
         return PromptRecord(messages=_prompt_messages(_prompt_turns(value), "prompt"), answer=None, task=None,
                             text=_plain_text(value))
-    raise _Invalid("no_prompt")
+    raise Invalid("no_prompt")
 
 
 def _prompt_lines(path: Path) -> Iterator[_Raw]:
