@@ -339,13 +339,15 @@ class HFChatTemplate:
         return self._markers_of(tokenizer).eot_id
 
     # ----------------------------------------------------------- encoding
-    def _sentinel_renders(self, msgs: list[Message], i: int, tokenizer: Tokenizer) -> list[str]:
-        """The conversation up to reply `i`, that reply replaced by each sentinel (no reasoning, no
-        tool calls): what the template writes before the model's part. Later messages are left out,
-        so a template that checks the whole conversation (Mistral's role alternation) accepts it."""
+    def _sentinel_renders(self, msgs: list[Message], i: int, tokenizer: Tokenizer, whole: bool = False) -> list[str]:
+        """The conversation up to reply `i` (`whole`: all of it), that reply replaced by each sentinel
+        (no reasoning, no tool calls): what the template writes before the model's part. Later
+        messages are left out first, so a template that checks the whole conversation (Mistral's
+        role alternation) accepts it."""
         out = []
         for sentinel in SENTINELS:
-            other = Conversation([*msgs[:i], {"role": "assistant", "content": sentinel}], tools=tools_of(msgs))
+            other = Conversation(msgs if whole else msgs[: i + 1], tools=tools_of(msgs))
+            other[i] = {"role": "assistant", "content": sentinel}
             out.append(self.render(other, tokenizer))
         return out
 
@@ -362,7 +364,7 @@ class HFChatTemplate:
         trained = set(trained_replies([m["role"] for m in msgs], loss_mask, trained_from, context))
         labels = [IGNORE_INDEX] * len(ids)
         token = 0
-        variants = lambda i: self._sentinel_renders(msgs, i, tokenizer)  # noqa: E731
+        variants = lambda i, whole: self._sentinel_renders(msgs, i, tokenizer, whole)  # noqa: E731
         for reply in locate_replies(text, msgs, markers, self.name, variants):
             if reply.message not in trained:
                 continue
@@ -487,7 +489,7 @@ class HFChatTemplate:
         markers = self._markers_of(tokenizer)
         full = self._encode_full(msgs, tokenizer, loss_mask, len(context))
         text = self._checked_render(msgs, tokenizer, add_generation_prompt=False)
-        variants = lambda i: self._sentinel_renders(msgs, i, tokenizer)  # noqa: E731
+        variants = lambda i, whole: self._sentinel_renders(msgs, i, tokenizer, whole)  # noqa: E731
         reply = locate_replies(text, msgs, markers, self.name, variants)[-1]
         _, offsets = tokenizer.encode_rendered(text)
         start = next(i for i, (a, b) in enumerate(offsets) if b > reply.start or a >= reply.end)

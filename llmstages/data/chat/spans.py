@@ -6,19 +6,23 @@ Design choices:
   renders a conversation (and, per reply, the same conversation with that
   reply replaced by a sentinel); this module finds each message in that text
   in order, and the template maps the reply spans to tokens.
-- A reply is what the template writes where the model writes: the text in
-  which the full rendering differs from the renderings with the reply replaced
-  by sentinels (their common prefix and common suffix are the template's).
-  Two sentinels that differ in their first and last characters make the
-  boundaries exact whatever the reply starts or ends with. So a reply's span
-  holds whatever the template renders for it, in its own format: content
-  (as is, trimmed), reasoning where the template keeps it (Qwen3's final turn
-  reformats it to `<think>\\n…\\n</think>\\n\\n`), tool calls (`<tool_call>…`,
-  Llama-3.1's JSON, `[TOOL_CALLS]…`) - and nothing the template inserts around
-  every reply, such as the empty `<think>\\n\\n</think>\\n\\n` scaffolding of
-  Qwen3/minimind/SmolLM3, so a model is not taught to emit it. The `<think>`
-  that opens kept reasoning is the model's (Qwen3's generation prompt stops
-  before it), so it belongs to the span.
+- A reply is what the template writes where the model writes: it starts where
+  the full rendering stops agreeing with the renderings of the conversation up
+  to that reply with the reply replaced by a sentinel (the common prefix is the
+  template's: headers, scaffolding), and ends at the first end-of-turn marker
+  after that (a reply never contains one: `jinja.py` refuses special-token
+  strings in content, reasoning and tool calls). Two sentinels with different
+  first characters make the start exact whatever the reply starts with. Later
+  messages are left out of the sentinel renderings, so a template that checks
+  the whole conversation (Mistral's role alternation) still accepts them. So a
+  reply's span holds whatever the template renders for it, in its own format:
+  content (as is, trimmed), reasoning where the template keeps it (Qwen3's
+  final turn reformats it to `<think>\n…\n</think>\n\n`), tool calls
+  (`<tool_call>…`, Llama-3.1's JSON, `[TOOL_CALLS]…`) - and nothing the
+  template inserts before every reply, such as the empty
+  `<think>\n\n</think>\n\n` scaffolding of Qwen3/minimind/SmolLM3, so a model
+  is not taught to emit it. The `<think>` that opens kept reasoning is the
+  model's (Qwen3's generation prompt stops before it), so it belongs to the span.
 - The span is checked, never guessed: it must end at a special token (the
   end-of-turn), hold the reply's answer (as written, trimmed or with
   `<think>` dropped) and each tool call's name; otherwise the template
@@ -37,7 +41,7 @@ from typing import Any
 
 __all__ = ["SENTINELS", "Markers", "ReplySpan", "locate_replies", "special_at"]
 
-#: Replacement replies whose first and last characters differ from each other's.
+#: Replacement replies whose first characters differ.
 SENTINELS = ("@llmstages sentinel A@", "#llmstages sentinel B#")
 
 _OPEN_THINK = re.compile(r"<think>\s*$")
@@ -91,18 +95,21 @@ def locate_replies(
     msgs: Sequence[Mapping[str, Any]],
     markers: Markers,
     template: str,
-    variants: Callable[[int], Sequence[str]],
+    variants: Callable[[int, bool], Sequence[str]],
 ) -> list[ReplySpan]:
     """Every assistant reply's character span in the full rendering `text` of `msgs`, in order.
 
-    `variants(i)` renders the conversation with reply `i` replaced by each of
-    `SENTINELS`; `template` is the template's name, for the errors.
+    `variants(i, whole)` renders the conversation up to reply `i` (`whole`: all
+    of it), that reply replaced by each of `SENTINELS`; the whole conversation
+    is the fallback for a template that writes something before the reply
+    according to later messages (Mistral puts the tool schemas before the last
+    user turn). `template` is the template's name, for the errors.
     """
     replies: list[ReplySpan] = []
     cursor = 0
     for i, m in enumerate(msgs):
         if m["role"] == "assistant":
-            start, end = _reply_span(text, i, m, cursor, markers, template, variants(i))
+            start, end = _reply_span(text, i, m, cursor, markers, template, variants)
             replies.append(ReplySpan(i, start, end))
             cursor = end + len(special_at(text, end, markers.specials) or "")
         else:
@@ -117,9 +124,15 @@ def locate_replies(
 
 
 def _reply_span(
-    text: str, i: int, m: Mapping[str, Any], cursor: int, markers: Markers, template: str, others: Sequence[str]
+    text: str, i: int, m: Mapping[str, Any], cursor: int, markers: Markers, template: str,
+    variants: Callable[[int, bool], Sequence[str]],
 ) -> tuple[int, int]:
-    start = min(_common_prefix(text, o) for o in others)
+    start = min(_common_prefix(text, o) for o in variants(i, False))
+    if start < cursor:
+        try:
+            start = min(_common_prefix(text, o) for o in variants(i, True))
+        except ValueError:
+            pass  # the template refuses the whole conversation with a sentinel reply: reported below
     end = text.find(markers.eot, start)
     where = f"message {i}: chat template {template!r}"
     if start < cursor or end < 0:
