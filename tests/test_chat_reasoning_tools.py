@@ -377,3 +377,17 @@ def test_grpo_prompts_from_tool_records_render_with_their_tools(base: Tokenizer,
     for options in ({}, {"template_kwargs": {"enable_thinking": False}}):
         ids = resolve_template("auto", tok, **options).encode_prompt(record["messages"], tok)
         assert ids == _hf_ids(hf, TOOLS["no_content"][:3], tools=[WEATHER], add_generation_prompt=True, **options.get("template_kwargs", {}))
+
+
+def test_sft_fit_on_tool_records_with_the_folder_template(shared_data: Path, tmp_path: Path, cache: Path) -> None:
+    """The whole path a researcher takes: tool-calling records, a model folder's tokenizer and template, `fit`."""
+    from clirun import fit_args, ok, run, tiny_fragment
+
+    raw = json.loads((shared_data / "llamafactory" / "glaive_toolcall_en_demo.json").read_text(encoding="utf-8"))
+    data = tmp_path / "glaive8.json"
+    data.write_text(json.dumps([r for r in raw if r["tools"] != "[]"][:8]), encoding="utf-8")
+    fragment = tiny_fragment(tmp_path, cache, steps=2, seq_len=512, batch_size=2, extra={"data": {"init_args": {
+        "files": [str(data)], "tokenizer": str(shared_data / "minimind"), "template": "auto", "val_fraction": 0}}})
+    result = run(fit_args("sft", fragment, "--trainer.default_root_dir", str(tmp_path / "runs")), cwd=tmp_path, timeout=240)
+    ok(result)
+    assert "sft data: kept 8 examples" in result.stdout + result.stderr
