@@ -132,3 +132,21 @@ def test_prompts_and_preferences_read_the_same_records(tmp_path: Path) -> None:
     pair["chosen"] = tool_record()["messages"][1:]
     (read,), _ = read_preference(jsonl(tmp_path, [pair]))
     assert tools_of(read["prompt"]) == [WEATHER] and read["chosen"][0]["tool_calls"] == [call()]
+
+
+def test_real_llamafactory_v1_preference_pairs(shared_data: Path) -> None:
+    """`chosen_messages`/`rejected_messages`: the turns both share are the prompt, the rest each side."""
+    path = shared_data / "llamafactory" / "v1_dpo_demo.jsonl"
+    pairs, report = read_preference(path)
+    raw = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(pairs) == len(raw) == report.kept and report.ignored == Counter()
+
+    def text(m: dict) -> str:
+        return "".join(p["value"] for p in m["content"])
+
+    for pair, rec in zip(pairs, raw):
+        chosen, rejected = rec["chosen_messages"], rec["rejected_messages"]
+        n = next(k for k, (a, b) in enumerate(zip(chosen, rejected)) if a != b)
+        assert [(m["role"], m["content"]) for m in pair["prompt"]] == [(m["role"], text(m)) for m in chosen[:n]]
+        assert [m["content"] for m in pair["chosen"]] == [text(m) for m in chosen[n:]]
+        assert [m["content"] for m in pair["rejected"]] == [text(m) for m in rejected[n:]]

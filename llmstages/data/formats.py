@@ -642,8 +642,38 @@ def _completion(rec: dict[str, Any], key: str, sharegpt: bool) -> list[_Turn]:
     return turns
 
 
+def _split_full_pair(rec: dict[str, Any]) -> PreferencePair:
+    """LLaMA-Factory v1's `chosen_messages`/`rejected_messages`: two whole conversations; the prompt is
+    the turns they share, each side the rest (starting and ending with an assistant turn)."""
+    unused(rec, ("chosen_messages", "rejected_messages", "system", "tools"))
+    sides = {key: _system_turn(rec) + _openai_turns(req_list(rec, key), key) for key in ("chosen_messages", "rejected_messages")}
+    chosen, rejected = sides["chosen_messages"], sides["rejected_messages"]
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and (chosen[shared].role, chosen[shared].content, chosen[shared].extra) == (
+        rejected[shared].role, rejected[shared].content, rejected[shared].extra
+    ):
+        shared += 1
+    prompt = chosen[:shared]
+    _check_turns(prompt)
+    if not prompt or prompt[-1].role != "user":
+        raise Invalid("prompt_not_user", prompt[-1].role_field if prompt else "chosen_messages",
+                      "the turns both sides share must end with a user turn")
+    out = {}
+    for side, turns in (("chosen", chosen[shared:]), ("rejected", rejected[shared:])):
+        if not turns:
+            raise Invalid("identical_pair", f"{side}_messages")
+        for end in (turns[0], turns[-1]):
+            if end.role != "assistant":
+                raise Invalid("wrong_role", end.role_field, f"{side}_messages must go on and end with an assistant turn")
+        _check_turns(turns, prev_role="user", allow_system=False)
+        out[side] = _to_messages(turns)
+    return {"prompt": _to_messages(prompt, read_tools(rec)), "chosen": out["chosen"], "rejected": out["rejected"]}
+
+
 def _parse_preference(value: Any) -> PreferencePair:
     rec = as_object(value)
+    if "chosen_messages" in rec:
+        return _split_full_pair(rec)
     unused(rec, ("conversations", "prompt", "chosen", "rejected", "system", "tools"))
     if "conversations" in rec:
         sharegpt = True
@@ -669,7 +699,9 @@ def read_preference(
 ) -> tuple[list[PreferencePair], LoadReport]:
     """Read preference pairs from `.jsonl` or `.json`.
 
-    Two shapes, chosen per record: sharegpt (`conversations` + `chosen` +
+    Three shapes, chosen per record: LLaMA-Factory v1's `chosen_messages` +
+    `rejected_messages` (whole conversations; the turns they share are the
+    prompt), sharegpt (`conversations` + `chosen` +
     `rejected`, each a `{"from", "value"}` object or a list of them, optional
     top-level `system`) or `prompt`/`chosen`/`rejected` given as strings
     (prompt -> one user turn, chosen/rejected -> one assistant turn) or as
