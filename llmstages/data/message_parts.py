@@ -108,7 +108,9 @@ def read_tools(rec: dict[str, Any]) -> list[dict[str, Any]] | None:
     for k, tool in enumerate(tools):
         if not isinstance(tool, dict):
             raise wrong_type(f"tools[{k}]", "a function schema object", tool)
-        function = tool.get("function", tool) if tool.get("type", "function") == "function" else tool
+        if tool.get("type", "function") != "function":
+            raise Invalid("unsupported_tool", f"tools[{k}].type", f"a {tool['type']!r} tool; chat templates render function tools")
+        function = tool.get("function", tool)
         where = f"tools[{k}].function" if "function" in tool else f"tools[{k}]"
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"].strip():
             raise Invalid("missing_field", f"{where}.name", "a tool schema needs a function name")

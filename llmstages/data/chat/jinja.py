@@ -170,6 +170,7 @@ class HFChatTemplate:
         self._markers: weakref.WeakKeyDictionary[Tokenizer, Markers] = weakref.WeakKeyDictionary()
         self._warned_system = False
         self._warned_reasoning = False
+        self._parses_reasoning = "</think>" in source  # Qwen3, QwQ, DeepSeek-R1, SmolLM3, minimind
         self._tool_support: weakref.WeakKeyDictionary[Tokenizer, dict[bool, str | None]] = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
@@ -241,7 +242,7 @@ class HFChatTemplate:
         markers = self._markers_of(tokenizer)
         for i, m in enumerate(msgs):
             # Reasoning markers in a reply are the template's to parse (Qwen3 splits on </think>).
-            allowed = _THINK_MARKERS if m["role"] == "assistant" else ()
+            allowed = _THINK_MARKERS if m["role"] == "assistant" and self._parses_reasoning else ()
             calls = json.dumps(m.get("tool_calls") or [], ensure_ascii=False)
             for key, value in (("content", m["content"]), ("reasoning_content", m.get("reasoning_content", "")),
                                ("tool_calls", calls)):
