@@ -50,6 +50,8 @@ def test_a_named_reply_is_the_same_after_any_prompt(cache: Path) -> None:
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert chatml.encode_reply("Hello!", tok, prompt=prompt) == chatml.encode_reply("Hello!", tok)
     with pytest.raises(ValueError, match="unknown role"):
+        chatml.encode_reply("Hello!", tok, prompt=[{"role": "function", "content": "x"}])
+    with pytest.raises(ValueError, match="no format for a tool message"):
         chatml.encode_reply("Hello!", tok, prompt=[{"role": "tool", "content": "x"}])
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from llmstages.data.chat.messages import tools_of
 from llmstages.data.formats import (
     DataFormatError,
     LoadReport,
@@ -62,7 +63,6 @@ def raises(fn, *args: Any, **kw: Any) -> DataFormatError:
         ("alpaca_zh_demo.json", 1000, "alpaca"),
         ("identity.json", 91, "alpaca"),
         ("glaive_toolcall_en_demo.json", 300, "sharegpt"),
-        ("kto_en_demo.json", 300, "messages"),
     ],
 )
 def test_real_chat_files_read_cleanly(shared_data: Path, name: str, count: int, fmt: str) -> None:
@@ -72,6 +72,16 @@ def test_real_chat_files_read_cleanly(shared_data: Path, name: str, count: int, 
     assert report.summary() == f"{name}: kept {count}, skipped 0"
     for conv in convs:
         assert conv[-1]["role"] == "assistant" and conv[-1]["content"].strip()
+
+
+def test_a_field_no_reader_uses_is_an_error_or_named_in_the_report(shared_data: Path) -> None:
+    """KTO's `label` says whether a reply is desirable: read as SFT data, dropping it would train the bad ones."""
+    path = shared_data / "llamafactory" / "kto_en_demo.json"
+    with pytest.raises(DataFormatError, match=r"record 0 \(0-based\): field 'label': unknown field"):
+        read_chat(path)
+    convs, report = read_chat(path, on_error="skip")
+    assert len(convs) == report.kept == 300 and report.ignored == Counter({"label": 300})
+    assert report.summary() == "kto_en_demo.json: kept 300, skipped 0; ignored fields: label (300)"
 
 
 def test_real_alpaca_exact_content(shared_data: Path) -> None:
@@ -98,18 +108,28 @@ def test_real_identity_keeps_placeholders(shared_data: Path) -> None:
     ]
 
 
-def test_real_glaive_tool_roles_map_to_assistant_and_user(shared_data: Path) -> None:
+def test_real_glaive_tool_calls_and_tools_are_carried(shared_data: Path) -> None:
     path = shared_data / "llamafactory" / "glaive_toolcall_en_demo.json"
     raw = json.loads(path.read_text(encoding="utf-8"))
-    convs, _ = read_chat(path)
+    convs, report = read_chat(path)
+    assert report.ignored == Counter()  # `tools` is used, not dropped
     assert [t["from"] for t in raw[0]["conversations"]][2:6] == ["human", "function_call", "observation", "gpt"]
-    assert [m["role"] for m in convs[0]][2:6] == ["user", "assistant", "user", "assistant"]
-    expected = {"human": "user", "gpt": "assistant", "function_call": "assistant", "observation": "user"}
+    assert [m["role"] for m in convs[0]][2:6] == ["user", "assistant", "tool", "assistant"]
+    expected = {"human": "user", "gpt": "assistant", "function_call": "assistant", "observation": "tool"}
     for conv, rec in zip(convs, raw):
         assert [m["role"] for m in conv] == [expected[t["from"]] for t in rec["conversations"]]
-    assert [m["content"] for m in convs[0]] == [t["value"] for t in raw[0]["conversations"]]
-    assert convs[0][3]["content"].startswith('{"name": "search_recipes"')  # the function_call turn
-    assert all(set(m) == {"role", "content"} for c in convs for m in c)  # `tools` is not carried
+        # Every record's schemas travel with it, as OpenAI-style function tools.
+        schemas = json.loads(rec["tools"]) if rec["tools"] else []
+        assert tools_of(conv) == ([{"type": "function", "function": t} for t in schemas] or None)
+        for m, t in zip(conv, rec["conversations"]):
+            if t["from"] == "function_call":  # the call, parsed: the template renders it in its own format
+                call = json.loads(t["value"])
+                assert m["content"] == "" and m["tool_calls"] == [
+                    {"type": "function", "function": {"name": call["name"], "arguments": json.loads(call["arguments"])
+                                                      if isinstance(call["arguments"], str) else call["arguments"]}}
+                ]
+            else:
+                assert m["content"] == t["value"] and "tool_calls" not in m
 
 
 @pytest.mark.parametrize("name", ["dpo_en_demo.json", "dpo_zh_demo.json"])
@@ -180,7 +200,7 @@ def test_missing_field(tmp_path: Path) -> None:
 def test_mistyped_field(tmp_path: Path) -> None:
     err = raises(read_chat, jsonl(tmp_path, [GOOD_SG, sg(("human", "hi"), ("gpt", 42))]))
     assert (err.reason, err.field, err.index) == ("wrong_type", "conversations[1].value", 2)
-    assert "expected string, got number" in str(err)
+    assert "expected a string or an array of content parts, got number" in str(err)
 
 
 def test_record_not_an_object(tmp_path: Path) -> None:
@@ -209,7 +229,7 @@ def test_unknown_role(tmp_path: Path) -> None:
 
 
 def test_unknown_role_in_messages_format(tmp_path: Path) -> None:
-    err = raises(read_chat, jsonl(tmp_path, [msgs(("user", "hi"), ("tool", "{}"), ("assistant", "ok"))]))
+    err = raises(read_chat, jsonl(tmp_path, [msgs(("user", "hi"), ("function", "{}"), ("assistant", "ok"))]))
     assert (err.reason, err.field) == ("unknown_role", "messages[1].role")
 
 
@@ -433,20 +453,21 @@ def test_alpaca_bad_history(tmp_path: Path) -> None:
 def test_sharegpt_aliases_tools_and_top_level_system(tmp_path: Path) -> None:
     rec = sg(
         ("user", "weather?"),
-        ("function_call", '{"name": "w"}'),
+        ("function_call", '{"name": "w", "arguments": "{\\"city\\": \\"Oslo\\"}"}'),
         ("observation", '{"t": 3}'),
         ("assistant", "3 degrees"),
         system="sys",
-        tools="[...]",
+        tools='[{"name": "w", "parameters": {"type": "object"}}]',
     )
     convs, _ = read_chat(jsonl(tmp_path, [rec]))
     assert convs[0] == [
         {"role": "system", "content": "sys"},
         {"role": "user", "content": "weather?"},
-        {"role": "assistant", "content": '{"name": "w"}'},
-        {"role": "user", "content": '{"t": 3}'},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "w", "arguments": {"city": "Oslo"}}}]},
+        {"role": "tool", "content": '{"t": 3}'},
         {"role": "assistant", "content": "3 degrees"},
     ]
+    assert convs[0].tools == [{"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}}]
 
 
 def test_content_is_verbatim_and_crlf_bom_handled(tmp_path: Path) -> None:

@@ -258,6 +258,9 @@ def test_bad_role_and_malformed_messages(trained: Tokenizer) -> None:
     with pytest.raises(ValueError, match="message 0: expected a dict"):
         tpl.encode([{"from": "human", "value": "a"}], trained)
     with pytest.raises(ValueError, match="unknown role"):
+        tpl.encode_prompt([{"role": "function", "content": "x"}], trained)
+    # A tool result is a known role now, but a named layout has no format for it.
+    with pytest.raises(ValueError, match="message 0: .*no format for a tool message; use template: auto"):
         tpl.encode_prompt([{"role": "tool", "content": "x"}], trained)
 
 

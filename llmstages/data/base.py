@@ -31,10 +31,11 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from llmstages.data import synthetic
+from llmstages.data.data_loss import describe_loss
 from llmstages.data.formats import LoadReport
 from llmstages.data.loader import ResumableSampler, StepLookaheadLoader
 from llmstages.data.tokenizer import Tokenizer
@@ -118,6 +119,8 @@ class StageData(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.skipped: Counter[str] = Counter()
+        self.truncated = 0  # examples kept but cut (counted by the subclasses' encode)
+        self.data_loss: str | None = None  # the loud-data-loss warning, when more than 10% was lost or cut
         self._train_loader: StepLookaheadLoader | None = None
 
     @property
@@ -191,11 +194,27 @@ class StageData(L.LightningDataModule):
             return []  # type: ignore[return-value]
         return self._loader(self.val_set, shuffle=False)
 
+    #: the `data_loss.HINTS` key for an example kept but cut
+    _truncation_reason = "truncated"
+
     def _report(self, name: str, kept: int, reports: list[LoadReport] = ()) -> None:
+        """Log what was kept, skipped and cut; warn (once, rank 0) when more than 10% was lost (`data_loss`)."""
         for report in reports:
             self.skipped.update(report.skipped)
+            if report.ignored:  # fields no reader uses (on_error: skip, or known-ignorable): named once
+                fields = ", ".join(f"{k} ({v})" for k, v in sorted(report.ignored.items(), key=lambda kv: (-kv[1], kv[0])))
+                rank_zero_warn(f"{report.path.name}: fields not used for training, ignored: {fields}")
         parts = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped.items()))
-        rank_zero_info(f"{name}: kept {kept} examples" + (f", skipped {sum(self.skipped.values())} ({parts})" if parts else ""))
+        cut = getattr(self, "truncated", 0)
+        rank_zero_info(
+            f"{name}: kept {kept} examples" + (f", skipped {sum(self.skipped.values())} ({parts})" if parts else "")
+            + (f", {cut} of them truncated" if cut else "")
+        )
+        lost = {**self.skipped, self._truncation_reason: cut}
+        settings = {key: getattr(self, key, None) for key in ("seq_len", "truncation", "max_prompt_len")}
+        self.data_loss = describe_loss(name, kept + sum(self.skipped.values()), lost, settings)
+        if self.data_loss is not None:
+            rank_zero_warn(self.data_loss)
         if kept == 0:
             raise ValueError(f"{name}: no usable examples left ({parts or 'empty input'})")
 

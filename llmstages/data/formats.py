@@ -20,12 +20,33 @@ Design choices:
   deliberate exceptions: alpaca joins `instruction` and `input` with "\\n",
   and empty system prompts (`"system": ""` is common in exports) are
   dropped rather than rejected.
-- ShareGPT tool roles follow LLaMA-Factory: `function_call` is an assistant
-  turn (the model learns to emit the call) and `observation` a user turn (the
-  tool result is context). Extra keys such as `tools` are ignored.
+- Field helpers live in `record_fields.py` (typed getters, `Invalid`, fields no
+  reader uses) and the parts of a message beyond role and text in
+  `message_parts.py` (content parts, tool calls, tool schemas, weights); this
+  module reads files and applies the record and turn rules.
+- Tools: a record's `tools` (a list of function schemas, or a JSON string of
+  one) makes the conversation a `Conversation` carrying them; OpenAI
+  `tool_calls` (arguments an object or a JSON string, parsed so every template
+  renders the same object) and `tool` messages are read as written. ShareGPT
+  follows LLaMA-Factory: `function_call` is an assistant turn whose value is
+  the call (the model learns to emit it), `observation` a `tool` message (the
+  result is context). A tool result with no call before it is an error.
+- Reasoning: inline `<think>` in an assistant's content is kept as written (the
+  template parses it); `reasoning_content` is read; `<think>` in a user, system
+  or tool message is an error (`reasoning_marker`).
+- Content parts (`[{"type": "text", "text"}]`, LLaMA-Factory v1's `{"type",
+  "value"}` with `reasoning` and `tool_call` parts) are read; any other part
+  type (image, audio) is an error naming it, never skipped.
+- `weight` (OpenAI) or `loss_weight` (LLaMA-Factory v1), 0 or 1, on an
+  assistant message: 0 keeps the reply as context.
+- No field dropped silently: a field a reader does not use is an error under
+  `on_error="raise"`; under `skip`, and for bookkeeping names
+  (`IGNORABLE_FIELDS`: `id`, `source`...) always, it is counted per field in
+  `LoadReport.ignored` and named in the summary.
 - Structure rules: roles known; system only as the first turn; at least one
-  assistant turn; no two assistant or two user turns in a row; assistant
-  replies and user turns non-empty. A trailing user turn is allowed (it is
+  assistant turn with weight 1; no two assistant or two user turns in a row
+  (an assistant turn of tool calls may follow a reply); assistant replies
+  (content or tool calls) and user turns non-empty. A trailing user turn is allowed (it is
   prompt, so it never carries a loss under the default mask, and a chat that
   ends on a user turn is exactly a generation prompt for evaluation).
   `read_chat` rejects preference records (`format_mismatch`) instead of
@@ -52,7 +73,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypedDict
 
-from llmstages.data.chat.messages import ROLES, Message, Role
+from llmstages.data.chat.messages import ROLES, Conversation, Message, Role, tools_of
+from llmstages.data.message_parts import REASONING_MARKERS, content_parts, message_weight, read_tools, tool_call
+from llmstages.data.record_fields import (
+    Invalid,
+    UnusedFields,
+    as_object,
+    json_type,
+    json_value,
+    opt_str,
+    req_list,
+    req_str,
+    unused,
+    wrong_type,
+)
 from llmstages.options import OnError, choices
 
 __all__ = [
@@ -97,7 +131,7 @@ _SHAREGPT_ROLES: dict[str, Role] = {
     "gpt": "assistant",
     "assistant": "assistant",
     "function_call": "assistant",
-    "observation": "user",
+    "observation": "tool",
 }
 _MESSAGE_ROLES: dict[str, Role] = {role: role for role in ROLES}  # type: ignore[misc]
 
@@ -179,6 +213,7 @@ class LoadReport:
     skipped: Counter[str] = field(default_factory=Counter)
     first_errors: list[str] = field(default_factory=list)
     format: str | None = None  # the chat/preference format read, when there is one
+    ignored: Counter[str] = field(default_factory=Counter)  # fields of kept records no reader uses -> count
 
     MAX_ERRORS: ClassVar[int] = 5
 
@@ -193,18 +228,13 @@ class LoadReport:
             # Most frequent first; ties alphabetical so the line is stable.
             parts = sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0]))
             line += " (" + ", ".join(f"{k}: {v}" for k, v in parts) + ")"
+        if self.ignored:
+            fields = sorted(self.ignored.items(), key=lambda kv: (-kv[1], kv[0]))
+            line += "; ignored fields: " + ", ".join(f"{k} ({v})" for k, v in fields)
         return line
 
 
 # --------------------------------------------------------------------------- reading
-
-
-class _Invalid(Exception):
-    """A record-level problem; the read loop adds the file and index."""
-
-    def __init__(self, reason: str, field: str | None = None, detail: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason, self.field, self.detail = reason, field, detail
 
 
 _BOM = "\ufeff"
@@ -285,7 +315,7 @@ def _json_records(path: Path) -> Iterator[_Raw]:
             raise DataFormatError(path, err.lineno, None, "invalid_json", detail) from None
         if not isinstance(data, list):
             raise DataFormatError(
-                path, None, None, "wrong_type", f"a .json file must hold an array of records, got {_json_type(data)}"
+                path, None, None, "wrong_type", f"a .json file must hold an array of records, got {json_type(data)}"
             )
         for i, value in enumerate(data):
             yield i, "record", value
@@ -302,10 +332,11 @@ class _Collector:
         self.path, self.on_error = path, on_error
         self.items: list[Any] = []
         self.report = LoadReport(path=path)
+        self.unused = UnusedFields(self.report.ignored, on_error)
 
     def reject(self, err: DataFormatError) -> None:
         if self.on_error == "raise":
-            raise err from None  # the internal _Invalid adds nothing to the traceback
+            raise err from None  # the internal Invalid adds nothing to the traceback
         self.report.skipped[err.reason] += 1
         if len(self.report.first_errors) < LoadReport.MAX_ERRORS:
             self.report.first_errors.append(str(err))
@@ -316,12 +347,17 @@ class _Collector:
             if isinstance(value, DataFormatError):
                 self.reject(value)
                 continue
+            outer, UnusedFields.current = UnusedFields.current, self.unused
             try:
                 item = parse(value)
-            except _Invalid as bad:
+            except Invalid as bad:
+                self.unused.commit(kept=False)
                 err = DataFormatError(self.path, index, bad.field, bad.reason, bad.detail, index_kind=kind)
                 self.reject(err)
                 continue
+            finally:
+                UnusedFields.current = outer
+            self.unused.commit(kept=True)
             self.report.kept += 1
             yield item
 
@@ -349,94 +385,74 @@ def _check_policy(on_error: str) -> None:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
 
 
-# --------------------------------------------------------------------------- field helpers
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
-
-
-def _wrong_type(field: str | None, expected: str, value: Any) -> _Invalid:
-    return _Invalid("wrong_type", field, f"expected {expected}, got {_json_type(value)}")
-
-
-def _as_object(value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise _wrong_type(None, "a JSON object", value)
-    return value
-
-
-def _req_str(rec: dict[str, Any], key: str, field: str | None = None) -> str:
-    if key not in rec:
-        raise _Invalid("missing_field", field or key)
-    value = rec[key]
-    if not isinstance(value, str):
-        raise _wrong_type(field or key, "string", value)
-    return value
-
-
-def _opt_str(rec: dict[str, Any], key: str) -> str:
-    """An optional string field; absent and null both read as ""."""
-    value = rec.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise _wrong_type(key, "string", value)
-    return value
-
-
-def _req_list(rec: dict[str, Any], key: str) -> list[Any]:
-    if key not in rec:
-        raise _Invalid("missing_field", key)
-    value = rec[key]
-    if not isinstance(value, list):
-        raise _wrong_type(key, "array", value)
-    return value
-
-
 # --------------------------------------------------------------------------- conversations
 
 
 @dataclass
 class _Turn:
-    """A message plus the source fields to blame for it."""
+    """A message plus the source fields to blame for it; `extra` holds its optional `Message` fields."""
 
     role: Role
     content: str
     role_field: str | None
     content_field: str | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_calls(self) -> bool:
+        return bool(self.extra.get("tool_calls"))
 
 
 def _role_turn(
     item: Any, base: str, role_key: str, content_key: str, roles: dict[str, Role]
 ) -> _Turn:
     if not isinstance(item, dict):
-        raise _wrong_type(base, "an object", item)
+        raise wrong_type(base, "an object", item)
     role_field, content_field = f"{base}.{role_key}", f"{base}.{content_key}"
-    name = _req_str(item, role_key, role_field)
-    content = _req_str(item, content_key, content_field)
+    name = req_str(item, role_key, role_field)
     if name not in roles:
-        raise _Invalid("unknown_role", role_field, f"{name!r} (known: {', '.join(roles)})")
-    return _Turn(roles[name], content, role_field, content_field)
+        raise Invalid("unknown_role", role_field, f"{name!r} (known: {', '.join(roles)})")
+    role = roles[name]
+    sharegpt = role_key == "from"
+    used = {role_key, content_key, "weight", "loss_weight"}
+    if content_key not in item:
+        raise Invalid("missing_field", content_field)
+    raw = item[content_key]
+    if role == "assistant" and raw is None and not sharegpt:
+        raw = ""  # OpenAI writes null content beside tool_calls
+    content, extra = content_parts(raw, content_field, role)
+    if sharegpt and name == "function_call":  # LLaMA-Factory: the value is the call (or a list of calls)
+        calls = json_value(content, content_field)
+        calls = calls if isinstance(calls, list) else [calls]
+        extra["tool_calls"] = [tool_call(c, f"{content_field}[{j}]" if len(calls) > 1 else content_field)
+                               for j, c in enumerate(calls)]
+        content = ""
+    if not sharegpt:
+        used |= {"reasoning_content", "tool_calls", "tool_call_id", "name"}
+        if role == "assistant" and item.get("reasoning_content") is not None:
+            extra["reasoning_content"] = req_str(item, "reasoning_content", f"{base}.reasoning_content")
+        if role == "assistant" and item.get("tool_calls"):
+            calls = item["tool_calls"]
+            if not isinstance(calls, list):
+                raise wrong_type(f"{base}.tool_calls", "an array of tool calls", calls)
+            extra["tool_calls"] = [tool_call(c, f"{base}.tool_calls[{j}]") for j, c in enumerate(calls)]
+        for key in ("tool_call_id", "name"):
+            if role == "tool" and item.get(key) is not None:
+                extra[key] = req_str(item, key, f"{base}.{key}")
+        if role != "assistant" and item.get("tool_calls"):
+            raise Invalid("wrong_role", f"{base}.tool_calls", f"tool calls in a {role} message")
+    weight = message_weight(item, base)
+    if weight is not None and role == "assistant":
+        extra["weight"] = weight
+    unused(item, used, base)
+    return _Turn(role, content, role_field, content_field, extra)
 
 
 def _turn_list(
     items: Any, base: str, role_key: str, content_key: str, roles: dict[str, Role]
 ) -> list[_Turn]:
     if not isinstance(items, list):
-        raise _wrong_type(base, "array", items)
+        raise wrong_type(base, "array", items)
     return [_role_turn(x, f"{base}[{i}]", role_key, content_key, roles) for i, x in enumerate(items)]
 
 
@@ -449,7 +465,7 @@ def _openai_turns(items: Any, base: str) -> list[_Turn]:
 
 
 def _system_turn(rec: dict[str, Any]) -> list[_Turn]:
-    text = _opt_str(rec, "system")
+    text = opt_str(rec, "system")
     return [_Turn("system", text, "system", "system")] if text.strip() else []
 
 
@@ -460,54 +476,68 @@ def _prompt_turns(rec: dict[str, Any]) -> list[_Turn]:
         return _system_turn(rec) + [_Turn("user", raw, "prompt", "prompt")]
     if isinstance(raw, list):
         return _system_turn(rec) + _openai_turns(raw, "prompt")
-    raise _wrong_type("prompt", "a string or an array of messages", raw)
+    raise wrong_type("prompt", "a string or an array of messages", raw)
 
 
 def _check_turns(turns: list[_Turn], *, prev_role: Role | None = None, allow_system: bool = True) -> None:
-    """Roles in order, no empty user/assistant turns. `prev_role` continues a prompt."""
+    """Roles in order, no empty turns, tool results only after a call. `prev_role` continues a prompt."""
+    calls = False  # whether a tool result may follow
     for i, turn in enumerate(turns):
         if turn.role == "system":
             if not allow_system or i > 0 or prev_role is not None:
-                raise _Invalid("misplaced_system", turn.role_field, "a system prompt may only be the first turn")
-        elif turn.role == prev_role:
-            raise _Invalid(f"consecutive_{turn.role}", turn.role_field, f"two {turn.role} turns in a row")
-        elif not turn.content.strip():
-            raise _Invalid("empty_reply" if turn.role == "assistant" else "empty_message", turn.content_field)
+                raise Invalid("misplaced_system", turn.role_field, "a system prompt may only be the first turn")
+        elif turn.role == "tool":
+            if not calls:
+                raise Invalid("orphan_tool_result", turn.role_field, "a tool result with no tool call before it")
+        elif turn.role == prev_role and not (turn.role == "assistant" and turn.has_calls):
+            raise Invalid(f"consecutive_{turn.role}", turn.role_field, f"two {turn.role} turns in a row")
+        elif not turn.content.strip() and not turn.has_calls:
+            raise Invalid("empty_reply" if turn.role == "assistant" else "empty_message", turn.content_field)
+        if turn.role != "assistant" and any(m in turn.content for m in REASONING_MARKERS):
+            raise Invalid(
+                "reasoning_marker", turn.content_field,
+                f"a {turn.role} message contains <think>/</think>; reasoning belongs in an assistant reply",
+            )
+        calls = turn.has_calls or (calls and turn.role == "tool")
         prev_role = turn.role
 
 
-def _to_messages(turns: list[_Turn]) -> list[Message]:
+def _to_messages(turns: list[_Turn], tools: list[dict[str, Any]] | None = None) -> list[Message]:
     # Empty system prompts were accepted by _check_turns and are dropped here.
-    return [
-        {"role": t.role, "content": t.content}
+    messages = [
+        {"role": t.role, "content": t.content, **t.extra}  # type: ignore[typeddict-item]
         for t in turns
         if t.role != "system" or t.content.strip()
     ]
+    return Conversation(messages, tools=tools) if tools else messages
 
 
-def _finish_chat(turns: list[_Turn]) -> list[Message]:
+def _finish_chat(turns: list[_Turn], tools: list[dict[str, Any]] | None = None) -> list[Message]:
     _check_turns(turns)
     if not any(t.role == "assistant" for t in turns):
-        raise _Invalid("no_assistant")
-    return _to_messages(turns)
+        raise Invalid("no_assistant")
+    if not any(t.role == "assistant" and t.extra.get("weight", 1) for t in turns):
+        raise Invalid("no_target", None, "every assistant turn has weight 0")
+    return _to_messages(turns, tools)
 
 
 def _parse_alpaca(rec: dict[str, Any]) -> list[Message]:
-    instruction = _req_str(rec, "instruction")
-    extra = _opt_str(rec, "input")
-    output = _req_str(rec, "output")
+    unused(rec, ("instruction", "input", "output", "system", "history"))
+    instruction = req_str(rec, "instruction")
+    extra = opt_str(rec, "input")
+    output = req_str(rec, "output")
     turns = _system_turn(rec)
     history = rec.get("history")
     if history is not None:
         if not isinstance(history, list):
-            raise _wrong_type("history", "array of [user, assistant] pairs", history)
+            raise wrong_type("history", "array of [user, assistant] pairs", history)
         for i, pair in enumerate(history):
             base = f"history[{i}]"
             if not (isinstance(pair, list) and len(pair) == 2):
-                raise _wrong_type(base, "a [user, assistant] pair", pair)
+                raise wrong_type(base, "a [user, assistant] pair", pair)
             for j, (role, text) in enumerate(zip(("user", "assistant"), pair)):
                 if not isinstance(text, str):
-                    raise _wrong_type(f"{base}[{j}]", "string", text)
+                    raise wrong_type(f"{base}[{j}]", "string", text)
                 turns.append(_Turn(role, text, base, f"{base}[{j}]"))  # type: ignore[arg-type]
     prompt = "\n".join(part for part in (instruction, extra) if part.strip())
     turns.append(_Turn("user", prompt, "instruction", "instruction"))
@@ -516,14 +546,16 @@ def _parse_alpaca(rec: dict[str, Any]) -> list[Message]:
 
 
 def _parse_sharegpt(rec: dict[str, Any]) -> list[Message]:
-    turns = _system_turn(rec) + _sharegpt_turns(_req_list(rec, "conversations"), "conversations")
-    return _finish_chat(turns)
+    unused(rec, ("conversations", "system", "tools"))
+    turns = _system_turn(rec) + _sharegpt_turns(req_list(rec, "conversations"), "conversations")
+    return _finish_chat(turns, read_tools(rec))
 
 
 def _parse_messages(rec: dict[str, Any]) -> list[Message]:
     # A top-level `system` is honoured here too rather than silently ignored.
-    turns = _system_turn(rec) + _openai_turns(_req_list(rec, "messages"), "messages")
-    return _finish_chat(turns)
+    unused(rec, ("messages", "system", "tools"))
+    turns = _system_turn(rec) + _openai_turns(req_list(rec, "messages"), "messages")
+    return _finish_chat(turns, read_tools(rec))
 
 
 # The key that marks each chat format, and its parser.
@@ -556,9 +588,9 @@ def read_chat(
     chosen: list[str | None] = [None if format == "auto" else format]
 
     def parse(value: Any) -> list[Message]:
-        rec = _as_object(value)
+        rec = as_object(value)
         if "chosen" in rec and "rejected" in rec:
-            raise _Invalid("format_mismatch", None, "a preference record; read it with read_preference")
+            raise Invalid("format_mismatch", None, "a preference record; read it with read_preference")
         found = _formats_of(rec)
         fmt = chosen[0]
         if fmt is None:
@@ -569,12 +601,12 @@ def read_chat(
                     if found
                     else f"no key of a known chat format ({', '.join(_MARKERS.values())})"
                 )
-                raise _Invalid(reason, None, detail)
+                raise Invalid(reason, None, detail)
             fmt = chosen[0] = col.report.format = found[0]
         if fmt not in found:
             if found:
-                raise _Invalid("format_mismatch", None, f"a {found[0]} record in a {fmt} file")
-            raise _Invalid("missing_field", _MARKERS[fmt])
+                raise Invalid("format_mismatch", None, f"a {found[0]} record in a {fmt} file")
+            raise Invalid("missing_field", _MARKERS[fmt])
         return _PARSERS[fmt](rec)
 
     if format != "auto":
@@ -588,7 +620,7 @@ def read_chat(
 
 def _completion(rec: dict[str, Any], key: str, sharegpt: bool) -> list[_Turn]:
     if key not in rec:
-        raise _Invalid("missing_field", key)
+        raise Invalid("missing_field", key)
     value = rec[key]
     if isinstance(value, str):
         turns = [_Turn("assistant", value, key, key)]
@@ -596,39 +628,70 @@ def _completion(rec: dict[str, Any], key: str, sharegpt: bool) -> list[_Turn]:
         turn = _sharegpt_turns([value], key)[0] if sharegpt else _openai_turns([value], key)[0]
         # Re-blame on `chosen.value`, not `chosen[0].value`: the source had no list.
         role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
-        turns = [_Turn(turn.role, turn.content, f"{key}.{role_key}", f"{key}.{content_key}")]
+        turns = [_Turn(turn.role, turn.content, f"{key}.{role_key}", f"{key}.{content_key}", turn.extra)]
     elif isinstance(value, list):
         turns = _sharegpt_turns(value, key) if sharegpt else _openai_turns(value, key)
     else:
-        raise _wrong_type(key, "a string, a message object or an array of messages", value)
+        raise wrong_type(key, "a string, a message object or an array of messages", value)
     if not turns:
-        raise _Invalid("empty_reply", key, "no messages")
+        raise Invalid("empty_reply", key, "no messages")
     for end in (turns[0], turns[-1]):
         if end.role != "assistant":
-            raise _Invalid("wrong_role", end.role_field, f"{key} must start and end with an assistant turn")
+            raise Invalid("wrong_role", end.role_field, f"{key} must start and end with an assistant turn")
     _check_turns(turns, prev_role="user", allow_system=False)
     return turns
 
 
+def _split_full_pair(rec: dict[str, Any]) -> PreferencePair:
+    """LLaMA-Factory v1's `chosen_messages`/`rejected_messages`: two whole conversations; the prompt is
+    the turns they share, each side the rest (starting and ending with an assistant turn)."""
+    unused(rec, ("chosen_messages", "rejected_messages", "system", "tools"))
+    sides = {key: _system_turn(rec) + _openai_turns(req_list(rec, key), key) for key in ("chosen_messages", "rejected_messages")}
+    chosen, rejected = sides["chosen_messages"], sides["rejected_messages"]
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and (chosen[shared].role, chosen[shared].content, chosen[shared].extra) == (
+        rejected[shared].role, rejected[shared].content, rejected[shared].extra
+    ):
+        shared += 1
+    prompt = chosen[:shared]
+    _check_turns(prompt)
+    if not prompt or prompt[-1].role != "user":
+        raise Invalid("prompt_not_user", prompt[-1].role_field if prompt else "chosen_messages",
+                      "the turns both sides share must end with a user turn")
+    out = {}
+    for side, turns in (("chosen", chosen[shared:]), ("rejected", rejected[shared:])):
+        if not turns:
+            raise Invalid("identical_pair", f"{side}_messages")
+        for end in (turns[0], turns[-1]):
+            if end.role != "assistant":
+                raise Invalid("wrong_role", end.role_field, f"{side}_messages must go on and end with an assistant turn")
+        _check_turns(turns, prev_role="user", allow_system=False)
+        out[side] = _to_messages(turns)
+    return {"prompt": _to_messages(prompt, read_tools(rec)), "chosen": out["chosen"], "rejected": out["rejected"]}
+
+
 def _parse_preference(value: Any) -> PreferencePair:
-    rec = _as_object(value)
+    rec = as_object(value)
+    if "chosen_messages" in rec:
+        return _split_full_pair(rec)
+    unused(rec, ("conversations", "prompt", "chosen", "rejected", "system", "tools"))
     if "conversations" in rec:
         sharegpt = True
-        prompt = _system_turn(rec) + _sharegpt_turns(_req_list(rec, "conversations"), "conversations")
+        prompt = _system_turn(rec) + _sharegpt_turns(req_list(rec, "conversations"), "conversations")
     elif "prompt" in rec:
         sharegpt = False
         prompt = _prompt_turns(rec)
     else:
-        raise _Invalid("missing_field", "prompt", "expected 'conversations' (sharegpt) or 'prompt'")
+        raise Invalid("missing_field", "prompt", "expected 'conversations' (sharegpt) or 'prompt'")
     _check_turns(prompt)
     if not prompt or prompt[-1].role != "user":
         field = prompt[-1].role_field if prompt else ("conversations" if sharegpt else "prompt")
-        raise _Invalid("prompt_not_user", field)
+        raise Invalid("prompt_not_user", field)
     chosen = _to_messages(_completion(rec, "chosen", sharegpt))
     rejected = _to_messages(_completion(rec, "rejected", sharegpt))
     if chosen == rejected:
-        raise _Invalid("identical_pair", "rejected")
-    return {"prompt": _to_messages(prompt), "chosen": chosen, "rejected": rejected}
+        raise Invalid("identical_pair", "rejected")
+    return {"prompt": _to_messages(prompt, read_tools(rec)), "chosen": chosen, "rejected": rejected}
 
 
 def read_preference(
@@ -636,7 +699,9 @@ def read_preference(
 ) -> tuple[list[PreferencePair], LoadReport]:
     """Read preference pairs from `.jsonl` or `.json`.
 
-    Two shapes, chosen per record: sharegpt (`conversations` + `chosen` +
+    Three shapes, chosen per record: LLaMA-Factory v1's `chosen_messages` +
+    `rejected_messages` (whole conversations; the turns they share are the
+    prompt), sharegpt (`conversations` + `chosen` +
     `rejected`, each a `{"from", "value"}` object or a list of them, optional
     top-level `system`) or `prompt`/`chosen`/`rejected` given as strings
     (prompt -> one user turn, chosen/rejected -> one assistant turn) or as
@@ -689,9 +754,9 @@ class TextStream:
             field = self.field
 
             def parse(value: Any) -> str:
-                text = _req_str(_as_object(value), field)
+                text = req_str(as_object(value), field)
                 if not text.strip():
-                    raise _Invalid("empty_text", field)
+                    raise Invalid("empty_text", field)
                 return text
 
             yield from col.stream(_json_records(path), parse)
@@ -726,16 +791,20 @@ def iter_text(
 def prompt_record(messages: list[Message], task: str | None = None) -> PromptRecord:
     """A conversation as a prompt: everything before its final assistant turn, whose content is the answer
     (a conversation that ends on a user turn is all prompt, with no answer)."""
+    tools = tools_of(messages)
     if messages and messages[-1]["role"] == "assistant":
-        return PromptRecord(messages=list(messages[:-1]), answer=messages[-1]["content"], task=task, text=None)
-    return PromptRecord(messages=list(messages), answer=None, task=task, text=None)
+        prompt = Conversation(messages[:-1], tools=tools) if tools else list(messages[:-1])
+        return PromptRecord(messages=prompt, answer=messages[-1]["content"], task=task, text=None)
+    return PromptRecord(messages=Conversation(messages, tools=tools) if tools else list(messages), answer=None,
+                        task=task, text=None)
 
 
-def _prompt_messages(turns: list[_Turn], field: str) -> list[Message]:
+def _prompt_messages(turns: list[_Turn], field: str, tools: list[dict[str, Any]] | None = None) -> list[Message]:
+    """A prompt: ends with a user turn, or with tool results (the model answers them next)."""
     _check_turns(turns)
-    if not turns or turns[-1].role != "user":
-        raise _Invalid("prompt_not_user", turns[-1].role_field if turns else field)
-    return _to_messages(turns)
+    if not turns or turns[-1].role not in ("user", "tool"):
+        raise Invalid("prompt_not_user", turns[-1].role_field if turns else field)
+    return _to_messages(turns, tools)
 
 
 def _plain_text(rec: dict[str, Any]) -> str | None:
@@ -745,13 +814,14 @@ def _plain_text(rec: dict[str, Any]) -> str | None:
 
 def _parse_prompt_record(value: Any) -> PromptRecord:
     if not isinstance(value, dict):
-        raise _wrong_type(None, "an object", value)
+        raise wrong_type(None, "an object", value)
     rec = value
     if "prompt" not in rec:
-        raise _Invalid("missing_field", "prompt")
-    messages = _prompt_messages(_prompt_turns(rec), "prompt")
-    answer = _req_str(rec, "answer") if "answer" in rec else None
-    task = _req_str(rec, "task") if "task" in rec else None
+        raise Invalid("missing_field", "prompt")
+    unused(rec, ("prompt", "answer", "task", "system", "tools"))
+    messages = _prompt_messages(_prompt_turns(rec), "prompt", read_tools(rec))
+    answer = req_str(rec, "answer") if "answer" in rec else None
+    task = req_str(rec, "task") if "task" in rec else None
     return PromptRecord(messages=messages, answer=answer, task=task, text=_plain_text(rec))
 
 
@@ -766,7 +836,7 @@ def _parse_prompt_line(value: Any) -> PromptRecord:
     if isinstance(value, dict) and isinstance(value.get("prompt"), str):
         return PromptRecord(messages=_prompt_messages(_prompt_turns(value), "prompt"), answer=None, task=None,
                             text=_plain_text(value))
-    raise _Invalid("no_prompt")
+    raise Invalid("no_prompt")
 
 
 def _prompt_lines(path: Path) -> Iterator[_Raw]:

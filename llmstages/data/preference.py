@@ -80,7 +80,8 @@ class PreferenceData(StageData):
             pair["prompt"], {side: pair[side] for side in SIDES}, self.tokenizer
         )
         longest = max(len(r["input_ids"]) for r in replies.values())
-        if len(prompt) + longest > self.seq_len:
+        over = len(prompt) + longest > self.seq_len
+        if over:
             if self.truncation == "drop":
                 self.skipped["too_long_dropped"] += 1
                 return None
@@ -98,10 +99,13 @@ class PreferenceData(StageData):
                 self.skipped["reply_truncated_away"] += 1
                 return None
             sides[side] = fitted
+        if over:
+            self.truncated += 1  # kept, but cut (prompt from the left or replies from the right)
         return sides
 
     def _build(self) -> None:
         pairs, reports = self._pairs()
+        self.truncated = 0
         encoded = [e for e in (self.encode(p) for p in track(pairs, description="encoding", disable=len(pairs) < 5000)) if e]
         self._report("preference data", len(encoded), reports)
         train, val = self._split(encoded)

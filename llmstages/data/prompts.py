@@ -127,6 +127,7 @@ class PromptData(StageData):
         truncation: PromptTruncation = "left",
         num_prompts: int = 2000,
         on_error: OnError = "raise",
+        template_options: dict | None = None,
         **kwargs,
     ) -> None:
         """
@@ -141,6 +142,8 @@ class PromptData(StageData):
             truncation: left (keep a long prompt's last tokens) or drop it (counted).
             num_prompts: how many embedded synthetic prompts (when `files` is null).
             on_error: raise (stop at the first bad record, naming file, line and field) or skip (count and go on).
+            template_options: for template auto/hf: date_string, dropped_system, template_kwargs (e.g.
+                enable_thinking: false writes Qwen3's empty think block into every prompt).
         """
         super().__init__(**kwargs)
         self.files = [Path(f) for f in files] if files else None
@@ -149,7 +152,8 @@ class PromptData(StageData):
         self.on_error = check_choice("on_error", on_error, choices(OnError))
         if max_prompt_len < 1 or num_prompts < 1:
             raise ValueError(f"max_prompt_len and num_prompts must be >= 1, got {max_prompt_len}, {num_prompts}")
-        self.template = resolve_template(template, self.tokenizer)  # named, or auto/hf: the tokenizer's own
+        # named, or auto/hf: the tokenizer's own
+        self.template = resolve_template(template, self.tokenizer, **(template_options or {}))
         self.max_prompt_len, self.num_prompts = max_prompt_len, num_prompts
         self.num_iterations = 1  # set by the stage (GRPOModule.num_iterations) before the loaders are built
 
@@ -173,11 +177,15 @@ class PromptData(StageData):
                 self.skipped["prompt_too_long_dropped"] += 1
                 return None
             ids = ids[-self.max_prompt_len :]
+            self.truncated += 1
         return {"prompt_ids": ids, "answer": record.get("answer"), "task": record.get("task"),
                 "messages": record["messages"]}
 
+    _truncation_reason = "prompt_truncated"
+
     def _build(self) -> None:
         records, reports = self._records()
+        self.truncated = 0
         items = [e for e in (self.encode(r) for r in records) if e is not None]
         self._report("prompt data", len(items), reports)
         train, val = self._split(items)

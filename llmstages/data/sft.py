@@ -68,24 +68,32 @@ class SFTData(StageData):
         self.packing = check_packing(packing, ("none", "documents"))
         self.val_conversations: list[list[dict]] = []
         self.truncated = 0
+        self.context_replies = 0
 
     def _conversations(self) -> tuple[list[list[dict]], list[LoadReport]]:
         if not self.files:
-            return [c["messages"] for c in synthetic.sft_conversations(seed=self.seed)], []
-        conversations, reports = [], []
+            conversations = [c["messages"] for c in synthetic.sft_conversations(seed=self.seed)]
+            self._origins = [f"embedded conversation {k}" for k in range(len(conversations))]
+            return conversations, []
+        conversations, reports, self._origins = [], [], []
         for file in self.files:
             records, report = read_chat(file, format=self.format, on_error=self.on_error)
             conversations += records
+            # kept records in file order (their index in the file when nothing was skipped)
+            self._origins += [f"{file}: record {k}" + (" of those kept" if report.skipped else "") for k in range(len(records))]
             reports.append(report)
         return conversations, reports
 
-    def encode(self, messages: list[dict]) -> dict | None:
-        """One conversation -> a truncated example, or None (with the reason counted)."""
+    def encode(self, messages: list[dict], origin: str | None = None) -> dict | None:
+        """One conversation -> a truncated example, or None (with the reason counted).
+        `origin` (file and record) prefixes a template's error."""
         try:
             example = self.template.encode(messages, self.tokenizer, loss_mask=self.loss_mask)
         except ValueError as error:
             if self.on_error == "raise":
-                raise
+                if origin is None:
+                    raise
+                raise ValueError(f"{origin}: {error}") from None
             self.skipped["no_targets" if "no target tokens" in str(error) else "template_error"] += 1
             return None
         fitted = truncate(example, self.seq_len, self.truncation)
@@ -99,11 +107,15 @@ class SFTData(StageData):
         conversations, reports = self._conversations()
         self.truncated = 0
         pairs = []
-        for messages in track(conversations, description="encoding", disable=len(conversations) < 5000):
-            example = self.encode(messages)
+        for k, messages in enumerate(track(conversations, description="encoding", disable=len(conversations) < 5000)):
+            example = self.encode(messages, self._origins[k])
             if example is not None:
                 pairs.append((messages, example))
+        # OpenAI's `weight: 0`: replies kept as context, counted so the summary and `llmstages masks` show them
+        self.context_replies = sum(1 for m, _ in pairs for x in m if x["role"] == "assistant" and x.get("weight", 1) == 0)
         self._report("sft data", len(pairs), reports)
+        if self.context_replies:
+            rank_zero_info(f"sft data: {self.context_replies} assistant replies have weight: 0 (context, not targets)")
         train, val = self._split(pairs)
         self.val_conversations = [m for m, _ in val]
         self.train_set = self._rows([e for _, e in train], "train")

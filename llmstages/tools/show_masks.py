@@ -8,10 +8,11 @@ for `llmstages fit` (`--data.init_args.loss_mask last_assistant`).
 Design choices:
 - In a terminal, labelled tokens are on green. Without colour (piped, or
   `NO_COLOR`) the distinction is kept in plain text: each run of labelled
-  tokens is wrapped in `[[` `]]`, so the output of `llmstages masks | less`
+  tokens is wrapped in `⟦` `⟧`, so the output of `llmstages masks | less`
   or a log file still says which tokens train. Document boundaries in packed
   rows are `│`; padding is left out.
 - `--html` writes the coloured view as a page (rich's recorded console export).
+- A reply with `weight: 0` is context: shown unlabelled, and counted in the header.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ HELP = TOOLS["masks"].help
 
 LABELLED = "black on green"
 PROMPT = "dim"
-OPEN, CLOSE = "[[", "]]"  # around labelled runs when there is no colour
+OPEN, CLOSE = "⟦", "⟧"  # around labelled runs when there is no colour (characters data rarely holds)
 
 
 def load_data_module(config_path: str | Path, overrides: list[str] | None = None):
@@ -81,6 +82,9 @@ def render_row(tokenizer, input_ids, labels, document_ids=None, plain: bool = Fa
             text.append(OPEN)
             inside = True
         text.append(tokenizer.decode([int(token)]), style=LABELLED if labelled else PROMPT)
+    context = getattr(data, "context_replies", 0)
+    if context:
+        console.print(f"{context} assistant replies have weight: 0 (context, not targets)")
     if inside:
         text.append(CLOSE)
     return text

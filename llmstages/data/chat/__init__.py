@@ -2,7 +2,7 @@
 
 | file | holds |
 |---|---|
-| `messages.py` | the roles and the `Message` type, `validate_messages` |
+| `messages.py` | the roles, the `Message` type (reasoning, tool calls, weight), `Conversation` (messages + tools), `validate_messages` |
 | `protocol.py` | `Template`: what every chat template implements |
 | `loss_mask.py` | which tokens carry a loss (every `loss_mask` variant), for every template |
 | `named.py` | the named layouts (`chatml`, `llama3`, `plain`): `ChatTemplate` |
@@ -16,7 +16,7 @@ Imports go one way: `named` and `jinja` import `messages` and `loss_mask`
 
 from llmstages.data.chat.jinja import DEFAULT_DATE_STRING, HFChatTemplate
 from llmstages.data.chat.loss_mask import LOSS_MASKS, reply_labels
-from llmstages.data.chat.messages import ROLES, Message, Role, validate_messages
+from llmstages.data.chat.messages import ROLES, Conversation, Message, Role, tools_of, validate_messages
 from llmstages.data.chat.named import ChatTemplate
 from llmstages.data.chat.protocol import Template
 from llmstages.data.chat.resolve import DEFAULT_TEMPLATE, TEMPLATE_NAMES, resolve_template
@@ -28,11 +28,13 @@ __all__ = [
     "ROLES",
     "TEMPLATE_NAMES",
     "ChatTemplate",
+    "Conversation",
     "HFChatTemplate",
     "Message",
     "Role",
     "Template",
     "reply_labels",
     "resolve_template",
+    "tools_of",
     "validate_messages",
 ]

@@ -28,6 +28,20 @@ Design choices:
   It is also the stop id for generation.
 - `legacy_minimind` adds the whitespace tokens after the end-of-turn token
   (ChatML's newline), as the named templates add their separator.
+- Reasoning, tool calls and tools: messages go to the template with every
+  field they carry (`reasoning_content`, `tool_calls`, `tool_call_id`,
+  `name`; `weight` is ours and stays out) and a `Conversation`'s `tools` as
+  `tools=`, so ids equal `apply_chat_template(messages, tools=tools)`. A
+  reply is what the template writes where the model writes (`spans.py`: the
+  rendering up to the reply compared with the same rendering ending in a
+  sentinel reply), so reasoning is trained where the template keeps it and
+  tool calls in the template's own format; headers, tool results, schemas
+  and inserted scaffolding never. A template that drops tool calls or tool
+  schemas (probed with sentinel values, as TRL's `supports_tool_calling`
+  does) is an error; a final reply's `reasoning_content` that the template
+  never reads is a one-time warning. `<think>`/`</think>` in a reply are the
+  template's to parse, not an error.
+- `weight: 0` on an assistant message makes it context (`loss_mask.trained_replies`).
 - Refusals are loud: a template exception (gemma-2 on a system role) is a
   `ValueError` naming the template; a system message the rendering does not
   contain (Mistral-Nemo drops it unless the conversation ends on a user turn)
@@ -59,8 +73,8 @@ from llmstages.data.chat.loss_mask import (
     require_targets,
     trained_replies,
 )
-from llmstages.data.chat.messages import Message, validate_messages
-from llmstages.data.chat.spans import Markers, ReplySpan, locate_replies, special_at
+from llmstages.data.chat.messages import Conversation, Message, is_trained, tools_of, validate_messages
+from llmstages.data.chat.spans import SENTINELS, Markers, ReplySpan, locate_replies, special_at
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.losses import IGNORE_INDEX
 
@@ -73,6 +87,27 @@ DROPPED_SYSTEM = ("error", "warn")
 
 _PROBE_USER = "llmstages probe question"
 _PROBE_REPLY = "llmstages probe reply"
+_PROBE_NAME = "llmstages_probe_function"
+_PROBE_VALUE = "llmstages_probe_value"
+_PROBE_RESULT = "llmstages probe result"
+_PROBE_CALL = {
+    "id": "probe0001",  # 9 characters: Mistral's templates insist
+    "type": "function",
+    "function": {"name": _PROBE_NAME, "arguments": {"llmstages_probe_argument": _PROBE_VALUE}},
+}
+_PROBE_SCHEMA_NAME = "llmstages_probe_schema"
+_PROBE_SCHEMA = {
+    "type": "function",
+    "function": {"name": _PROBE_SCHEMA_NAME, "description": "probe", "parameters": {"type": "object", "properties": {}}},
+}
+#: Reasoning markers a reply may contain: the templates that know them parse them themselves.
+_THINK_MARKERS = ("<think>", "</think>")
+
+
+def _messages(messages: Sequence[Message]) -> list[Message]:
+    """Validated messages (a `Conversation` keeps its tools)."""
+    validate_messages(messages)
+    return messages if isinstance(messages, Conversation) else list(messages)
 
 
 # ---------------------------------------------------------------- jinja
@@ -134,6 +169,9 @@ class HFChatTemplate:
         self._compiled = compile_template(source)
         self._markers: weakref.WeakKeyDictionary[Tokenizer, Markers] = weakref.WeakKeyDictionary()
         self._warned_system = False
+        self._warned_reasoning = False
+        self._parses_reasoning = "</think>" in source  # Qwen3, QwQ, DeepSeek-R1, SmolLM3, minimind
+        self._tool_support: weakref.WeakKeyDictionary[Tokenizer, dict[bool, str | None]] = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"HFChatTemplate(name={self.name!r}, date_string={self.date_string!r})"
@@ -172,9 +210,13 @@ class HFChatTemplate:
         """The conversation as the model's template writes it.
 
         Special tokens come from `tokenizer` (or just `eos_token` when no
-        tokenizer is given, as in `ChatTemplate.render`).
+        tokenizer is given, as in `ChatTemplate.render`). A `Conversation`'s
+        `tools` are passed as `apply_chat_template`'s `tools=`.
         """
-        msgs = [{"role": r, "content": c} for r, c in validate_messages(messages)]
+        validate_messages(messages)
+        tools = tools_of(messages)
+        # `weight` is ours, not the template's; every other key goes through as written.
+        msgs = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
         if tokenizer is not None:
             variables: dict[str, Any] = dict(tokenizer.special_tokens_map)
         else:
@@ -185,7 +227,7 @@ class HFChatTemplate:
         try:
             return self._compiled.render(
                 messages=msgs,
-                tools=None,
+                tools=list(tools) if tools else None,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
                 strftime_now=self._strftime_now,
@@ -193,24 +235,67 @@ class HFChatTemplate:
             )
         except jinja2.exceptions.TemplateError as e:
             raise ValueError(f"chat template {self.name!r} refused this conversation: {e}") from None
+        except (TypeError, AttributeError, KeyError) as e:  # e.g. string + dict in a template expecting strings
+            raise ValueError(f"chat template {self.name!r} cannot render this conversation: {e}") from None
 
-    def _checked_render(self, msgs: list[tuple[str, str]], tokenizer: Tokenizer, add_generation_prompt: bool) -> str:
+    def _checked_render(self, msgs: list[Message], tokenizer: Tokenizer, add_generation_prompt: bool) -> str:
         markers = self._markers_of(tokenizer)
-        for i, (_, content) in enumerate(msgs):
-            token = next((t for t in markers.specials if t in content), None)
-            if token is not None:
-                raise ValueError(
-                    f"message {i}: contains the special token string {token!r}; the model's chat template "
-                    "would turn it into a control token (a named template keeps it as text)"
-                )
-        messages = [{"role": r, "content": c} for r, c in msgs]
-        text = self.render(messages, tokenizer, add_generation_prompt=add_generation_prompt)
+        for i, m in enumerate(msgs):
+            # Reasoning markers in a reply are the template's to parse (Qwen3 splits on </think>).
+            allowed = _THINK_MARKERS if m["role"] == "assistant" and self._parses_reasoning else ()
+            calls = json.dumps(m.get("tool_calls") or [], ensure_ascii=False)
+            for key, value in (("content", m["content"]), ("reasoning_content", m.get("reasoning_content", "")),
+                               ("tool_calls", calls)):
+                token = next((t for t in markers.specials if t in value and t not in allowed), None)
+                if token is not None:
+                    where = "" if key == "content" else f"{key} "
+                    raise ValueError(
+                        f"message {i}: {where}contains the special token string {token!r}; the model's chat "
+                        "template would turn it into a control token (a named template keeps it as text)"
+                    )
+        if any(m.get("tool_calls") for m in msgs):
+            self._check_tool_support(tokenizer)
+        if tools_of(msgs):
+            self._check_tool_support(tokenizer, schemas=True)
+        text = self.render(msgs, tokenizer, add_generation_prompt=add_generation_prompt)
         self._check_system(msgs, text)
         return text
 
-    def _check_system(self, msgs: list[tuple[str, str]], text: str) -> None:
-        for i, (role, content) in enumerate(msgs):
-            if role != "system" or not content.strip() or content.strip() in text:
+    def _check_tool_support(self, tokenizer: Tokenizer, schemas: bool = False) -> None:
+        """Refuse a template that drops tool calls (or tool schemas), probed with sentinel values as
+        TRL's `supports_tool_calling` does: a silent loss of the very thing the data teaches."""
+        known = self._tool_support.setdefault(tokenizer, {})
+        if schemas in known:
+            problem = known[schemas]
+        else:
+            probe = Conversation(
+                [
+                    {"role": "user", "content": _PROBE_USER},
+                    {"role": "assistant", "content": "", "tool_calls": [_PROBE_CALL]},
+                    {"role": "tool", "content": _PROBE_RESULT, "tool_call_id": _PROBE_CALL["id"], "name": _PROBE_NAME},
+                    {"role": "assistant", "content": _PROBE_REPLY},
+                ],
+                tools=[_PROBE_SCHEMA] if schemas else None,
+            )
+            wanted = [_PROBE_SCHEMA_NAME] if schemas else [_PROBE_NAME, _PROBE_VALUE]
+            try:
+                text = self.render(probe, tokenizer)
+                missing = [w for w in wanted if w not in text]
+                problem = f"its rendering of a probe drops {missing}" if missing else None
+            except ValueError as e:
+                problem = f"it refuses a probe: {e}"
+            known[schemas] = problem
+        if problem is not None:
+            what = "tool schemas (`tools`)" if schemas else "tool calls (`tool_calls`)"
+            raise ValueError(
+                f"chat template {self.name!r} does not render {what}: {problem}; training on it would "
+                "silently lose them. Use a model whose chat template supports tool calling"
+            )
+
+    def _check_system(self, msgs: list[Message], text: str) -> None:
+        for i, m in enumerate(msgs):
+            content = m["content"]
+            if m["role"] != "system" or not content.strip() or content.strip() in text:
                 continue
             problem = (
                 f"message {i}: chat template {self.name!r} drops or rewrites this system message "
@@ -255,8 +340,20 @@ class HFChatTemplate:
         return self._markers_of(tokenizer).eot_id
 
     # ----------------------------------------------------------- encoding
+    def _sentinel_renders(self, msgs: list[Message], i: int, tokenizer: Tokenizer, whole: bool = False) -> list[str]:
+        """The conversation up to reply `i` (`whole`: all of it), that reply replaced by each sentinel
+        (no reasoning, no tool calls): what the template writes before the model's part. Later
+        messages are left out first, so a template that checks the whole conversation (Mistral's
+        role alternation) accepts it."""
+        out = []
+        for sentinel in SENTINELS:
+            other = Conversation(msgs if whole else msgs[: i + 1], tools=tools_of(msgs))
+            other[i] = {"role": "assistant", "content": sentinel}
+            out.append(self.render(other, tokenizer))
+        return out
+
     def _encode_full(
-        self, msgs: list[tuple[str, str]], tokenizer: Tokenizer, loss_mask: str, trained_from: int = 0
+        self, msgs: list[Message], tokenizer: Tokenizer, loss_mask: str, trained_from: int = 0
     ) -> dict[str, list[int]]:
         """ids + labels of one full rendering; replies before `trained_from` stay context."""
         markers = self._markers_of(tokenizer)
@@ -264,12 +361,15 @@ class HFChatTemplate:
         ids, offsets = tokenizer.encode_rendered(text)
         if labels_everything(loss_mask):
             return {"input_ids": ids, "labels": list(ids)}
-        trained = set(trained_replies([role for role, _ in msgs], loss_mask, trained_from))
+        context = {i for i, m in enumerate(msgs) if not is_trained(m)}
+        trained = set(trained_replies([m["role"] for m in msgs], loss_mask, trained_from, context))
         labels = [IGNORE_INDEX] * len(ids)
         token = 0
-        for reply in locate_replies(text, msgs, markers, self.name):
+        variants = lambda i, whole: self._sentinel_renders(msgs, i, tokenizer, whole)  # noqa: E731
+        for reply in locate_replies(text, msgs, markers, self.name, variants):
             if reply.message not in trained:
                 continue
+            self._check_reasoning_kept(msgs, reply.message, text[reply.start:reply.end])
             body, eot, tail = self._reply_tokens(text, ids, offsets, reply, markers, tokenizer, token)
             positions = [*body, eot, *tail]
             segment = reply_labels([ids[t] for t in body], [ids[eot]], [ids[t] for t in tail], loss_mask)
@@ -282,6 +382,22 @@ class HFChatTemplate:
                     labels[t] = ids[t]
             token = eot + 1
         return {"input_ids": ids, "labels": labels}
+
+    def _check_reasoning_kept(self, msgs: list[Message], i: int, reply: str) -> None:
+        """A final reply's `reasoning_content` that the template never reads is lost: warn once.
+
+        (Templates that drop reasoning from earlier turns do so by design; QwQ and
+        DeepSeek-R1's templates read only inline `<think>` in content.)
+        """
+        reasoning = msgs[i].get("reasoning_content", "").strip()
+        last = max(k for k, m in enumerate(msgs) if m["role"] == "assistant")
+        if reasoning and i == last and reasoning not in reply and not self._warned_reasoning:
+            log.warning(
+                "message %d: chat template %r does not render this reply's reasoning_content, so it is not "
+                "trained; write the reasoning inline as <think>...</think> at the start of content (warned once)",
+                i, self.name,
+            )
+            self._warned_reasoning = True
 
     @staticmethod
     def _reply_tokens(
@@ -296,10 +412,10 @@ class HFChatTemplate:
         while token < len(ids) and offsets[token][0] < reply.end:
             body.append(token)
             token += 1
-        if token == len(ids) or ids[token] != markers.eot_id or offsets[token][0] != reply.end:
+        if token == len(ids) or ids[token] not in tokenizer.special_ids or offsets[token][0] != reply.end:
             raise ValueError(
-                f"message {reply.message}: the end-of-turn marker {markers.eot!r} after this reply "
-                "is not a token of its own in the tokenised rendering"
+                f"message {reply.message}: the end-of-turn marker after this reply "
+                f"(e.g. {markers.eot!r}) is not a token of its own in the tokenised rendering"
             )
         tail = []
         nxt = token + 1
@@ -313,13 +429,13 @@ class HFChatTemplate:
     ) -> dict[str, list[int]]:
         """`{"input_ids", "labels"}` of a whole conversation (labels unshifted)."""
         check_loss_mask(loss_mask)
-        out = self._encode_full(validate_messages(messages), tokenizer, loss_mask)
+        out = self._encode_full(_messages(messages), tokenizer, loss_mask)
         require_targets(out["labels"], loss_mask)
         return out
 
     def encode_prompt(self, messages: Sequence[Message], tokenizer: Tokenizer) -> list[int]:
         """The conversation so far rendered with the template's generation prompt."""
-        text = self._checked_render(validate_messages(messages), tokenizer, add_generation_prompt=True)
+        text = self._checked_render(_messages(messages), tokenizer, add_generation_prompt=True)
         return tokenizer.encode_rendered(text)[0]
 
     def encode_pair(
@@ -331,11 +447,12 @@ class HFChatTemplate:
         longest token prefix the sides share that holds no target, so the
         completion's header (and inserted scaffolding) is context.
         """
-        context = validate_messages(prompt)
+        context = _messages(prompt)
         full = {}
         for side, messages in completions.items():
             try:
-                full[side] = self._encode_full(context + validate_messages(messages), tokenizer, "assistant", len(context))
+                whole = Conversation([*context, *_messages(messages)], tools=tools_of(context))
+                full[side] = self._encode_full(whole, tokenizer, "assistant", len(context))
             except ValueError as e:
                 raise ValueError(f"{side}: {e}") from None
             require_targets(full[side]["labels"], "assistant")
@@ -368,12 +485,13 @@ class HFChatTemplate:
         check_loss_mask(loss_mask)
         if not isinstance(content, str):
             raise ValueError(f"reply content must be a str, got {type(content).__name__}")
-        context = validate_messages(prompt) if prompt is not None else [("user", _PROBE_USER)]
-        msgs = context + [("assistant", content)]
+        context = _messages(prompt) if prompt is not None else [{"role": "user", "content": _PROBE_USER}]
+        msgs = Conversation([*context, {"role": "assistant", "content": content}], tools=tools_of(context))
         markers = self._markers_of(tokenizer)
         full = self._encode_full(msgs, tokenizer, loss_mask, len(context))
         text = self._checked_render(msgs, tokenizer, add_generation_prompt=False)
-        reply = locate_replies(text, msgs, markers, self.name)[-1]
+        variants = lambda i, whole: self._sentinel_renders(msgs, i, tokenizer, whole)  # noqa: E731
+        reply = locate_replies(text, msgs, markers, self.name, variants)[-1]
         _, offsets = tokenizer.encode_rendered(text)
         start = next(i for i, (a, b) in enumerate(offsets) if b > reply.start or a >= reply.end)
         out = {"input_ids": full["input_ids"][start:], "labels": full["labels"][start:]}

@@ -19,13 +19,16 @@ Design choices:
   end-of-turn token the chosen mask leaves unlabelled.
 - Labels are unshifted (`labels[i] = input_ids[i]` or `IGNORE_INDEX`); the
   single shift lives in `llmstages.losses`.
-- New kinds of reply part (reasoning traces, tool calls) get their rule here,
-  as another argument of `reply_labels`.
+- Reasoning and tool calls are part of a reply's body: a reply is what the
+  template renders for the assistant message (reasoning where the template
+  keeps it, content, tool calls), located by the templates; the rules here
+  apply to it unchanged. A reply with `weight: 0` is context under every mask
+  but `all` (`trained_replies`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from llmstages.losses import IGNORE_INDEX
 from llmstages.options import LossMask, choices
@@ -55,11 +58,16 @@ def labels_everything(loss_mask: str) -> bool:
     return loss_mask == "all"
 
 
-def trained_replies(roles: Sequence[str], loss_mask: str, first: int = 0) -> list[int]:
+def trained_replies(
+    roles: Sequence[str], loss_mask: str, first: int = 0, context: Collection[int] = ()
+) -> list[int]:
     """Indices of the messages whose replies carry a loss: the assistant turns from `first` on
-    (earlier ones are context, e.g. a preference pair's prompt), only the last under `last_assistant`."""
+    (earlier ones are context, e.g. a preference pair's prompt), only the last under `last_assistant`,
+    never one in `context` (a message with `weight: 0`, OpenAI's fine-tuning convention)."""
     replies = [i for i, role in enumerate(roles) if role == "assistant" and i >= first]
-    return replies[-1:] if loss_mask == "last_assistant" else replies
+    if loss_mask == "last_assistant":
+        replies = replies[-1:]
+    return [i for i in replies if i not in context]
 
 
 def reply_labels(body: list[int], eot: list[int], after: list[int], loss_mask: str) -> list[int]:

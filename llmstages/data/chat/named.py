@@ -35,7 +35,7 @@ from llmstages.data.chat.loss_mask import (
     require_targets,
     trained_replies,
 )
-from llmstages.data.chat.messages import ROLES, Message, validate_messages
+from llmstages.data.chat.messages import Message, tools_of, validate_messages
 from llmstages.data.tokenizer import (
     BEGIN_OF_TEXT,
     END_HEADER,
@@ -49,6 +49,37 @@ from llmstages.data.tokenizer import (
 from llmstages.losses import IGNORE_INDEX
 
 __all__ = ["ChatTemplate", "Piece", "Special"]
+
+#: The roles a named layout writes; tool calls and results need the model's own template.
+NAMED_ROLES = ("system", "user", "assistant")
+
+
+def _plain(messages: Sequence[Message], template: str) -> list[tuple[str, str]]:
+    """`(role, content)` of messages a named layout can write; reasoning and tool parts are refused."""
+    msgs = validate_messages(messages)
+    if tools_of(messages):
+        raise ValueError(
+            f"chat template {template!r} has no format for tool schemas; use template: auto "
+            "(the model's own chat template renders tools)"
+        )
+    for i, m in enumerate(messages):
+        part = next((k for k in ("tool_calls", "reasoning_content") if m.get(k)), None)
+        if m["role"] == "tool" or part is not None:
+            what = "a tool message" if part is None else repr(part)
+            hint = (
+                "; or write the reasoning inline as <think>...</think> at the start of content (a named "
+                "template trains it as text)" if part == "reasoning_content" else ""
+            )
+            raise ValueError(
+                f"message {i}: chat template {template!r} has no format for {what}; use template: auto "
+                f"(the model's own chat template){hint}"
+            )
+    return msgs
+
+
+def _context(messages: Sequence[Message]) -> set[int]:
+    """Indices of the messages with `weight: 0` (context, not targets)."""
+    return {i for i, m in enumerate(messages) if m.get("weight", 1) == 0}
 
 
 @dataclass(frozen=True)
@@ -154,8 +185,8 @@ class ChatTemplate:
     ) -> dict[str, list[int]]:
         """`{"input_ids", "labels"}` of a whole conversation (labels unshifted)."""
         check_loss_mask(loss_mask)
-        msgs = validate_messages(messages)
-        trained = set(trained_replies([role for role, _ in msgs], loss_mask))
+        msgs = _plain(messages, self.name)
+        trained = set(trained_replies([role for role, _ in msgs], loss_mask, context=_context(messages)))
         ids = self._ids(self.prefix, tokenizer)
         labels = list(ids) if labels_everything(loss_mask) else [IGNORE_INDEX] * len(ids)
         for i, (role, content) in enumerate(msgs):
@@ -170,7 +201,7 @@ class ChatTemplate:
 
     def encode_prompt(self, messages: Sequence[Message], tokenizer: Tokenizer) -> list[int]:
         """The conversation so far followed by the assistant header (generation prompt)."""
-        msgs = validate_messages(messages)
+        msgs = _plain(messages, self.name)
         ids = self._ids(self.prefix, tokenizer)
         for role, content in msgs:
             ids += self._message(role, content, tokenizer, "assistant", False, True)[0]
@@ -192,7 +223,7 @@ class ChatTemplate:
         """
         check_loss_mask(loss_mask)
         if prompt is not None:
-            validate_messages(prompt)
+            _plain(prompt, self.name)
         if not isinstance(content, str):
             raise ValueError(f"reply content must be a str, got {type(content).__name__}")
         ids, labels = self._message("assistant", content, tokenizer, loss_mask, True, False)
@@ -260,7 +291,7 @@ class ChatTemplate:
         `eos_token` is the text shown for the tokenizer's EOS (`plain` template):
         given, else `tokenizer`'s, else the default tokenizer's.
         """
-        msgs = validate_messages(messages)
+        msgs = _plain(messages, self.name)
         if eos_token is None:
             eos_token = tokenizer.eos_token if tokenizer is not None else EOS_TOKEN
 
@@ -277,12 +308,12 @@ class ChatTemplate:
         return "".join(out)
 
 
-ALL_ROLES = frozenset(ROLES)
+ALL_ROLES = frozenset(NAMED_ROLES)
 
 ChatTemplate.register(
     ChatTemplate(
         name="chatml",
-        headers=tuple((r, (Special(IM_START), f"{r}\n")) for r in ROLES),
+        headers=tuple((r, (Special(IM_START), f"{r}\n")) for r in NAMED_ROLES),
         eot=IM_END,
         eot_roles=ALL_ROLES,
         separator="\n",
@@ -293,7 +324,7 @@ ChatTemplate.register(
     ChatTemplate(
         name="llama3",
         prefix=(Special(BEGIN_OF_TEXT),),
-        headers=tuple((r, (Special(START_HEADER), r, Special(END_HEADER), "\n\n")) for r in ROLES),
+        headers=tuple((r, (Special(START_HEADER), r, Special(END_HEADER), "\n\n")) for r in NAMED_ROLES),
         eot=EOT_ID,
         eot_roles=ALL_ROLES,
         separator="",

@@ -9,6 +9,9 @@ Design choices:
   `Template`; data modules, stages and tools use only these members.
 - Every `encode*` returns unshifted labels (`IGNORE_INDEX` where no loss);
   a result with no labelled token is an error, never a silent zero mask.
+- A conversation's tool schemas travel with its messages (`messages.Conversation`,
+  a list with `tools`), so these signatures take tool-calling conversations
+  unchanged: the Jinja template passes them as `tools=`, a named layout refuses them.
 - `encode_reply` takes the reply's context as `prompt` because a Jinja
   template's rendering of a reply may depend on it; a named layout's does
   not, and ignores it after validating it.
