@@ -33,6 +33,7 @@ README = ROOT / "README.md"
 NOT_RUN = {  # regex on the command -> why the test does not run it
     r"^make (demo|test)$": "installs a virtual environment and runs the whole demo/suite (CI runs `make test` itself)",
     r"--trainer\.devices G": "multi-GPU / multi-node launch (G devices, N nodes): the distributed tests cover it on 2 CPU processes",
+    r"^srun ": "a SLURM job step (a cluster): tests/test_preemption.py runs the requeue path with a stand-in `scontrol`",
     r"^torchrun ": "multi-GPU / multi-node launch: tests/test_distributed.py runs torchrun on 2 CPU processes",
     r"/path/to/Qwen2\.5-0\.5B-Instruct": "needs a downloaded Qwen2.5-0.5B-Instruct; tests/test_recipes.py runs the recipe on a random model of its shape",
     r"^python benchmarks/": "a benchmark (minutes to an hour); tests/test_benchmarks.py runs their --quick modes",

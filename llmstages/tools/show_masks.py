@@ -82,9 +82,6 @@ def render_row(tokenizer, input_ids, labels, document_ids=None, plain: bool = Fa
             text.append(OPEN)
             inside = True
         text.append(tokenizer.decode([int(token)]), style=LABELLED if labelled else PROMPT)
-    context = getattr(data, "context_replies", 0)
-    if context:
-        console.print(f"{context} assistant replies have weight: 0 (context, not targets)")
     if inside:
         text.append(CLOSE)
     return text
@@ -108,6 +105,9 @@ def show_masks(config: str | Path, n: int = 3, split: str = "train", html: str |
     plain = console.no_color or not console.is_terminal or console.color_system is None
     legend = escape(f"{OPEN}labelled{CLOSE} / not labelled") if plain else "[black on green]labelled[/] / [dim]not labelled[/]"
     console.print(f"[bold]{config}[/] ({split}): {legend}")
+    context = getattr(data, "context_replies", 0)
+    if context:
+        console.print(f"{context} assistant replies have weight: 0 (context, not targets)")
     shown = 0
     for i in range(len(dataset)):
         if shown >= n:
