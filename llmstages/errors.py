@@ -56,7 +56,7 @@ def find_user_error(error: BaseException) -> BaseException | None:
         if _is_user_error_type(current):
             return current
         seen.add(id(current))
-        current = current.__cause__ or current.__context__
+        current = current.__cause__  # not __context__: a bug raised while handling a user error stays a bug
     return None
 
 

@@ -9,7 +9,7 @@ What is changed, and nothing else (the substitution table):
 
 | in the README | in the test | why |
 |---|---|---|
-| `llmstages fit ...` / `llmstages validate ...` | `... --config <scale.yaml>` appended | 2 steps, 1 validation batch, CSV logger, last.ckpt at step 2, the session's tokenizer cache |
+| `llmstages fit ...` / `llmstages validate ...` | `... --config <scale.yaml>` appended | 2 steps, 1 validation batch (no sanity check), CSV logger, last.ckpt at step 2, the session's tokenizer cache |
 | `llmstages masks ...` | `... --data.init_args.cache_dir <cache>` appended | the session's tokenizer cache |
 | `/path/to/folder` | a random Llama folder with a tokenizer | no downloads in tests |
 
@@ -75,7 +75,7 @@ def _scale_fragment(folder: Path, cache: Path, stage: str) -> Path:
     override = {
         "trainer": {
             "max_steps": 2, "val_check_interval": 2, "limit_val_batches": 1, "log_every_n_steps": 1,
-            "enable_model_summary": False,
+            "num_sanity_val_steps": 0, "enable_model_summary": False,
             "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                            "init_args": {"save_last": True, "every_n_train_steps": 2}}],
             "logger": {"class_path": "llmstages.loggers.CSVLogger"},
