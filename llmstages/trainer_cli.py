@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import logging
 import os
 import secrets
 import string
@@ -46,6 +45,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from llmstages import checkpointing as ckpt
+from llmstages import noise
 from llmstages.callbacks import NonFiniteError, NonFiniteGuard, RunFolder
 from llmstages.data.base import StageData
 from llmstages.loggers import LoggedConfig
@@ -67,16 +67,8 @@ _QUIET = (
 )
 
 
-class _DropTips(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).startswith("💡 Tip")  # Lightning's advertisement on every fit
-
-
 def _quiet_upstream() -> None:
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropTips) for f in logger.filters):
-            logger.addFilter(_DropTips())
+    noise.install()  # Lightning's Tip advertisements (already installed by the package import; idempotent)
     for message in _QUIET:
         warnings.filterwarnings("ignore", message=message)
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="(torch|lightning|jsonargparse|wandb).*")
