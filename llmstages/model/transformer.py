@@ -11,11 +11,11 @@ Design choices:
   packed row computes exactly what its documents compute alone. It runs
   document by document (`DocumentSpans`: causal SDPA on each document's
   slice of q, k, v, outputs concatenated back), so it costs sum(length^2),
-  not T^2, and no `[T, T]` mask exists; measured faster than the dense
-  block-diagonal mask at every length tried, even 16-token documents
-  (`benchmarks/results/throughput.md`), so it is always chosen. The dense
-  mask (`document_mask`) stays as the reference (`dense_document_mask = True`
-  on a built model). Finding the documents reads `document_ids` on the host
+  not T^2, and no `[T, T]` mask exists. In every row measured it was as
+  fast as the dense block-diagonal mask or faster, up to several times with
+  many short documents (`benchmarks/results/packed_attention.md`), so it is
+  always chosen. The dense mask (`document_mask`) stays as the reference
+  (`dense_document_mask = True` on a built model). Finding the documents reads `document_ids` on the host
   once per forward (a device sync on a GPU; FlexAttention's block mask is the
   GPU-native alternative, not implemented here). Without `document_ids`
   attention is plain causal (`is_causal`, the fused kernels' fast path);
