@@ -11,11 +11,11 @@ Design choices:
   packed row computes exactly what its documents compute alone. It runs
   document by document (`DocumentSpans`: causal SDPA on each document's
   slice of q, k, v, outputs concatenated back), so it costs sum(length^2),
-  not T^2, and no `[T, T]` mask exists; measured faster than the dense
-  block-diagonal mask at every length tried, even 16-token documents
-  (`benchmarks/results/throughput.md`), so it is always chosen. The dense
-  mask (`document_mask`) stays as the reference (`dense_document_mask = True`
-  on a built model). Finding the documents reads `document_ids` on the host
+  not T^2, and no `[T, T]` mask exists. In every row measured it was as
+  fast as the dense block-diagonal mask or faster, up to several times with
+  many short documents (`benchmarks/results/packed_attention.md`), so it is
+  always chosen. The dense mask (`document_mask`) stays as the reference
+  (`dense_document_mask = True` on a built model). Finding the documents reads `document_ids` on the host
   once per forward (a device sync on a GPU; FlexAttention's block mask is the
   GPU-native alternative, not implemented here). Without `document_ids`
   attention is plain causal (`is_causal`, the fused kernels' fast path);
@@ -150,12 +150,15 @@ class DocumentSpans:
         """Causal attention inside each document of `q`, `k`, `v` `[B, H, T, D]`.
 
         `unbind` and `split` return views whose backward is one `stack`/`cat`,
-        so the backward pass allocates no full-size zeros per document.
+        so the backward pass allocates no full-size zeros per document. Each
+        document goes in as a 4-D `[1, H, L, D]` view: with 3-D inputs the CPU
+        kernel falls back to one that materialises the `[L, L]` scores (3.5x
+        slower, measured on 1800-token documents).
         """
         rows = []
         for qr, kr, vr, lengths in zip(q.unbind(0), k.unbind(0), v.unbind(0), self.lengths):
             parts = [
-                F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=enable_gqa)
+                F.scaled_dot_product_attention(qd[None], kd[None], vd[None], is_causal=True, enable_gqa=enable_gqa)[0]
                 for qd, kd, vd in zip(qr.split(lengths, 1), kr.split(lengths, 1), vr.split(lengths, 1))
             ]
             rows.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
