@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from llmstages.data import synthetic
 from llmstages.data.base import ListDataset, StageData, batch_limit
@@ -118,6 +119,8 @@ class GenerationStepLoader(StepLookaheadLoader):
 class PromptData(StageData):
     """Prompts (with optional reference answers) -> micro-batches of token-id lists for online RL."""
 
+    left_truncated = 0  # prompts cut on the left to max_prompt_len (counted, reported, and flagged per prompt)
+
     def __init__(
         self,
         files: list[str] | None = None,
@@ -172,14 +175,19 @@ class PromptData(StageData):
             if self.truncation == "drop":
                 self.skipped["prompt_too_long_dropped"] += 1
                 return None
-            ids = ids[-self.max_prompt_len :]
+            self.left_truncated += 1
+            return {"prompt_ids": ids[-self.max_prompt_len :], "answer": record.get("answer"), "task": record.get("task"),
+                    "messages": record["messages"], "truncated": True}
         return {"prompt_ids": ids, "answer": record.get("answer"), "task": record.get("task"),
-                "messages": record["messages"]}
+                "messages": record["messages"], "truncated": False}
 
     def _build(self) -> None:
         records, reports = self._records()
+        self.left_truncated = 0
         items = [e for e in (self.encode(r) for r in records) if e is not None]
         self._report("prompt data", len(items), reports)
+        if self.left_truncated:
+            rank_zero_info(f"prompt data: {self.left_truncated} prompts cut on the left to max_prompt_len {self.max_prompt_len}")
         train, val = self._split(items)
         for i, item in enumerate(train):
             item["index"] = i
@@ -193,6 +201,7 @@ class PromptData(StageData):
             "prompt_ids": [item["prompt_ids"] for item in items],
             "answers": [item["answer"] for item in items],
             "tasks": [item["task"] for item in items],
+            "truncated": [item.get("truncated", False) for item in items],
             "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
         }
 
