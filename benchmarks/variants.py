@@ -22,6 +22,10 @@ on the same data with several seeds, and only the family's option differs:
   exact match, and the length drift of greedy replies against the SFT model
   on pairs whose rejected reply is longer vs shorter; `sum` at beta / mean
   padded length tests whether `legacy_mean_padded` is a rescaled beta.
+- `alignment`: DPO (sigmoid), IPO, SimPO, ORPO and KTO from one SFT checkpoint on the same
+  preference data (KTO on it unpaired), each with its stage's defaults: the dpo family's metrics
+  (preference accuracy and reward margin computed alike for every method: beta 0.1 times summed
+  policy - SFT log-probs, on held-out pairs) plus the mean greedy reply length.
 
     python benchmarks/variants.py                     # every family, 3 seeds
     python benchmarks/variants.py --families dpo      # one family
@@ -52,14 +56,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Report, base_parser, output_dir  # noqa: E402
 
 from llmstages.callbacks import batch_tokens  # noqa: E402
-from llmstages.data import PreferenceData, PretrainData, PromptData, SFTData, synthetic  # noqa: E402
+from llmstages.data import KTOData, PreferenceData, PretrainData, PromptData, SFTData, synthetic  # noqa: E402
 from llmstages.evaluation import evaluate_replies  # noqa: E402
 from llmstages.losses import count_sequences, count_targets, reduce_token_loss, target_mask  # noqa: E402
 from llmstages.model.generate import generate  # noqa: E402
 from llmstages.options import LossAggregation, LossMask, Normalize, choices  # noqa: E402
-from llmstages.stages import DPOModule, GRPOModule, PretrainModule, SFTModule  # noqa: E402
+from llmstages.stages import DPOModule, GRPOModule, KTOModule, ORPOModule, PretrainModule, SFTModule  # noqa: E402
 
-FAMILIES = ("loss_mask", "normalize", "packing", "dpo", "grpo")
+FAMILIES = ("loss_mask", "normalize", "packing", "dpo", "grpo", "alignment")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 EVAL_SEED = 4242  # held-out prompts: synthetic's `eval` stream, which no training set draws from
 
@@ -159,10 +163,10 @@ class Bench:
         self.cache.mkdir(parents=True, exist_ok=True)
 
     def data(self, kind: str, seed: int = 0, **kwargs):
-        cls = {"pretrain": PretrainData, "sft": SFTData, "preference": PreferenceData}[kind]
+        cls = {"pretrain": PretrainData, "sft": SFTData, "preference": PreferenceData, "kto": KTOData}[kind]
         kwargs.setdefault("batch_size", 8 if kind != "pretrain" else 16)
         kwargs.setdefault("seq_len", 256 if kind == "sft" else 128)
-        files = {"sft": self.args.sft_data, "preference": self.args.pref_data}.get(kind)
+        files = {"sft": self.args.sft_data, "preference": self.args.pref_data, "kto": self.args.pref_data}.get(kind)
         if files:
             kwargs.setdefault("files", [str(f) for f in files])
         return cls(cache_dir=str(self.cache), seed=seed, **kwargs)
@@ -448,6 +452,63 @@ def family_dpo(bench: Bench) -> dict:
     return results
 
 
+# the alignment family: (name, stage, its options); every method from the same SFT checkpoint and lr
+ALIGNMENT = [
+    ("dpo", DPOModule, {"loss_type": "sigmoid", "beta": 0.1, "reference": "precompute"}),
+    ("ipo", DPOModule, {"loss_type": "ipo", "beta": DPO_BETA["ipo"], "reference": "precompute"}),
+    ("simpo", DPOModule, {"loss_type": "simpo", "beta": DPO_BETA["simpo"], "gamma": 0.5}),
+    ("orpo", ORPOModule, {"beta": 0.1}),
+    ("kto", KTOModule, {"beta": 0.1}),
+]
+
+
+@torch.no_grad()
+def implicit_preference(policy, reference, data, beta: float = 0.1) -> dict[str, float]:
+    """Held-out preference accuracy and margin of beta * (summed policy - reference log-probs), for any method."""
+    scorer = DPOModule(preset="tiny", vocab_size=data.vocab_size, logp_reduction="sum")  # only its pair_logps
+    correct = margin = pairs = 0.0
+    for batch in data.val_dataloader():
+        pc, pr, _ = scorer.pair_logps(batch, model=policy)
+        rc, rr, _ = scorer.pair_logps(batch, model=reference)
+        diff = beta * ((pc - rc) - (pr - rr))
+        correct, margin, pairs = correct + float((diff > 0).sum()), margin + float(diff.sum()), pairs + len(diff)
+    return {"pref_accuracy": correct / max(pairs, 1), "reward_margin": margin / max(pairs, 1)}
+
+
+def family_alignment(bench: Bench) -> dict:
+    results = {}
+    pairs = synthetic.preference_pairs(max(8, bench.args.eval), seed=EVAL_SEED)
+    groups = {flag: [p["prompt"] for p in pairs if p["rejected_longer"] is flag] for flag in (True, False)}
+    sft_path = bench.sft()
+    sft_model = SFTModule(preset=bench.args.preset, vocab_size=bench.data("sft").vocab_size, init_from=str(sft_path))
+    sft_model.setup("fit")
+    sft_model.backbone.eval()
+    probe = bench.data("preference")
+    probe.setup("fit")
+    baseline = {flag: reply_lengths(sft_model.backbone, probe, prompts) for flag, prompts in groups.items()}
+    for name, stage, options in ALIGNMENT:
+        for seed in bench.args.seeds:
+            L.seed_everything(seed, verbose=False)
+            # KTO sees each pair as two examples: twice the batch keeps the pairs per step equal
+            data = bench.data("kto", seed, batch_size=32) if stage is KTOModule else bench.data("preference", seed, batch_size=16)
+            module = stage(preset=bench.args.preset, vocab_size=data.vocab_size, init_from=str(sft_path), lr=1e-4, **options)
+            curve, _ = fit(module, data, bench.steps(150), logger=bench.logger("alignment", name, seed))
+            module.train(False)
+            held_out = bench.data("preference", seed, batch_size=16)
+            held_out.setup("fit")
+            lengths = {flag: reply_lengths(module.backbone, probe, groups[flag]) for flag in (True, False)}
+            row = {**implicit_preference(module.backbone, sft_model.backbone, held_out),
+                   "exact_match": reply_quality(module.backbone, bench.data("sft", seed), bench.args.eval)["exact_match"],
+                   "drift_rejected_longer": length_drift(lengths[True], baseline[True]),
+                   "drift_rejected_shorter": length_drift(lengths[False], baseline[False]),
+                   "reply_length": float(statistics.mean(lengths[True] + lengths[False])),
+                   "curve": curve}
+            results.setdefault(name, []).append(row)
+            print(f"alignment {name} seed {seed}: " + _short(row), flush=True)
+    results["_meta"] = {"sft_reply_length": statistics.mean(baseline[True] + baseline[False])}
+    return results
+
+
 class RolloutCurves(L.Callback):
     """Per optimiser step of GRPO: mean reward, mean completion length, mean length of the completions
     with a negative advantage (the wrong answers, under exact match)."""
@@ -515,7 +576,7 @@ def _short(row: dict) -> str:
 # --------------------------------------------------------------------------- reports and plots
 
 HEADLINE = {"loss_mask": "exact_match", "normalize": "grad_rel_error", "packing": "val_loss", "dpo": "exact_match",
-            "grpo": "exact_match"}
+            "grpo": "exact_match", "alignment": "exact_match"}
 
 
 def summary_sentence(family: str, results: dict) -> str:
@@ -536,6 +597,9 @@ def summary_sentence(family: str, results: dict) -> str:
         c = statistics.mean(r["pref_accuracy"] for r in results["sigmoid/sum"])
         text += (f" `legacy_mean_padded` reaches preference accuracy {a:.3f}, `sum` at beta/T̄ {b:.3f} and `sum` at beta "
                  f"{c:.3f}: |legacy - rescaled| {'<' if abs(a - b) < abs(a - c) else '>='} |legacy - sum|.")
+    if family == "alignment" and "_meta" in results:
+        text += (f" The SFT checkpoint's greedy replies average {results['_meta']['sft_reply_length']:.2f} tokens; "
+                 "`reply_length` is each method's, `drift_*` its change on pairs whose rejected reply is longer / shorter.")
     if family == "grpo" and "_meta" in results:
         before = results["_meta"]["before"]["exact_match"]
         drift = {v: statistics.mean(r["wrong_length_last"] - r["wrong_length_first"] for r in results[v])
@@ -664,7 +728,7 @@ CURVES = {"default": [("curve", "train/loss")],
 
 
 RUNNERS = {"loss_mask": family_loss_mask, "normalize": family_normalize, "packing": family_packing, "dpo": family_dpo,
-           "grpo": family_grpo}
+           "grpo": family_grpo, "alignment": family_alignment}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -676,7 +740,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="SFT files (alpaca, sharegpt, messages) instead of the embedded tasks, e.g. "
                              "../shared/data/llamafactory/alpaca_en_demo.json; exact match stays on the embedded tasks")
     parser.add_argument("--pref-data", nargs="+", type=Path, default=None,
-                        help="preference files for the dpo family instead of the embedded pairs")
+                        help="preference files for the dpo and alignment families instead of the embedded pairs")
     parser.add_argument("--scale", type=float, default=0.5, help="multiply every run's steps (1.0: 200 SFT, 150 DPO steps)")
     parser.add_argument("--eval", type=int, default=48, help="held-out prompts per evaluation")
     parser.add_argument("--cache", default=".cache/llmstages-variants", help="tokenizer, token caches, base checkpoints")
