@@ -237,3 +237,19 @@ def test_every_loss_type_gives_trls_loss_and_gradient(loss_type, level, options,
     value = ours(loss_type, logps, old, adv, mask, level, beta=beta, ref_logps=ref if beta else None, **options)
     assert value == pytest.approx(float(trl.detach()), rel=1e-9, abs=1e-12)
     torch.testing.assert_close(logps.grad * mask, trl_grad * mask, rtol=1e-9, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- options, named
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"delta": 0.9}, "delta"), ({"loss_aggregation": "cispo", "delta": 2.0}, "delta"),
+    ({"loss_aggregation": "vespo", "importance_sampling_level": "sequence"}, "vespo"),
+    ({"sapo_temperature_neg": 0.0}, "sapo_temperature"), ({"reward_errors": "ignore"}, "reward_errors"),
+    ({"loss_aggregation": "ppo"}, "loss_aggregation"),
+])
+def test_bad_grpo_options_are_named(options, message):
+    from llmstages.stages import GRPOModule
+
+    with pytest.raises(ValueError, match=message):
+        GRPOModule(preset="tiny", vocab_size=64, **options)

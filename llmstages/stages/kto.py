@@ -137,10 +137,10 @@ class KTOModule(ReferenceStage):
         return self._step_reference_point(batch, "kl_")
 
     def _step_reference_point(self, batch: dict, prefix: str) -> Tensor:
+        """z0 over every valid mismatched row under `prefix` on every rank: the summed log-ratios / their count."""
         ratios = self.kl_log_ratios(batch, prefix).double()
-        total = self._ranks_sum(torch.stack([ratios.sum(), torch.tensor(float(ratios.numel()), device=ratios.device,
-                                                                        dtype=torch.float64)]))
-        return kto_reference_point(total[:1], count=int(total[1])).float() if total[1] > 0 else total.new_zeros((), dtype=torch.float32)
+        total = self._ranks_sum(torch.stack([ratios.sum(), ratios.new_tensor(float(ratios.numel()))]))
+        return kto_reference_point(total[:1], count=int(total[1])).float()
 
     def on_step_start(self, batch: dict) -> None:
         self._step_z0 = None
