@@ -33,9 +33,9 @@ from llmstages.data.packing import pad_examples, truncate
 from llmstages.losses import IGNORE_INDEX, count_targets
 from llmstages.options import OnError, TemplateName, Truncation, check_choice, choices
 
-__all__ = ["KTOData", "KLStepLoader", "unpair", "mismatched_partner"]
+__all__ = ["KTOData", "KLStepLoader", "KL_KEYS", "unpair", "mismatched_partner"]
 
-KL_KEYS = ("input_ids", "labels", "position_ids")
+KL_KEYS = ("input_ids", "labels", "position_ids")  # the keys of a KL row: kl_<key>, step_kl_<key>
 
 
 def unpair(pairs: list[dict]) -> list[KTOExample]:

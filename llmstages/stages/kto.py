@@ -34,14 +34,13 @@ import warnings
 import torch
 from torch import Tensor
 
+from llmstages.data.kto import KL_KEYS
 from llmstages.losses import kto_loss, kto_reference_point, reduce_pair_loss, sequence_logps, target_mask
 from llmstages.options import KLReference, check_choice, choices
 from llmstages.stages.base import Weighted
 from llmstages.stages.reference import ReferenceStage
 
 __all__ = ["KTOModule", "check_class_weights"]
-
-KL_KEYS = ("input_ids", "labels", "position_ids")
 
 
 def check_class_weights(num_desirable: int, num_undesirable: int, desirable_weight: float, undesirable_weight: float) -> None:
