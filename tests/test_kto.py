@@ -156,6 +156,8 @@ def test_every_kl_row_pairs_a_prompt_with_another_prompts_completion(cache_dir):
         assert kl["input_ids"][kl_prompt_len:] != row["input_ids"][prompt_len:]  # another completion
     # unpaired preference data: the neighbouring example answers the same prompt, and is skipped
     assert items[1]["kl"]["input_ids"] != items[0]["row"]["input_ids"]
+    for size in (1, 3):  # odd micro-batches, and one of a single example, keep every mismatched pair (TRL #1911)
+        assert bool(data._collate(items[:size])["kl_valid"].all())
 
 
 def test_data_with_a_single_prompt_has_no_mismatched_pair_and_z0_is_zero_not_nan(tmp_path, cache_dir):
