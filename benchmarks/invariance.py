@@ -9,7 +9,8 @@ run of an equivalence class with the class's reference run, step by step, on
 
 Classes (where they apply): batch split (8x1 = 4x2 = 1x8; for SFT also under
 `normalize: sequence`, for GRPO under `dapo`, `dr_grpo` and `grpo`, whose
-micro-batches here always hold equal numbers of completions), world size
+micro-batches here always hold equal numbers of completions, and for every newer GRPO loss type:
+`cispo`, `sapo`, `luspo`, `vespo`), world size
 (1 process x accumulation 4 = 2 DDP ranks x 2 = FSDP2 on 2 ranks), packing
 (SFT `documents` = `none`), DPO reference (`precompute` = `live`, and with LoRA the
 initial policy's log-probs = the policy with adapters disabled), model
@@ -22,7 +23,8 @@ run (a random model never stops, so every completion would be equally long)
 and are rewarded for shorter completions.
 
 Negative controls must fail their class by a wide margin: `normalize:
-micro_batch`, DPO `legacy_mean_padded` and GRPO `bnpo` across the batch split,
+micro_batch`, DPO `legacy_mean_padded`, GRPO `bnpo` and KTO's TRL-style `kl_reference:
+micro_batch` across the batch split,
 and pretraining `packing: concat` against `documents`. A suite whose controls
 pass is broken.
 
@@ -52,7 +54,7 @@ BIN = Path(sys.executable).parent
 LOSS_TOL, GRAD_TOL = 1e-5, 1e-4  # relative, every step (float32 on CPU)
 COMPILE_TOL = (1e-4, 1e-3)
 SCALE_FLOOR = 1e-2  # below this, differences are absolute (see max_relative)
-STAGES = ("pretrain", "sft", "reward", "dpo", "grpo")
+STAGES = ("pretrain", "sft", "reward", "dpo", "grpo", "orpo", "kto")
 
 
 @dataclass
@@ -117,7 +119,7 @@ def cases(stages: list[str], classes: list[str]) -> list[Case]:
         out.append(Case("sft", "batch_split", batch_splits(*sequence, suffix=" sequence"), note="normalize: sequence"))
     if "batch_split" in classes and "grpo" in stages:  # grpo: exact when every micro-batch holds as many completions
         agg = ["--model.init_args.loss_aggregation"]
-        for name in ("dr_grpo", "grpo"):
+        for name in ("dr_grpo", "grpo", "cispo", "sapo", "luspo", "vespo"):
             out.append(Case("grpo", "batch_split", batch_splits(*agg, name, suffix=f" {name}"),
                             note=f"loss_aggregation: {name}"))
     if "packing" in classes and "sft" in stages:
@@ -143,6 +145,10 @@ def cases(stages: list[str], classes: list[str]) -> list[Case]:
             bnpo = ["--model.init_args.loss_aggregation", "bnpo"]
             out.append(Case("grpo", "batch_split", batch_splits(*bnpo), control=True,
                             note="loss_aggregation: bnpo (divides by each micro-batch's own tokens)"))
+        if "kto" in stages:
+            micro = ["--model.init_args.kl_reference", "micro_batch"]
+            out.append(Case("kto", "batch_split", batch_splits(*micro), control=True,
+                            note="kl_reference: micro_batch (TRL's z0 per micro-batch)"))
         if "dpo" in stages:
             legacy = ["--model.init_args.logp_reduction", "legacy_mean_padded"]
             out.append(Case("dpo", "batch_split", [split(8, 1, *legacy), split(1, 8, *legacy)], control=True,
@@ -362,7 +368,9 @@ def write_report(results: list[dict], args, out: Path, report: Report) -> None:
                 "as split-invariant as `token` (it weights tokens by 1/length: a length bias, not a split dependence); "
                 "measured above. GRPO's `grpo` aggregation (mean per completion, then per micro-batch, / accumulation) "
                 "is invariant whenever every micro-batch holds as many completions, as in every split here; with "
-                "unequal micro-batches (3 + 5 completions) it is not, shown in tests/test_grpo_losses.py. On-policy its "
+                "unequal micro-batches (3 + 5 completions) it is not, shown in tests/test_grpo_losses.py; the same holds "
+                "for `sapo` and `luspo` (a mean over each micro-batch's completions; tests/test_grpo_loss_types.py), "
+                "while `cispo` and `vespo` share dapo's step-wide divisor. On-policy its "
                 f"step loss is zero by construction (each group's mean advantage), so losses below {SCALE_FLOOR:g} are "
                 "compared absolutely. A resumed run continues from the checkpoint of step k: its first compared step is k.")
     for png in plot(results, out):

@@ -24,6 +24,12 @@ Design choices:
 - DPO variants share one logit `z = beta * h - l` (`l` the R-DPO length
   term); IPO uses `z / beta`, so the length term enters it as `h - l / beta`.
   Reference log-probs are detached: the reference model never trains.
+- ORPO's odds come from mean completion log-probs through `log1mexp`
+  (log(1 - e^x) without cancellation: TRL PR #1491; the naive form is biased
+  and NaN near 0, ColossalAI PR #6407).
+- KTO's reference point z0 is an input of `kto_loss` (already detached and
+  clamped by `kto_reference_point`): where it is averaged is the stage's
+  named choice (`stages/kto.py`), not the loss's.
 - Integer counts are returned as Python ints (one host sync per call): the
   callers need them for warnings, validation and all-reduce bookkeeping.
 """
@@ -56,6 +62,10 @@ __all__ = [
     "sequence_logps",
     "dpo_loss",
     "reward_loss",
+    "log1mexp",
+    "orpo_log_odds",
+    "kto_loss",
+    "kto_reference_point",
     "last_target_positions",
     "all_reduce_count",
 ]
@@ -585,3 +595,67 @@ def last_target_positions(labels: Tensor, document_ids: Tensor | None = None) ->
     # Order by row, then by where each document starts in the row.
     order = torch.argsort(pairs[:, 0] * (length + 1) + starts)
     return pairs[order, 0], last[order]
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x <= 0, without cancellation: log(-expm1(x)) near 0, log1p(-exp(x)) below -ln 2."""
+    cut = -0.6931471805599453
+    return torch.where(x < cut, torch.log1p(-torch.exp(x.clamp(max=cut))), torch.log(-torch.expm1(x.clamp(min=cut))))
+
+
+def orpo_log_odds(chosen_mean_logps: Tensor, rejected_mean_logps: Tensor) -> Tensor:
+    """ORPO's log odds ratio `[B]`: log odds(chosen) - log odds(rejected), odds(y) = p / (1 - p) from mean log-probs.
+
+    The loss term is `-lambda * logsigmoid(log_odds)`; a mean log-prob of exactly 0 (p = 1) has infinite odds.
+    """
+    if chosen_mean_logps.shape != rejected_mean_logps.shape or chosen_mean_logps.dim() != 1:
+        raise ValueError(
+            f"chosen {tuple(chosen_mean_logps.shape)} and rejected {tuple(rejected_mean_logps.shape)} must both be [B]"
+        )
+    return (chosen_mean_logps - rejected_mean_logps) - (log1mexp(chosen_mean_logps) - log1mexp(rejected_mean_logps))
+
+
+def kto_reference_point(kl_log_ratios: Tensor, count: int | Tensor | None = None) -> Tensor:
+    """KTO's z0: the mean policy - reference log-ratio of mismatched pairs, detached, clamped at 0.
+
+    `kl_log_ratios` `[K]` (summed completion log-probs, policy minus reference) are the pairs in scope;
+    `count` their number over that scope when the sum is already all-reduced (None: `len`). No pair
+    gives 0, never NaN (TRL PR #1380).
+    """
+    n = kl_log_ratios.numel() if count is None else int(count)
+    if n == 0:
+        return kl_log_ratios.new_zeros(())
+    return (kl_log_ratios.detach().sum() / n).clamp(min=0)
+
+
+def kto_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    z0: Tensor | float,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Per-example KTO losses `[B]` (weighted) and detached rewards `beta * (logp - ref_logp)` `[B]`.
+
+    Desirable: `w_d * (1 - sigmoid(beta * (r - z0)))`; undesirable: `w_u * (1 - sigmoid(beta * (z0 - r)))`,
+    with `r = logp - ref_logp` (summed completion log-probs, reference detached) and z0 detached.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if policy_logps.dim() != 1 or ref_logps.shape != policy_logps.shape or desirable.shape != policy_logps.shape:
+        raise ValueError(
+            f"policy_logps {tuple(policy_logps.shape)}, ref_logps {tuple(ref_logps.shape)} and desirable "
+            f"{tuple(desirable.shape)} must all be [B]"
+        )
+    ratio = policy_logps - ref_logps.detach()
+    z0 = torch.as_tensor(z0, dtype=ratio.dtype, device=ratio.device).detach()
+    desirable = desirable.to(torch.bool)
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (ratio - z0))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (z0 - ratio))),
+    )
+    return losses, (beta * ratio).detach()

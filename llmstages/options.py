@@ -33,6 +33,9 @@ __all__ = [
     "LossAggregation",
     "ScaleRewards",
     "ImportanceSampling",
+    "ORPONLLScope",
+    "KLReference",
+    "RewardErrors",
     "choices",
     "check_choice",
 ]
@@ -49,6 +52,10 @@ Packing = Literal["none", "documents", "concat"]
 Truncation = Literal["right", "left", "drop"]
 # the preference loss (losses.dpo_loss)
 DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust", "simpo"]
+# which tokens ORPO's NLL term trains (stages/orpo.py): the chosen reply (LLaMA-Factory), or prompt and reply (TRL)
+ORPONLLScope = Literal["completion", "prompt_and_completion"]
+# over what KTO's reference point z0 is averaged (stages/kto.py): the whole optimiser step, or each micro-batch (TRL)
+KLReference = Literal["step", "micro_batch"]
 # where DPO's reference log-probs come from (stages/dpo.py)
 Reference = Literal["live", "precompute"]
 # a bad record in a data file (data/formats.py)
@@ -76,8 +83,12 @@ def check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
 
 # GRPO (stages/grpo/: stage.py, loss.py); every value means what TRL's GRPOTrainer means by it
 # how per-token losses become one loss (stages/grpo/loss.aggregate_grpo_loss)
-LossAggregation = Literal["dapo", "dr_grpo", "grpo", "bnpo"]
+# (TRL's `loss_type`: cispo, sapo, luspo and vespo also change the per-token objective, see stages/grpo/loss.py)
+LossAggregation = Literal["dapo", "dr_grpo", "grpo", "bnpo", "cispo", "sapo", "luspo", "vespo"]
 # what a group-centred reward is divided by (stages/grpo/loss.group_advantages)
 ScaleRewards = Literal["group", "batch", "none"]
 # the importance ratio per token, or one per completion (GSPO) (stages/grpo/loss.importance_log_weights)
 ImportanceSampling = Literal["token", "sequence"]
+# a reward function's None, NaN or infinite value (stages/grpo/rewards.py): an error naming it, or the completion
+# is unscorable and left out of its group's statistics and the loss (TRL's NaN-aware behaviour)
+RewardErrors = Literal["raise", "exclude"]

@@ -58,7 +58,7 @@ def _our_tokenizer(folder: Path):
 
 
 def _prompt_ids(tokenizer, prompt: str) -> list[int]:
-    from llmstages.data.templates import ChatTemplate
+    from llmstages.data.chat import ChatTemplate
 
     return ChatTemplate.get("chatml").encode_prompt([{"role": "user", "content": prompt}], tokenizer)
 
@@ -125,7 +125,7 @@ def test_import_generate_chat_export_round_trip(folder, tmp_path, capsys, monkey
 
 def test_reward_export_of_a_padless_model_adds_a_pad_row_and_scores_as_we_do(folder, tmp_path):
     from llmstages.model.hf import from_hf, to_hf_reward
-    from llmstages.data.templates import ChatTemplate
+    from llmstages.data.chat import ChatTemplate
 
     tokenizer = _our_tokenizer(folder)
     backbone = from_hf(folder).eval()

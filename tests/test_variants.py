@@ -146,7 +146,7 @@ def test_quick_run_writes_reports(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=900, cwd=BENCHMARKS.parent,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    for family in ("loss_mask", "normalize", "packing", "dpo", "grpo"):
+    for family in ("loss_mask", "normalize", "packing", "dpo", "grpo", "alignment"):
         text = (out / f"{family}.md").read_text()
         assert "Mean ± standard deviation" in text and "command:" in text
         assert (out / f"{family}_metrics.png").stat().st_size > 0

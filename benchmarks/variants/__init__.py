@@ -1,8 +1,8 @@
-"""What each masking, normalisation, packing, DPO and GRPO choice does, family by family.
+"""What each masking, normalisation, packing, DPO and GRPO choice does, and how the alignment methods compare, family by family.
 
 Every run of a family starts from the same checkpoint, trains the same steps
 on the same data with several seeds, and only the family's option differs.
-One module per family (`loss_mask`, `normalize`, `packing`, `dpo`, `grpo`,
+One module per family (`loss_mask`, `normalize`, `packing`, `dpo`, `grpo`, `alignment`,
 each with `run(bench) -> results`); `runner` holds what they share (the base
 checkpoints, trained through `configs/*.yaml` as `llmstages demo` chains
 stages, metrics, training and evaluation), `report` writes the reports.

@@ -9,12 +9,12 @@ import torch
 
 from benchmarks import variants
 from benchmarks.common import RESULTS, Report, base_parser, output_dir, refuse_dirty_results
-from benchmarks.variants import dpo, grpo, loss_mask, normalize, packing
+from benchmarks.variants import alignment, dpo, grpo, loss_mask, normalize, packing
 from benchmarks.variants.report import rebuild_report, write_report
 from benchmarks.variants.runner import Bench
 
 FAMILIES = {"loss_mask": loss_mask.run, "normalize": normalize.run, "packing": packing.run, "dpo": dpo.run,
-            "grpo": grpo.run}
+            "grpo": grpo.run, "alignment": alignment.run}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="SFT files (alpaca, sharegpt, messages) instead of the embedded tasks, e.g. "
                              "../shared/data/llamafactory/alpaca_en_demo.json; exact match stays on the embedded tasks")
     parser.add_argument("--pref-data", nargs="+", type=Path, default=None,
-                        help="preference files for the dpo family instead of the embedded pairs")
+                        help="preference files for the dpo and alignment families instead of the embedded pairs")
     parser.add_argument("--scale", type=float, default=0.5, help="multiply every run's steps (1.0: 200 SFT, 150 DPO steps)")
     parser.add_argument("--eval", type=int, default=48, help="held-out prompts per evaluation")
     parser.add_argument("--cache", default=".cache/llmstages-variants", help="tokenizer, token caches, base checkpoints")

@@ -18,7 +18,7 @@ from benchmarks.common import Report, command_line, git_commit
 from benchmarks.variants.runner import mean_std
 
 HEADLINE = {"loss_mask": "exact_match", "normalize": "grad_rel_error", "packing": "val_loss", "dpo": "exact_match",
-            "grpo": "exact_match"}
+            "grpo": "exact_match", "alignment": "exact_match"}
 
 
 def summary_sentence(family: str, results: dict) -> str:
@@ -39,6 +39,9 @@ def summary_sentence(family: str, results: dict) -> str:
         c = statistics.mean(r["pref_accuracy"] for r in results["sigmoid/sum"])
         text += (f" `legacy_mean_padded` reaches preference accuracy {a:.3f}, `sum` at beta/T̄ {b:.3f} and `sum` at beta "
                  f"{c:.3f}: |legacy - rescaled| {'<' if abs(a - b) < abs(a - c) else '>='} |legacy - sum|.")
+    if family == "alignment" and "_meta" in results:
+        text += (f" The SFT checkpoint's greedy replies average {results['_meta']['sft_reply_length']:.2f} tokens; "
+                 "`reply_length` is each method's, `drift_*` its change on pairs whose rejected reply is longer / shorter.")
     if family == "grpo" and "_meta" in results:
         before = results["_meta"]["before"]["exact_match"]
         drift = {v: statistics.mean(r["wrong_length_last"] - r["wrong_length_first"] for r in results[v])

@@ -24,7 +24,7 @@ import torch
 
 from benchmarks.common import ROOT
 from llmstages.callbacks import batch_tokens
-from llmstages.data import PreferenceData, PretrainData, SFTData, synthetic
+from llmstages.data import KTOData, PreferenceData, PretrainData, SFTData, synthetic
 from llmstages.evaluation import evaluate_replies
 
 CONFIGS = ROOT / "configs"
@@ -132,10 +132,10 @@ class Bench:
         self.code = code_hash([ROOT / "llmstages", CONFIGS, Path(__file__).parent])
 
     def data(self, kind: str, seed: int = 0, **kwargs):
-        cls = {"pretrain": PretrainData, "sft": SFTData, "preference": PreferenceData}[kind]
+        cls = {"pretrain": PretrainData, "sft": SFTData, "preference": PreferenceData, "kto": KTOData}[kind]
         kwargs.setdefault("batch_size", 8 if kind != "pretrain" else 16)
         kwargs.setdefault("seq_len", 256 if kind == "sft" else 128)
-        files = {"sft": self.args.sft_data, "preference": self.args.pref_data}.get(kind)
+        files = {"sft": self.args.sft_data, "preference": self.args.pref_data, "kto": self.args.pref_data}.get(kind)
         if files:
             kwargs.setdefault("files", [str(f) for f in files])
         return cls(cache_dir=str(self.cache), seed=seed, **kwargs)

@@ -5,9 +5,10 @@ contract every module yields is documented in `data/batch.py`.
 """
 
 from llmstages.data.base import StageData
+from llmstages.data.kto import KTOData
 from llmstages.data.preference import PreferenceData
 from llmstages.data.pretrain import PretrainData
 from llmstages.data.prompts import PromptData
 from llmstages.data.sft import SFTData
 
-__all__ = ["StageData", "PretrainData", "SFTData", "PreferenceData", "PromptData"]
+__all__ = ["StageData", "PretrainData", "SFTData", "PreferenceData", "PromptData", "KTOData"]

@@ -92,6 +92,7 @@ from llmstages.options import OnError, choices
 __all__ = [
     "CHAT_FORMATS",
     "DataFormatError",
+    "KTOExample",
     "LoadReport",
     "PROMPT_FORMATS",
     "PreferencePair",
@@ -99,6 +100,7 @@ __all__ = [
     "PromptRecord",
     "prompt_record",
     "read_chat",
+    "read_kto",
     "read_preference",
     "read_prompts",
     "read_text",
@@ -886,3 +888,47 @@ def read_prompts(
         col.run(_prompt_lines(path), _parse_prompt_line)
     col.report.format = format
     return col.finish()
+
+
+# --------------------------------------------------------------------------- KTO (unpaired)
+
+
+class KTOExample(TypedDict):
+    prompt: list[Message]  # ends with a user turn
+    completion: list[Message]  # starts and ends with an assistant turn
+    label: bool  # desirable (True) or undesirable (False)
+
+
+def _parse_kto(value: Any) -> list[KTOExample]:
+    rec = _as_object(value)
+    if "completion" not in rec:  # a preference pair: one desirable and one undesirable example (TRL's unpair)
+        pair = _parse_preference(rec)
+        return [{"prompt": pair["prompt"], "completion": pair[side], "label": side == "chosen"}
+                for side in ("chosen", "rejected")]
+    if "prompt" not in rec:
+        raise _Invalid("missing_field", "prompt")
+    label = rec.get("label")
+    if not isinstance(label, bool):
+        raise _wrong_type("label", "true or false", label) if "label" in rec else _Invalid("missing_field", "label")
+    prompt = _prompt_turns(rec)
+    _check_turns(prompt)
+    if not prompt or prompt[-1].role != "user":
+        raise _Invalid("prompt_not_user", prompt[-1].role_field if prompt else "prompt")
+    return [{"prompt": _to_messages(prompt), "completion": _to_messages(_completion(rec, "completion", False)),
+             "label": label}]
+
+
+def read_kto(path: str | os.PathLike[str], *, on_error: str = "raise") -> tuple[list[KTOExample], LoadReport]:
+    """Read KTO examples from `.jsonl` or `.json`.
+
+    Records are `{"prompt", "completion", "label": true|false}` (prompt and completion as strings or
+    role/content message lists, as TRL takes them), or preference pairs (any shape `read_preference`
+    reads), each unpaired into a desirable (chosen) and an undesirable (rejected) example. Errors name
+    the file, the record's line and the field.
+    """
+    _check_policy(on_error)
+    path = Path(path)
+    col = _Collector(path, on_error)
+    col.run(_json_records(path), _parse_kto)
+    records, report = col.finish()
+    return [example for examples in records for example in examples], report

@@ -119,6 +119,20 @@ class PreferenceData(StageData):
             batch.update(pad_examples([item[side] for item in items], self.tokenizer.pad_id, length, prefix=f"{side}_"))
         return batch
 
+    # which chosen tokens an SFT term trains and the step counts: the reply, or prompt and reply (ORPO's
+    # `nll_scope`, set by the stage on its data module as GRPO sets `num_iterations`)
+    sft_scope: str = "completion"
+
     def _count(self, batch: dict) -> tuple[int, int]:
         # tokens of the chosen replies (what an SFT term trains on); sequences = pairs
-        return count_targets(batch["chosen_labels"]), int(batch["chosen_labels"].shape[0])
+        labels = batch["chosen_labels"]
+        if self.sft_scope == "prompt_and_completion":
+            labels = with_prompt_labels(batch["chosen_input_ids"], labels)
+        return count_targets(labels), int(labels.shape[0])
+
+
+def with_prompt_labels(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Labels covering each row's prompt and reply: every token up to the row's last labelled one (padding stays -100)."""
+    positions = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
+    last = torch.where(labels != IGNORE_INDEX, positions, -1).amax(dim=1, keepdim=True)
+    return torch.where(positions <= last, input_ids, torch.full_like(labels, IGNORE_INDEX))

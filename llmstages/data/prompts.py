@@ -118,6 +118,8 @@ class GenerationStepLoader(StepLookaheadLoader):
 class PromptData(StageData):
     """Prompts (with optional reference answers) -> micro-batches of token-id lists for online RL."""
 
+    left_truncated = 0  # prompts cut on the left to max_prompt_len (counted, reported, and flagged per prompt)
+
     def __init__(
         self,
         files: list[str] | None = None,
@@ -176,10 +178,11 @@ class PromptData(StageData):
             if self.truncation == "drop":
                 self.skipped["prompt_too_long_dropped"] += 1
                 return None
-            ids = ids[-self.max_prompt_len :]
             self.truncated += 1
+            return {"prompt_ids": ids[-self.max_prompt_len :], "answer": record.get("answer"), "task": record.get("task"),
+                    "messages": record["messages"], "truncated": True}
         return {"prompt_ids": ids, "answer": record.get("answer"), "task": record.get("task"),
-                "messages": record["messages"]}
+                "messages": record["messages"], "truncated": False}
 
     _truncation_reason = "prompt_truncated"
 
@@ -201,6 +204,7 @@ class PromptData(StageData):
             "prompt_ids": [item["prompt_ids"] for item in items],
             "answers": [item["answer"] for item in items],
             "tasks": [item["task"] for item in items],
+            "truncated": [item.get("truncated", False) for item in items],
             "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
         }
 

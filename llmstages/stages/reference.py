@@ -1,4 +1,4 @@
-"""The frozen reference: the initial policy that DPO and GRPO (KTO next) compare the policy against.
+"""The frozen reference: the initial policy that DPO, KTO and GRPO compare the policy against.
 
 Design choices:
 - The reference is the policy's initial weights, after `init_from`: a deep copy in eval mode,
@@ -11,7 +11,7 @@ Design choices:
   same initial policy.
 - A stage that precomputes the reference's numbers (DPO `reference: precompute`) frees the copy
   afterwards (`FrozenReference.free`); `ReferenceStage.needs_reference` says when a stage needs
-  one at all (DPO: not SimPO, not once precomputed; GRPO: `beta > 0`).
+  one at all (DPO: not SimPO, not once precomputed; KTO: always; GRPO: `beta > 0`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,13 @@
 """Rewards for online RL: checkers, user functions, a trained reward model, weighted together.
 
 Design choices:
-- A reward function is called with keyword arguments, TRL-style, and returns one float (or
-  None: "does not apply", excluded from that function's mean and counted as 0 in the sum) per
-  completion: `prompts` and `completions` (decoded text, special tokens skipped),
+- A reward function is called with keyword arguments, TRL-style, and returns one float per
+  completion. A None, NaN or infinite value is never silently scored 0 (TRL sums the other
+  functions' values, so `train/reward` and `train/rewards/<function>` disagree without a word):
+  `reward_errors: raise` (the default) stops with an error naming the function, the completion,
+  its prompt's index in the step and the value; `reward_errors: exclude` marks that completion
+  unscorable (its total reward is NaN): it is left out of its group's mean and std and of the
+  loss, and counted (`train/unscorable`). The function is called with `prompts` and `completions` (decoded text, special tokens skipped),
   `completion_ids` (without the end-of-turn token), `stopped` (ended with the end-of-turn
   token), `answer` and `task` (the prompt data's reference, None where absent) and
   `max_completion_length`. User functions take `**kwargs` for what they do not use.
@@ -32,6 +36,7 @@ from torch import Tensor
 from llmstages.data.prompts import completion_rows
 from llmstages.data.answers import exact_match as is_exact_match
 from llmstages.model.checkpoint import load_model
+from llmstages.options import RewardErrors, check_choice, choices
 
 __all__ = ["Completions", "exact_match", "stopped", "length", "load_function", "RewardModelScore", "Rewards", "BUILTIN"]
 
@@ -49,6 +54,7 @@ class Completions:
     prompt_ids: list[list[int]]
     max_completion_length: int
     stop_id: int
+    group_size: int = 1  # completions per prompt: completion i answers the step's prompt i // group_size
 
     def kwargs(self) -> dict:
         return {
@@ -141,8 +147,10 @@ class Rewards:
         reward_model: str | None = None,
         pad_id: int = 0,
         vocab_size: int | None = None,
+        errors: RewardErrors = "raise",
     ) -> None:
         self.names, self.weights = self.check_spec(reward, weights, reward_model)
+        self.errors = check_choice("reward_errors", errors, choices(RewardErrors))
         self.functions: list[Callable] = []
         self.model: RewardModelScore | None = None
         for name in self.names:
@@ -185,7 +193,11 @@ class Rewards:
         return self
 
     def __call__(self, batch: Completions) -> tuple[Tensor, Tensor]:
-        """(weighted sum `[N]`, each function's values `[N, F]` with NaN where a function returned None)."""
+        """(weighted sum `[N]`, each function's values `[N, F]`).
+
+        A None, NaN or infinite value raises (`errors: raise`) or makes its completion unscorable
+        (`exclude`): NaN in its function's column and in the sum.
+        """
         n = len(batch.completions)
         columns = []
         for name, function in zip(self.names, self.functions):
@@ -193,10 +205,21 @@ class Rewards:
             values = list(values)
             if len(values) != n:
                 raise ValueError(f"reward {name!r} returned {len(values)} values for {n} completions")
-            column = [math.nan if v is None else float(v) for v in values]
-            if any(math.isinf(v) for v in column):
-                raise ValueError(f"reward {name!r} returned an infinite value")
+            column = [self._checked(name, i, v, batch.group_size) for i, v in enumerate(values)]
             columns.append(column)
         per_function = torch.tensor(columns, dtype=torch.float64).T.reshape(n, len(self.names))
         weights = torch.tensor(self.weights, dtype=torch.float64)
-        return (per_function * weights).nansum(dim=1), per_function
+        return (per_function * weights).sum(dim=1), per_function  # NaN where any function could not score
+
+    def _checked(self, name: str, index: int, value, group_size: int) -> float:
+        """`value` as a float; a None, NaN or inf is an error naming the function, completion, prompt and value, or NaN."""
+        number = math.nan if value is None else float(value)
+        if math.isfinite(number):
+            return number
+        if self.errors == "raise":
+            raise ValueError(
+                f"reward {name!r} returned {value!r} for completion {index} (prompt {index // group_size} of this step); "
+                "reward functions must return a finite number for every completion, or set "
+                "model.init_args.reward_errors: exclude to leave such completions out of their group and the loss"
+            )
+        return math.nan

@@ -82,13 +82,14 @@ class Sampled:
     stopped: list[bool]
     seconds: float
 
-    def completions(self, tokenizer, max_completion_length: int, stop_id: int) -> Completions:
+    def completions(self, tokenizer, max_completion_length: int, stop_id: int, group_size: int = 1) -> Completions:
         """What the reward functions are asked about (decoded text, special tokens skipped)."""
         return Completions(
             prompts=[tokenizer.decode(p) for p in self.prompt_ids],
             completions=[tokenizer.decode(t, skip_special_tokens=True) for t in self.completion_ids],
             completion_ids=self.completion_ids, stopped=self.stopped, answer=self.answers, task=self.tasks,
             prompt_ids=self.prompt_ids, max_completion_length=max_completion_length, stop_id=stop_id,
+            group_size=group_size,
         )
 
 
@@ -146,9 +147,13 @@ def rollout_stats(
 ) -> dict[str, float]:
     """What a rollout logs: rewards (total, per function), completion lengths, stop rate, zero-advantage groups."""
     lengths = torch.tensor([len(s) for s in scored], dtype=torch.float64)
+    scorable = ~rewards.isnan()  # NaN: unscorable (reward_errors: exclude), left out of every reward statistic
+    grouped = rewards.view(-1, group_size)
+    group_stds = [g[~g.isnan()].std() for g in grouped if int((~g.isnan()).sum()) > 1]
     stats = {
-        "reward": float(rewards.mean()),
-        "reward_std": float(rewards.view(-1, group_size).std(dim=1).mean()),
+        "reward": float(rewards[scorable].mean()) if bool(scorable.any()) else float("nan"),
+        "reward_std": float(torch.stack(group_stds).mean()) if group_stds else 0.0,
+        "unscorable": float((~scorable).sum()),
         "completion_length": float(lengths.mean()),
         "completion_length_min": float(lengths.min()),
         "completion_length_max": float(lengths.max()),

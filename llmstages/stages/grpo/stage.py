@@ -32,7 +32,15 @@ Design choices:
 - The frozen reference (`beta > 0`, k3 KL per token) is DPO's (`stages/reference.py`: a copy of
   the initial policy outside state_dict, or under LoRA the policy with its adapters off);
   `beta: 0` never builds it. `use_bias_correction_kl` multiplies
-  the KL by the importance ratio (TRL's option of that name; TRL's default is off).
+  the KL by the importance ratio (TRL's option of that name; TRL 1.16's default is True, this
+  project's stays False so existing configs keep their meaning: set it for TRL's behaviour).
+- `loss_aggregation` takes every `loss_type` TRL 1.16 accepts (dapo, dr_grpo, grpo, bnpo, cispo,
+  sapo, luspo, vespo) with TRL's loss and gradient; `delta` is TRL's two-sided clip. Which
+  normaliser each uses and whether it is split-invariant: `loss.py`'s docstring.
+- Rewards: a None, NaN or infinite reward is an error naming the function, completion, prompt and
+  value (`reward_errors: raise`), or the completion is unscorable (`exclude`): out of its group's
+  mean and std and of the loss, counted in `train/unscorable`. Prompts cut on the left to
+  `max_prompt_len` are counted per step in `train/prompts_left_truncated`.
 - `filter_zero_advantage` drops groups whose rewards are all equal (DAPO's dynamic sampling;
   their advantage, and with `beta: 0` their gradient, is zero anyway) before counting, so the
   normalisation covers only trained completions. `mask_truncated_completions` (DAPO) removes
@@ -66,9 +74,10 @@ from torch import Tensor
 from llmstages.data.answers import exact_match
 from llmstages.evaluation import evaluate_replies, log_reply_samples
 from llmstages.losses import target_mask, token_logps
-from llmstages.options import ImportanceSampling, LossAggregation, ScaleRewards, check_choice
+from llmstages.options import ImportanceSampling, LossAggregation, RewardErrors, ScaleRewards, check_choice, choices
 from llmstages.stages.base import Weighted
 from llmstages.stages.grpo.loss import (
+    CLIPPED,
     IMPORTANCE_SAMPLING_LEVELS,
     LOSS_AGGREGATIONS,
     SCALE_REWARDS,
@@ -112,6 +121,15 @@ def check_options(hp) -> None:
         raise ValueError(f"beta must be >= 0, got {hp.beta}")
     if hp.use_bias_correction_kl and hp.beta == 0:
         raise ValueError("use_bias_correction_kl corrects the KL term; it needs beta > 0")
+    if hp.delta is not None and hp.delta <= 1:
+        raise ValueError(f"delta clamps the ratio from above and must be > 1 (TRL recommends > 1 + epsilon), got {hp.delta}")
+    if hp.delta is not None and hp.loss_aggregation not in CLIPPED:
+        raise ValueError(f"delta is the clipped objective's two-sided clip; loss_aggregation {hp.loss_aggregation!r} has none")
+    if min(hp.sapo_temperature_pos, hp.sapo_temperature_neg) <= 0:
+        raise ValueError("sapo_temperature_pos and sapo_temperature_neg must be > 0")
+    if hp.loss_aggregation == "vespo" and hp.importance_sampling_level != "token":
+        raise ValueError("vespo weights the summed token log-ratios itself; leave importance_sampling_level at 'token'")
+    check_choice("reward_errors", hp.reward_errors, choices(RewardErrors))
     Rewards.check_spec(hp.reward, hp.reward_weights, hp.reward_model)
 
 
@@ -134,10 +152,18 @@ class GRPOModule(ReferenceStage):
         epsilon_high: float | None = None,
         beta: float = 0.0,
         use_bias_correction_kl: bool = False,
+        delta: float | None = None,
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
+        vespo_k_pos: float = 2.0,
+        vespo_lambda_pos: float = 3.0,
+        vespo_k_neg: float = 3.0,
+        vespo_lambda_neg: float = 2.0,
         num_iterations: int = 1,
         reward: str | list[str] = "exact_match",
         reward_weights: list[float] | None = None,
         reward_model: str | None = None,
+        reward_errors: RewardErrors = "raise",
         mask_truncated_completions: bool = False,
         filter_zero_advantage: bool = False,
         rollout_seed: int = 0,
@@ -153,19 +179,32 @@ class GRPOModule(ReferenceStage):
             top_k: sample rollouts from the k most likely tokens only (null: all).
             top_p: sample rollouts from the smallest set of tokens with this much probability (null: all).
                 As in TRL, the log-probs the loss uses are those of softmax(logits / temperature).
-            loss_aggregation: dapo (sum / completion tokens of the whole optimiser step, all micro-batches and ranks),
-                dr_grpo (sum / (completions x max_completion_length)), grpo (mean per completion, then per micro-batch,
-                / accumulation steps), bnpo (sum / the micro-batch's completion tokens / accumulation steps).
+            loss_aggregation: TRL's loss_type. dapo (sum / completion tokens of the whole optimiser step, all micro-batches
+                and ranks), dr_grpo (sum / (completions x max_completion_length)), grpo (mean per completion, then per
+                micro-batch, / accumulation steps), bnpo (sum / the micro-batch's completion tokens / accumulation steps);
+                cispo (clipped detached IS weight x log-prob, dapo's normaliser), sapo (sigmoid-gated ratio, grpo's
+                normaliser), luspo (clipped, each completion's sum, mean per micro-batch), vespo (Gamma-weighted
+                log-prob, dapo's normaliser).
             scale_rewards: group (divide by the group's std + 1e-4), batch (the whole generation batch's std), none (Dr. GRPO).
             importance_sampling_level: token, or sequence (one ratio per completion from its mean log-ratio: GSPO).
             epsilon: lower clip range of the ratio (1 - epsilon).
-            epsilon_high: upper clip range (1 + epsilon_high; DAPO's clip-higher); None: epsilon.
+            epsilon_high: upper clip range (1 + epsilon_high; DAPO's clip-higher); None: epsilon. With cispo: the absolute
+                cap of the IS weight (ScaleRL recommends 5.0).
             beta: weight of the k3 KL to the frozen initial policy; 0 builds no reference.
-            use_bias_correction_kl: multiply the KL term by the importance ratio (TRL's option; default off, as TRL).
+            use_bias_correction_kl: multiply the KL term by the importance ratio (TRL's option; TRL 1.16 defaults to True).
+            delta: two-sided clip: the unclipped ratio is clamped to at most delta (INTELLECT-2; > 1 + epsilon_high); null: off.
+            sapo_temperature_pos: sapo's gate temperature where the advantage is positive.
+            sapo_temperature_neg: sapo's gate temperature elsewhere.
+            vespo_k_pos: vespo's power k for advantages >= 0.
+            vespo_lambda_pos: vespo's decay lambda for advantages >= 0.
+            vespo_k_neg: vespo's power k for negative advantages.
+            vespo_lambda_neg: vespo's decay lambda for negative advantages.
             num_iterations: optimiser steps per generation batch (TRL's mu); 1 keeps the ratio exactly 1.
             reward: exact_match, stopped, length, model, or package.module:function; or a list of them.
             reward_weights: one weight per reward (default 1 each); the reward is their weighted sum.
             reward_model: a trained RewardModule checkpoint, for `reward: model`.
+            reward_errors: raise (a None, NaN or infinite reward stops the run, naming function, prompt and value) or
+                exclude (that completion is unscorable: out of its group's statistics and the loss, counted).
             mask_truncated_completions: completions that never stopped carry no loss (DAPO).
             filter_zero_advantage: drop groups whose rewards are all equal before the update (DAPO's dynamic sampling).
             rollout_seed: seeds sampling per (step, prompt), whatever rank generates the prompt.
@@ -202,7 +241,8 @@ class GRPOModule(ReferenceStage):
         data.num_iterations = hp.num_iterations  # the loader repeats a step's micro-batches that often
         self._data = data
         if self._rewards is None:
-            self._rewards = Rewards(hp.reward, hp.reward_weights, hp.reward_model, data.pad_id, self.config.vocab_size)
+            self._rewards = Rewards(hp.reward, hp.reward_weights, hp.reward_model, data.pad_id, self.config.vocab_size,
+                                    errors=hp.reward_errors)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -273,15 +313,17 @@ class GRPOModule(ReferenceStage):
             stop_id=data.stop_token_id, temperature=hp.temperature, fixed_steps=self._world_size > 1,
             top_k=hp.top_k, top_p=hp.top_p,
         )
-        completions = sampled.completions(data.tokenizer, hp.max_completion_length, data.stop_token_id)
+        completions = sampled.completions(data.tokenizer, hp.max_completion_length, data.stop_token_id, hp.group_size)
         rewards, per_function = self._rewards(completions)
         advantages, zero_std = self._advantages(rewards)
+        scorable = ~rewards.isnan()  # reward_errors: exclude leaves unscorable completions out of the loss
         keep_group = ~zero_std if hp.filter_zero_advantage else torch.ones_like(zero_std)
+        keep_completion = keep_group.repeat_interleave(hp.group_size) & scorable
         scored = scored_ids(sampled, data.stop_token_id)
         micro_batches, start = [], 0
         for micro in step_prompts:
             end = start + len(micro["prompt_ids"]) * hp.group_size
-            keep = keep_group[start // hp.group_size : end // hp.group_size].repeat_interleave(hp.group_size)
+            keep = keep_completion[start:end]
             micro_batches.append(self._micro_batch(
                 sampled.prompt_ids[start:end], scored[start:end], sampled.stopped[start:end], advantages[start:end], keep
             ))
@@ -289,6 +331,7 @@ class GRPOModule(ReferenceStage):
         step_tokens, step_completions = self._step_counts(micro_batches)
         stats = rollout_stats(rewards, per_function, self._rewards.names, hp.group_size, scored, sampled.stopped,
                               zero_std, sampled.seconds)
+        stats["prompts_left_truncated"] = float(sum(sum(m.get("truncated", [])) for m in step_prompts))
         samples = [
             {"prompt": completions.prompts[i], "completion": completions.completions[i], "reward": float(rewards[i]),
              "stopped": sampled.stopped[i]}
@@ -301,6 +344,7 @@ class GRPOModule(ReferenceStage):
         batch_std = None
         if self.hparams.scale_rewards == "batch":
             everything = self._gather(rewards.to(self.device)).reshape(-1).double()
+            everything = everything[~everything.isnan()]  # unscorable completions (reward_errors: exclude)
             batch_std = everything.std() if everything.numel() > 1 else everything.new_zeros(())
         return group_advantages(rewards, self.hparams.group_size, self.hparams.scale_rewards, batch_std)
 
@@ -347,7 +391,8 @@ class GRPOModule(ReferenceStage):
         return model(rows["input_ids"], position_ids=rows["position_ids"], head=head)
 
     def _log_rollout(self, rollout: Rollout) -> None:
-        reduce = {"completion_length_min": "min", "completion_length_max": "max"}
+        reduce = {"completion_length_min": "min", "completion_length_max": "max", "unscorable": "sum",
+                  "prompts_left_truncated": "sum"}
         for name, value in rollout.stats.items():
             prefix = "perf" if name.endswith("seconds") else "train"
             self.log(
@@ -367,6 +412,10 @@ class GRPOModule(ReferenceStage):
             logps, part.old_logps, part.advantages.to(logps.dtype), mask,
             epsilon=hp.epsilon, epsilon_high=hp.epsilon_high, importance_sampling_level=hp.importance_sampling_level,
             beta=hp.beta, ref_logps=part.ref_logps, use_bias_correction_kl=hp.use_bias_correction_kl,
+            loss_type=hp.loss_aggregation, delta=hp.delta,
+            sapo_temperature_pos=hp.sapo_temperature_pos, sapo_temperature_neg=hp.sapo_temperature_neg,
+            vespo={"k_pos": hp.vespo_k_pos, "lambda_pos": hp.vespo_lambda_pos, "k_neg": hp.vespo_k_neg,
+                   "lambda_neg": hp.vespo_lambda_neg},
         )
         loss = aggregate_grpo_loss(
             token_losses, mask, hp.loss_aggregation,
