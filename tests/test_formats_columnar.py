@@ -339,3 +339,16 @@ def test_unreadable_sources_are_file_level_errors(tmp_path: Path) -> None:
     err = raises(read_preference, splits)
     assert err.reason == "unsupported_folder" and str(splits / "train") in str(err)
     assert raises(read_chat, tmp_path / "data.csv").reason == "unsupported_extension"
+
+
+def test_a_big_row_group_is_not_loaded_whole(tmp_path: Path) -> None:
+    # One 32 MB row group: pyarrow's default reads (pre-buffering, unbuffered column chunks) hold all of it.
+    docs = [f"{k:08d} " + "word " * 400 for k in range(16000)]
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"text": docs}), path, row_group_size=len(docs), compression="none")
+    assert path.stat().st_size > 32e6
+    before, peak, count = pa.total_allocated_bytes(), 0, 0
+    for _, row in columnar_rows(path):
+        count += 1
+        peak = max(peak, pa.total_allocated_bytes() - before)
+    assert count == len(docs) and peak < 12e6  # a few batches' worth
