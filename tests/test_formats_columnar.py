@@ -4,6 +4,7 @@ encoded examples and the same errors (file, row, field) as the JSON form of the 
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,8 @@ def test_nested_nulls_are_absent_keys_not_values(tmp_path: Path) -> None:
             {"type": "function", "function": {"name": "weather", "arguments": {"day": "mon"}}}]},
         {"role": "tool", "content": "rain"}, {"role": "assistant", "content": "rain"}]}
     conversations, _ = read_chat(write_parquet([CHAT_RECORDS[2], other], tmp_path / "a.parquet"))
-    assert [c[1]["tool_calls"][0]["function"]["arguments"] for c in conversations] == [{"city": "Paris"}, {"day": "mon"}]
+    arguments = [c[1]["tool_calls"][0]["function"]["arguments"] for c in conversations]
+    assert arguments == [{"city": "Paris"}, {"day": "mon"}]
     assert conversations[0][0] == {"role": "user", "content": "weather?"}
     assert tools_of(conversations[1]) is None
 
@@ -286,6 +288,7 @@ def test_null_in_a_required_field_names_file_row_and_field(tmp_path: Path, form:
     err = raises(read_chat, path)
     assert (err.path, err.index, err.index_kind, err.field, err.reason) == (path, 1, "row", "output", "missing_field")
     assert str(err) == f"{path}: row 1 (0-based): field 'output': missing or null field"
+    assert str(pickle.loads(pickle.dumps(err))) == str(err)  # DataLoader workers and DDP pickle errors
     kept, report = read_chat(path, on_error="skip")
     assert len(kept) == 2 and report.skipped == {"missing_field": 1}
 

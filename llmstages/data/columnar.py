@@ -109,18 +109,15 @@ def _arrow_files(folder: Path) -> list[Path]:
     state_path = folder / _STATE
     if not state_path.is_file():
         if (folder / _DICT).is_file():
-            splits = _json(folder / _DICT).get("splits") or []
+            splits = [str(s) for s in _json(folder / _DICT).get("splits") or []]
             example = f", e.g. {folder / splits[0]}" if splits else ""
-            raise TableError(
-                "unsupported_folder",
-                f"a DatasetDict folder (splits: {', '.join(map(str, splits)) or 'none'}); give one split's folder{example}",
-            )
-        raise TableError(
-            "unsupported_folder",
-            f"a folder without {_STATE}: expected a datasets.save_to_disk folder (or give a .parquet, .jsonl or .json file)",
-        )
+            detail = f"a DatasetDict folder (splits: {', '.join(splits) or 'none'}); give one split's folder{example}"
+            raise TableError("unsupported_folder", detail)
+        raise TableError("unsupported_folder", f"a folder without {_STATE}: expected a datasets.save_to_disk folder "
+                                               "(or give a .parquet, .jsonl or .json file)")
     files = _json(state_path).get("_data_files")
-    if not isinstance(files, list) or not all(isinstance(f, dict) and isinstance(f.get("filename"), str) for f in files):
+    if not isinstance(files, list) or not all(isinstance(f, dict) and isinstance(f.get("filename"), str)
+                                              for f in files):
         raise TableError("unsupported_folder", f"{_STATE} has no '_data_files' list of {{'filename'}} entries")
     out = [folder / f["filename"] for f in files]
     for file in out:

@@ -340,7 +340,8 @@ def _json_records(path: Path) -> Iterator[_Raw]:
             yield i, "record", value
     else:
         raise DataFormatError(
-            path, None, None, "unsupported_extension", f"expected .jsonl, .json, .parquet or a datasets.save_to_disk folder, got {path.suffix!r}"
+            path, None, None, "unsupported_extension",
+            f"expected .jsonl, .json, .parquet or a datasets.save_to_disk folder, got {path.suffix!r}",
         )
 
 
