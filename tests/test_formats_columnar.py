@@ -355,3 +355,23 @@ def test_a_big_row_group_is_not_loaded_whole(tmp_path: Path) -> None:
         count += 1
         peak = max(peak, pa.total_allocated_bytes() - before)
     assert count == len(docs) and peak < 12e6  # a few batches' worth
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_fit_reads_a_parquet_file_and_names_a_bad_row(tmp_path: Path, cache: Path, lf: Path) -> None:
+    from clirun import fit_args, ok, run, tiny_fragment
+
+    records = _load_json(lf / "dpo_en_demo.json")[:24]
+    good = write_parquet(records, tmp_path / "pairs.parquet")
+    fragment = tiny_fragment(tmp_path, cache, steps=2, stage="dpo", seq_len=256,
+                             extra={"data": {"init_args": {"files": [str(good)], "on_error": "skip"}}})
+    ok(run(fit_args("dpo", fragment, "--trainer.default_root_dir", str(tmp_path / "runs")), tmp_path, timeout=240))
+    records[5] = {**records[5], "rejected": None}
+    bad = write_parquet(records, tmp_path / "bad.parquet")
+    fragment = tiny_fragment(tmp_path, cache, steps=2, stage="dpo",
+                             extra={"data": {"init_args": {"files": [str(bad)]}}})
+    result = run(fit_args("dpo", fragment, "--trainer.default_root_dir", str(tmp_path / "runs")), tmp_path, timeout=240)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"{bad}: row 5 (0-based): field 'rejected': missing or null field" in result.stderr
