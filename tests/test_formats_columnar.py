@@ -140,6 +140,10 @@ def test_nested_nulls_are_absent_keys_not_values(tmp_path: Path) -> None:
     assert arguments == [{"city": "Paris"}, {"day": "mon"}]
     assert conversations[0][0] == {"role": "user", "content": "weather?"}
     assert tools_of(conversations[1]) is None
+    # So an assistant turn of tool calls may omit `content`, in JSON too (OpenAI's API allows it).
+    calls = {k: v for k, v in other["messages"][1].items() if k != "content"}
+    record = {"messages": [other["messages"][0], calls, *other["messages"][2:]]}
+    assert read_chat(write_jsonl([record], tmp_path / "c.jsonl"))[0] == conversations[1:]
 
 
 def test_preference_reads_the_same_from_every_form(tmp_path: Path) -> None:
