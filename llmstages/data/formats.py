@@ -16,6 +16,9 @@ Design choices:
   `.txt`. Records of a `.json` array are named by 0-based index. Errors that
   make a whole `.json` file unreadable (bad JSON, bad bytes, not an array)
   raise in both modes: there is no record boundary to skip to.
+- Columnar sources (`.parquet`, a `datasets.save_to_disk` folder) are opened by
+  `columnar.py` and give their rows, named by 0-based row, to the same parsers:
+  the same records, errors and `on_error` as the JSON form of the same data.
 - Content is never rewritten: whitespace only decides emptiness. Two
   deliberate exceptions: alpaca joins `instruction` and `input` with "\\n",
   and empty system prompts (`"system": ""` is common in exports) are
@@ -73,6 +76,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypedDict
 
+from llmstages.data import columnar
 from llmstages.data.chat.messages import ROLES, Conversation, Message, Role, tools_of
 from llmstages.data.message_parts import REASONING_MARKERS, content_parts, message_weight, read_tools, tool_call
 from llmstages.data.record_fields import (
@@ -154,8 +158,9 @@ class DataFormatError(ValueError):
     """A file or record that cannot be used, with where and why.
 
     `index` is a 1-based line number when `index_kind == "line"` (`.jsonl`,
-    `.txt`, or a whole `.json` file that fails to parse) and a 0-based record
-    index into a `.json` array when `index_kind == "record"`; `None` for
+    `.txt`, or a whole `.json` file that fails to parse), a 0-based record
+    index into a `.json` array when `index_kind == "record"` and a 0-based row
+    of a Parquet file or `save_to_disk` folder when `index_kind == "row"`; `None` for
     file-level errors. `field` is a path such as `conversations[2].value`.
     `reason` is a short machine-readable key (see `LoadReport.skipped`).
     """
@@ -168,7 +173,7 @@ class DataFormatError(ValueError):
         reason: str,
         detail: str | None = None,
         *,
-        index_kind: Literal["line", "record"] = "line",
+        index_kind: Literal["line", "record", "row"] = "line",
     ) -> None:
         self.path = Path(path)
         self.index = index
@@ -184,8 +189,10 @@ class DataFormatError(ValueError):
         elif self.index_kind == "line":
             where = f"{self.path}:{self.index}"
         else:
-            where = f"{self.path}: record {self.index} (0-based)"
+            where = f"{self.path}: {self.index_kind} {self.index} (0-based)"
         text = _REASON_TEXT.get(self.reason, self.reason.replace("_", " "))
+        if self.index_kind == "row" and self.reason == "missing_field":
+            text = "missing or null field"  # a column holds a null where a JSON record lacks the key
         if self.detail:
             text = f"{text}: {self.detail}"
         if self.field:
@@ -288,7 +295,19 @@ def _whole_text(path: Path) -> str:
 
 
 # (index, index_kind, parsed JSON value or a per-record error)
-_Raw = tuple[int, Literal["line", "record"], Any]
+_Raw = tuple[int, Literal["line", "record", "row"], Any]
+
+
+def _records(path: Path) -> Iterator[_Raw]:
+    """The records of a JSON, JSON Lines or columnar source (see `columnar.py`)."""
+    if not columnar.is_columnar(path):
+        yield from _json_records(path)
+        return
+    try:
+        for row, value in columnar.rows(path):
+            yield row, "row", value
+    except columnar.TableError as err:
+        raise DataFormatError(path, None, None, err.reason, err.detail) from None
 
 
 def _json_records(path: Path) -> Iterator[_Raw]:
@@ -323,7 +342,8 @@ def _json_records(path: Path) -> Iterator[_Raw]:
             yield i, "record", value
     else:
         raise DataFormatError(
-            path, None, None, "unsupported_extension", f"expected .jsonl or .json, got {path.suffix!r}"
+            path, None, None, "unsupported_extension",
+            f"expected .jsonl, .json, .parquet or a datasets.save_to_disk folder, got {path.suffix!r}",
         )
 
 
@@ -417,9 +437,10 @@ def _role_turn(
     role = roles[name]
     sharegpt = role_key == "from"
     used = {role_key, content_key, "weight", "loss_weight"}
-    if content_key not in item:
+    calls_only = role == "assistant" and not sharegpt and bool(item.get("tool_calls"))
+    if content_key not in item and not calls_only:  # OpenAI may omit content beside tool_calls (Parquet: a null)
         raise Invalid("missing_field", content_field)
-    raw = item[content_key]
+    raw = item.get(content_key)
     if role == "assistant" and raw is None and not sharegpt:
         raw = ""  # OpenAI writes null content beside tool_calls
     content, extra = content_parts(raw, content_field, role)
@@ -576,7 +597,8 @@ def _formats_of(rec: dict[str, Any]) -> list[str]:
 def read_chat(
     path: str | os.PathLike[str], *, format: str = "auto", on_error: str = "raise"
 ) -> tuple[list[list[Message]], LoadReport]:
-    """Read alpaca / sharegpt / messages conversations from `.jsonl` or `.json`.
+    """Read alpaca / sharegpt / messages conversations from `.jsonl`, `.json`, `.parquet` or a
+    `datasets.save_to_disk` folder.
 
     `format="auto"` takes the format from the first object record that has
     exactly one format's key (`instruction`, `conversations`, `messages`);
@@ -613,7 +635,7 @@ def read_chat(
 
     if format != "auto":
         col.report.format = format
-    col.run(_json_records(path), parse)
+    col.run(_records(path), parse)
     return col.finish()
 
 
@@ -699,7 +721,7 @@ def _parse_preference(value: Any) -> PreferencePair:
 def read_preference(
     path: str | os.PathLike[str], *, on_error: str = "raise"
 ) -> tuple[list[PreferencePair], LoadReport]:
-    """Read preference pairs from `.jsonl` or `.json`.
+    """Read preference pairs from `.jsonl`, `.json`, `.parquet` or a `datasets.save_to_disk` folder.
 
     Three shapes, chosen per record: LLaMA-Factory v1's `chosen_messages` +
     `rejected_messages` (whole conversations; the turns they share are the
@@ -712,7 +734,7 @@ def read_preference(
     _check_policy(on_error)
     path = Path(path)
     col = _Collector(path, on_error)
-    col.run(_json_records(path), _parse_preference)
+    col.run(_records(path), _parse_preference)
     items, report = col.finish()
     return items, report
 
@@ -739,11 +761,13 @@ class TextStream:
         if mode not in ("line", "file"):
             raise ValueError(f"mode must be 'line' or 'file', got {mode!r}")
         suffix = path.suffix.lower()
-        if suffix in (".jsonl", ".json") and mode != "line":
+        self.records = suffix in (".jsonl", ".json") or columnar.is_columnar(path)  # else plain text
+        if self.records and mode != "line":
             raise ValueError("mode='file' applies to plain .txt files only")
-        if suffix not in (".txt", ".jsonl", ".json"):
+        if not self.records and suffix != ".txt":
             raise DataFormatError(
-                path, None, None, "unsupported_extension", f"expected .txt, .jsonl or .json, got {path.suffix!r}"
+                path, None, None, "unsupported_extension",
+                f"expected .txt, .jsonl, .json, .parquet or a datasets.save_to_disk folder, got {path.suffix!r}",
             )
         self.path, self.mode, self.field = path, mode, field
         self._collector = _Collector(path, on_error)
@@ -752,7 +776,7 @@ class TextStream:
 
     def __iter__(self) -> Iterator[str]:
         col, path = self._collector, self.path
-        if path.suffix.lower() in (".jsonl", ".json"):
+        if self.records:
             field = self.field
 
             def parse(value: Any) -> str:
@@ -761,7 +785,7 @@ class TextStream:
                     raise Invalid("empty_text", field)
                 return text
 
-            yield from col.stream(_json_records(path), parse)
+            yield from col.stream(_records(path), parse)
         elif self.mode == "file":
             text = _whole_text(path)
             if text.strip():
@@ -780,9 +804,10 @@ def iter_text(
 
     `.txt`: `mode="line"` gives one document per non-empty line (whitespace-only
     lines are separators, not errors); `mode="file"` gives the whole file as one
-    document. `.jsonl`/`.json`: one document per record, from the string field
-    `field`; `mode` must stay "line" there. Documents are returned verbatim
-    (line endings removed in line mode). `.txt` and `.jsonl` are streamed.
+    document. `.jsonl`/`.json`/`.parquet`/a `save_to_disk` folder: one document
+    per record, from the string field (column) `field`; `mode` must stay "line"
+    there. Documents are returned verbatim (line endings removed in line mode).
+    `.txt`, `.jsonl` and the columnar sources are streamed.
     """
     return TextStream(Path(path), mode, field, on_error)
 
@@ -843,8 +868,8 @@ def _parse_prompt_line(value: Any) -> PromptRecord:
 
 def _prompt_lines(path: Path) -> Iterator[_Raw]:
     """`lines`: `.jsonl` rows are records, any other file's non-empty lines are user prompts."""
-    if path.suffix.lower() == ".jsonl":
-        yield from _json_records(path)
+    if path.suffix.lower() == ".jsonl" or columnar.is_columnar(path):
+        yield from _records(path)
         return
     for number, line in _lines(path):
         if not isinstance(line, str):
@@ -854,7 +879,7 @@ def _prompt_lines(path: Path) -> Iterator[_Raw]:
 
 
 def _first_record_has_prompt(path: Path) -> bool:
-    for _, _, value in _json_records(path):
+    for _, _, value in _records(path):
         return isinstance(value, dict) and "prompt" in value
     return False
 
@@ -869,7 +894,7 @@ def read_prompts(
     (`read_chat`'s conversations, each cut before its final assistant turn,
     whose content becomes the answer); `auto` (`prompt` when the first record
     has a `prompt` field, else the chat formats' own detection); or `lines`
-    (one prompt per line: a `.jsonl` row with `messages` or a `prompt` string,
+    (one prompt per line: a `.jsonl` or columnar row with `messages` or a `prompt` string,
     any other file's non-empty line as a user message).
     """
     _check_policy(on_error)
@@ -883,7 +908,7 @@ def read_prompts(
         return [prompt_record(c) for c in conversations], report
     col = _Collector(path, on_error)
     if format == "prompt":
-        col.run(_json_records(path), _parse_prompt_record)
+        col.run(_records(path), _parse_prompt_record)
     else:
         col.run(_prompt_lines(path), _parse_prompt_line)
     col.report.format = format
@@ -900,26 +925,27 @@ class KTOExample(TypedDict):
 
 
 def _parse_kto(value: Any) -> list[KTOExample]:
-    rec = _as_object(value)
+    rec = as_object(value)
     if "completion" not in rec:  # a preference pair: one desirable and one undesirable example (TRL's unpair)
         pair = _parse_preference(rec)
         return [{"prompt": pair["prompt"], "completion": pair[side], "label": side == "chosen"}
                 for side in ("chosen", "rejected")]
     if "prompt" not in rec:
-        raise _Invalid("missing_field", "prompt")
+        raise Invalid("missing_field", "prompt")
+    unused(rec, ("prompt", "completion", "label", "system", "tools"))
     label = rec.get("label")
     if not isinstance(label, bool):
-        raise _wrong_type("label", "true or false", label) if "label" in rec else _Invalid("missing_field", "label")
+        raise wrong_type("label", "true or false", label) if "label" in rec else Invalid("missing_field", "label")
     prompt = _prompt_turns(rec)
     _check_turns(prompt)
     if not prompt or prompt[-1].role != "user":
-        raise _Invalid("prompt_not_user", prompt[-1].role_field if prompt else "prompt")
+        raise Invalid("prompt_not_user", prompt[-1].role_field if prompt else "prompt")
     return [{"prompt": _to_messages(prompt), "completion": _to_messages(_completion(rec, "completion", False)),
              "label": label}]
 
 
 def read_kto(path: str | os.PathLike[str], *, on_error: str = "raise") -> tuple[list[KTOExample], LoadReport]:
-    """Read KTO examples from `.jsonl` or `.json`.
+    """Read KTO examples from `.jsonl`, `.json`, `.parquet` or a `save_to_disk` folder.
 
     Records are `{"prompt", "completion", "label": true|false}` (prompt and completion as strings or
     role/content message lists, as TRL takes them), or preference pairs (any shape `read_preference`
@@ -929,6 +955,6 @@ def read_kto(path: str | os.PathLike[str], *, on_error: str = "raise") -> tuple[
     _check_policy(on_error)
     path = Path(path)
     col = _Collector(path, on_error)
-    col.run(_json_records(path), _parse_kto)
+    col.run(_records(path), _parse_kto)
     records, report = col.finish()
     return [example for examples in records for example in examples], report

@@ -45,8 +45,8 @@ class PreferenceData(StageData):
     ) -> None:
         """
         Args:
-            files: preference files (sharegpt conversations + chosen + rejected, or prompt/chosen/rejected);
-                null: the embedded synthetic pairs.
+            files: preference files (sharegpt conversations + chosen + rejected, or prompt/chosen/rejected; JSON,
+                JSONL, Parquet or a datasets.save_to_disk folder); null: the embedded synthetic pairs.
             template: chatml, llama3, plain, or auto/hf: the tokenizer's own Jinja chat template (a model folder's);
                 the chat template that renders prompt and replies into tokens.
             truncation: right (cut the replies' ends), left (cut the oldest prompt tokens) or drop an over-long pair.

@@ -6,7 +6,8 @@ Design choices:
   the tokenizer), written atomically. A cache is never a way around
   validation: a `skip` run's cache has another key than a `raise` run's, so
   the `raise` run reads (and rejects) the bad file itself.
-- Files are streamed line by line (`.txt`, `.jsonl`) and encoded in batches
+- Files are streamed line by line (`.txt`, `.jsonl`) or in row batches
+  (`.parquet`, a `datasets.save_to_disk` folder: a `text` column) and encoded in batches
   bounded in documents and characters; a huge document is encoded in pieces
   cut where the tokenizer provably gives the same ids (`document_pieces`), so
   memory follows the longest record's text, not its token objects, and a
@@ -33,6 +34,7 @@ from torch.utils.data import Dataset
 from llmstages.data import synthetic
 from llmstages.data.base import StageData
 from llmstages.data.batch import LMBatch
+from llmstages.data.columnar import source_files
 from llmstages.data.formats import iter_text
 from llmstages.data.packing import check_packing, stack_rows, stream_row
 from llmstages.options import OnError, TextMode, check_choice, choices
@@ -103,7 +105,8 @@ class PretrainData(StageData):
     ) -> None:
         """
         Args:
-            files: `.txt` or `.jsonl` (a `text` field) corpora; null: the embedded synthetic corpus.
+            files: `.txt`, or `.jsonl`/`.json`/`.parquet`/`datasets.save_to_disk` folders (a `text` field) corpora;
+                null: the embedded synthetic corpus.
             text_mode: line (a document per line) or file (a document per file).
             packing: documents (attention and positions isolated per document) or concat (attention crosses documents).
             on_error: raise (stop at the first bad record, naming file, line and field) or skip (count and go on).
@@ -131,7 +134,10 @@ class PretrainData(StageData):
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         eos, n_docs = self.tokenizer.eos_id, 0
         sources = [iter_text(f, mode=self.text_mode, on_error=self.on_error) for f in self.files] if self.files else [docs]
-        total = sum(f.stat().st_size for f in self.files) if self.files else sum(len(d) for d in docs)
+        if self.files:
+            total = sum(p.stat().st_size for f in self.files for p in source_files(f))
+        else:
+            total = sum(len(d) for d in docs)
         split = splits_at_spaces(tok_json)
         with open(tmp, "wb") as out, Progress(disable=total < 10_000_000) as progress:
             task = progress.add_task("tokenising", total=total)
@@ -188,9 +194,10 @@ class PretrainData(StageData):
 def _file_digest(paths: list[Path], extra: str) -> str:
     """A short key of the files (paths and bytes) and `extra`: the encoded corpus cache's name."""
     h = hashlib.sha256(extra.encode())
-    for path in paths:
-        h.update(str(path.resolve()).encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+    for source in paths:
+        for path in source_files(source):  # a save_to_disk folder: its state and Arrow files
+            h.update(str(path.resolve()).encode())
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
     return h.hexdigest()[:16]

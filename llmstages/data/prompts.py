@@ -135,7 +135,8 @@ class PromptData(StageData):
         """
         Args:
             files: prompt files: `{"prompt", "answer"}` records, or alpaca / sharegpt / messages conversations
-                (cut before their final assistant turn, which becomes the answer); null: the embedded synthetic tasks.
+                (cut before their final assistant turn, which becomes the answer); JSON, JSONL, Parquet or a
+                datasets.save_to_disk folder; null: the embedded synthetic tasks.
             format: prompt (records with a `prompt` field), a chat format, lines (one prompt per line, as
                 `llmstages generate --prompts` reads), or auto (per file: `prompt` records when the first record
                 has a `prompt` field, else the chat formats' own detection).

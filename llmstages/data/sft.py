@@ -45,7 +45,8 @@ class SFTData(StageData):
     ) -> None:
         """
         Args:
-            files: chat data files (alpaca, sharegpt, messages; JSON or JSONL); null: the embedded synthetic tasks.
+            files: chat data files (alpaca, sharegpt, messages; JSON, JSONL, Parquet or a datasets.save_to_disk folder);
+                null: the embedded synthetic tasks.
             format: the files' format; auto detects it per file, from its first record with one format's keys
                 (a later record of another format is an error).
             template: chatml, llama3, plain, or auto/hf: the tokenizer's own Jinja chat template (a model folder's);
