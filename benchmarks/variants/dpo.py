@@ -41,7 +41,7 @@ def run(bench: Bench) -> dict:
     probe = bench.data("preference")
     probe.setup("fit")
     baseline = {flag: reply_lengths(sft_model.backbone, probe, prompts) for flag, prompts in groups.items()}
-    mean_padded = statistics.mean(probe._collate(probe.train_set.items[i:i + 16])["chosen_labels"].shape[1]
+    mean_padded = statistics.mean(probe.collate(probe.train_set.items[i:i + 16])["chosen_labels"].shape[1]
                                   for i in range(0, min(len(probe.train_set), 256), 16))
     variants = [(f"{loss}/{red}" + ("+sft" if sft else ""), dict(loss_type=loss, logp_reduction=red, sft_weight=sft,
                  beta=DPO_BETA[loss])) for loss, red, sft in DPO_VARIANTS]
