@@ -35,7 +35,12 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 # reading a checkpoint file is the model layer's (model.checkpoint); re-exported for the run code
-from llmstages.model.checkpoint import CheckpointError, check_checkpoint_file, load_checkpoint_file  # noqa: F401
+from llmstages.model.checkpoint import (  # noqa: F401
+    CheckpointError,
+    check_checkpoint_file,
+    check_init_from,
+    load_checkpoint_file,
+)
 from llmstages.run_plan import LATEST, RUN_FILE, RunFolderError  # noqa: F401 - part of this module's API too
 
 _TMP_MARK = ".tmp-"
@@ -251,29 +256,3 @@ def mark_latest(run_dir: Path) -> Path:
     os.symlink(run_dir.name, tmp)
     os.replace(tmp, link)
     return link
-
-
-# ----------------------------------------------------------------------------- init_from, checked early
-
-
-def check_init_from(source: str | os.PathLike | None) -> dict | None:
-    """Fail before any data is built: `source` must be a readable llmstages `.ckpt` or a Hugging Face
-    folder with a config.json. Returns the backbone config a `.ckpt` recorded (None for a folder,
-    or an old checkpoint that recorded none)."""
-    if source is None:
-        return None
-    path = Path(source)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"init_from {path}: a folder without config.json, not a Hugging Face model folder")
-        return None
-    if not path.exists():
-        raise CheckpointError(f"init_from {path}: no such file or folder")
-    if path.suffix != ".ckpt":
-        raise CheckpointError(f"init_from {path}: neither a Hugging Face folder nor a .ckpt file")
-    state = load_checkpoint_file(path, mmap=True)  # memory-mapped: nothing but the header is read here
-    model = (state.get("hyper_parameters") or {}).get("model")
-    if isinstance(model, dict):
-        return dict(model)
-    embed = (state.get("state_dict") or {}).get("backbone.embed.weight")
-    return {"vocab_size": int(embed.shape[0])} if embed is not None else None

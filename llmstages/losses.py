@@ -465,6 +465,29 @@ def sequence_logps(token_logps: Tensor, labels: Tensor, reduction: str = "sum") 
 # --------------------------------------------------------------------------- preference losses
 
 
+def _check_dpo_options(policy_chosen: Tensor, policy_rejected: Tensor, loss_type: str, beta: float,
+                       label_smoothing: float, gamma: float) -> None:
+    check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if policy_chosen.shape != policy_rejected.shape or policy_chosen.dim() != 1:
+        raise ValueError(
+            f"policy_chosen {tuple(policy_chosen.shape)} and policy_rejected "
+            f"{tuple(policy_rejected.shape)} must both be [B]"
+        )
+    eps = float(label_smoothing)
+    if loss_type == "robust":
+        if not 0.0 <= eps < 0.5:
+            raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {eps}")
+    elif loss_type in ("sigmoid", "simpo"):
+        if not 0.0 <= eps <= 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5], got {eps}")
+    elif eps != 0.0:
+        raise ValueError(f"label_smoothing is not defined for loss_type {loss_type!r}; use sigmoid or robust")
+    if gamma != 0.0 and loss_type != "simpo":
+        raise ValueError(f"gamma is SimPO's target margin; it has no meaning for loss_type {loss_type!r}")
+
+
 def dpo_loss(
     policy_chosen: Tensor,
     policy_rejected: Tensor,
@@ -487,26 +510,8 @@ def dpo_loss(
     hinge `relu(1 - z)`; simpo (reference-free, refs ignored) uses
     `z = beta (pi_c - pi_r) - gamma - l` with the sigmoid form.
     """
-    check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if policy_chosen.shape != policy_rejected.shape or policy_chosen.dim() != 1:
-        raise ValueError(
-            f"policy_chosen {tuple(policy_chosen.shape)} and policy_rejected "
-            f"{tuple(policy_rejected.shape)} must both be [B]"
-        )
+    _check_dpo_options(policy_chosen, policy_rejected, loss_type, beta, label_smoothing, gamma)
     eps = float(label_smoothing)
-    if loss_type == "robust":
-        if not 0.0 <= eps < 0.5:
-            raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {eps}")
-    elif loss_type in ("sigmoid", "simpo"):
-        if not 0.0 <= eps <= 0.5:
-            raise ValueError(f"label_smoothing must lie in [0, 0.5], got {eps}")
-    elif eps != 0.0:
-        raise ValueError(f"label_smoothing is not defined for loss_type {loss_type!r}; use sigmoid or robust")
-    if gamma != 0.0 and loss_type != "simpo":
-        raise ValueError(f"gamma is SimPO's target margin; it has no meaning for loss_type {loss_type!r}")
-
     length_term: Tensor | float = 0.0
     if length_alpha != 0.0:
         if chosen_lengths is None or rejected_lengths is None:

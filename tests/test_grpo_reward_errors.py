@@ -138,7 +138,7 @@ def test_prompts_cut_on_the_left_are_counted_and_logged(cache_dir):
     data.setup("fit")
     lengths = [len(item["prompt_ids"]) for item in data.train_set]
     assert data.truncated == 4 and lengths == [8] * 4  # every embedded prompt is longer than 8 tokens
-    assert data._collate([data.train_set[0], data.train_set[1]])["truncated"] == [True, True]
+    assert data.collate([data.train_set[0], data.train_set[1]])["truncated"] == [True, True]
     metrics = run_one_step(cache_dir, max_prompt_len=8, reward="stopped")
     assert metrics["train/prompts_left_truncated"] == 2.0  # the step's two prompts
     metrics = run_one_step(cache_dir, max_prompt_len=256, reward="stopped")

@@ -157,14 +157,14 @@ def test_every_kl_row_pairs_a_prompt_with_another_prompts_completion(cache_dir):
     # unpaired preference data: the neighbouring example answers the same prompt, and is skipped
     assert items[1]["kl"]["input_ids"] != items[0]["row"]["input_ids"]
     for size in (1, 3):  # odd micro-batches, and one of a single example, keep every mismatched pair (TRL #1911)
-        assert bool(data._collate(items[:size])["kl_valid"].all())
+        assert bool(data.collate(items[:size])["kl_valid"].all())
 
 
 def test_data_with_a_single_prompt_has_no_mismatched_pair_and_z0_is_zero_not_nan(tmp_path, cache_dir):
     path = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "2+2?", "completion": c, "label": c == "4"} for c in "4567"])
     data = KTOData(files=[path], cache_dir=cache_dir, batch_size=4, seq_len=64, val_fraction=0.0)
     data.setup("fit")
-    batch = data._collate([data.train_set[i] for i in range(4)])
+    batch = data.collate([data.train_set[i] for i in range(4)])
     assert not bool(batch["kl_valid"].any())
     module = KTOModule(preset="tiny", vocab_size=data.vocab_size)
     module.setup("fit")
@@ -195,7 +195,7 @@ def kto_setup(cache_dir, kl_reference):
 def step_grads(data, module, splits):
     """Gradients and train/step_loss of one step whose examples 0..7 are split into micro-batches `splits`."""
     module.zero_grad()
-    batches = [data._collate([data.train_set[i] for i in rows]) for rows in splits]
+    batches = [data.collate([data.train_set[i] for i in rows]) for rows in splits]
     annotated = list(KLStepLoader(batches, len(batches), data._count))
     module.on_step_start(annotated[0])
     weighted, examples, z0s = 0.0, 0, []
@@ -238,7 +238,7 @@ def test_at_initialisation_z0_and_rewards_are_zero_and_the_loss_is_a_half(cache_
     data.setup("fit")
     module = KTOModule(preset="tiny", vocab_size=data.vocab_size, desirable_weight=2.0, undesirable_weight=1.0)
     module.setup("fit")
-    batch = data._collate([data.train_set[i] for i in range(8)])
+    batch = data.collate([data.train_set[i] for i in range(8)])
     loss, stats, _ = module.compute_loss(batch)
     desirable = int(batch["label"].sum())
     assert float(loss.detach()) == pytest.approx((2.0 * desirable + (8 - desirable)) * 0.5 / 8, rel=1e-6)

@@ -31,7 +31,7 @@ def preference_data(cache_dir: str, **kwargs) -> PreferenceData:
 
 
 def batch_of(data, rows) -> dict:
-    return data._collate([data.train_set[i] for i in rows])
+    return data.collate([data.train_set[i] for i in rows])
 
 
 def loop_logps(model, input_ids, labels) -> list[dict[int, float]]:

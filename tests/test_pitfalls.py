@@ -106,7 +106,7 @@ def test_stages_score_every_reply_from_the_position_before_it(minimind: str, cac
     stop = data.stop_token_id
     multi = [e for e in data.train_set if len(labelled_runs(e["labels"])) > 1][:3]
     single = [e for e in data.train_set if len(labelled_runs(e["labels"])) == 1][:3]
-    batch = data._collate(multi + single)
+    batch = data.collate(multi + single)
     ids, labels, pos = batch["input_ids"], batch["labels"], batch["position_ids"]
 
     module = SFTModule(model=ModelConfig.from_name("tiny", vocab_size=data.vocab_size, n_layer=1), generate_samples=0)
@@ -125,7 +125,7 @@ def test_stages_score_every_reply_from_the_position_before_it(minimind: str, cac
 
     pref = PreferenceData(tokenizer=minimind, seq_len=128, cache_dir=str(cache), shuffle=False)
     pref.setup("fit")
-    pbatch = pref._collate([pref.train_set[i] for i in range(4)])
+    pbatch = pref.collate([pref.train_set[i] for i in range(4)])
     dpo = DPOModule(model=ModelConfig.from_name("tiny", vocab_size=pref.vocab_size, n_layer=1))
     sharpen(dpo)
     with torch.no_grad():
@@ -371,7 +371,7 @@ def test_every_stage_checkpoint_rebuilds_from_plain_hyperparameters(cache: Path,
     for key, value in module.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     data.setup("fit")
-    batch = data._collate([data.train_set[i] for i in range(2)])
+    batch = data.collate([data.train_set[i] for i in range(2)])
     ids = batch.get("input_ids", batch.get("chosen_input_ids"))
     module.eval()
     loaded.eval()

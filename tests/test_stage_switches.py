@@ -25,7 +25,7 @@ def test_dpo_lora_reference_is_the_base_model_without_a_copy(cache_dir: str) -> 
     """With LoRA the reference is the policy with adapters disabled; it equals a frozen copy of the base."""
     data = PreferenceData(cache_dir=cache_dir, batch_size=8, seq_len=128)
     data.setup()
-    batch = data._collate([data.train_set[i] for i in range(8)])
+    batch = data.collate([data.train_set[i] for i in range(8)])
     lora = DPOModule(preset="tiny", vocab_size=data.vocab_size, lora=LORA)
     lora.setup("fit")
     assert lora._reference is None  # no second copy of the model
@@ -78,7 +78,7 @@ def test_lora_with_unknown_targets_is_refused() -> None:
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(cache_dir: str) -> None:
     data = SFTData(cache_dir=cache_dir, batch_size=4, seq_len=128)
     data.setup()
-    batch = data._collate([data.train_set[i] for i in range(4)])
+    batch = data.collate([data.train_set[i] for i in range(4)])
     grads = []
     for flag in (False, True):
         torch.manual_seed(0)

@@ -268,7 +268,7 @@ def test_dpo_at_initialisation_loss_is_log2_and_rewards_zero(cache_dir: str) -> 
     module = DPOModule(preset="tiny", vocab_size=data.vocab_size)
     sharpen(module)  # before setup: the reference copies these weights
     module.setup("fit")
-    batch = data._collate([data.train_set[i] for i in range(8)])
+    batch = data.collate([data.train_set[i] for i in range(8)])
     loss, stats, n = module.compute_loss(batch)
     assert n == 8 and loss.dtype == torch.float32  # float64 step counts must not promote the loss
     torch.testing.assert_close(loss, torch.tensor(math.log(2.0)), rtol=0, atol=1e-6)
@@ -300,7 +300,7 @@ def test_dpo_precomputed_reference_equals_live_reference(cache_dir: str) -> None
         live.train(training)
         pre.train(training)
         # rows 3..9 padded to a different length than in precompute's own batches
-        batch = data._collate([dataset[i] for i in range(3, 9)])
+        batch = data.collate([dataset[i] for i in range(3, 9)])
         loss_live, stats_live, _ = live.compute_loss(batch)
         loss_pre, stats_pre, _ = pre.compute_loss(batch)
         assert abs(float(loss_live.detach()) - math.log(2.0)) > 1e-3, split  # the comparison is not trivial
@@ -317,7 +317,7 @@ def test_dpo_rewards_keep_trl_meaning_under_any_logp_reduction(cache_dir: str) -
     sharpen(module)
     module.setup("fit")
     module.backbone.load_state_dict({k: v + 0.05 * torch.randn_like(v) for k, v in module.backbone.state_dict().items()})
-    batch = data._collate([data.train_set[i] for i in range(8)])
+    batch = data.collate([data.train_set[i] for i in range(8)])
     _, stats, _ = module.compute_loss(batch)
 
     def side_logps(model, side: str) -> tuple[torch.Tensor, torch.Tensor]:  # (sum, mean) by a plain loop
@@ -350,7 +350,7 @@ def test_dpo_rewards_keep_trl_meaning_under_any_logp_reduction(cache_dir: str) -
 
 def test_dpo_mean_reduction_ignores_padding_but_legacy_mean_padded_does_not(cache_dir: str) -> None:
     data = preference_data(cache_dir)
-    batch = data._collate([data.train_set[i] for i in range(6)])
+    batch = data.collate([data.train_set[i] for i in range(6)])
     extra = 11
     padded = pad_preference_batch(batch, extra, data.tokenizer.pad_id)
     length = batch["chosen_input_ids"].shape[1]
@@ -373,7 +373,7 @@ def test_simpo_trains_without_a_reference(cache_dir: str) -> None:
     module = DPOModule(preset="tiny", vocab_size=data.vocab_size, loss_type="simpo", beta=2.0, gamma=0.5)
     module.setup("fit")
     assert module._reference is None and module.logp_reduction == "mean"
-    batch = data._collate([data.train_set[i] for i in range(4)])
+    batch = data.collate([data.train_set[i] for i in range(4)])
     loss, stats, _ = module.compute_loss(batch)
     # policies at init are nearly uniform and pi_c ~ pi_r, so the loss is about -logsigmoid(-gamma)
     assert torch.isfinite(loss)
@@ -430,7 +430,7 @@ def test_reward_is_read_at_the_last_labelled_token(cache_dir: str) -> None:
     module = RewardModule(preset="tiny", vocab_size=data.vocab_size)
     sharpen(module)
     module.eval()
-    batch = data._collate([data.train_set[i] for i in range(6)])
+    batch = data.collate([data.train_set[i] for i in range(6)])
     ids, labels, pos = batch["rejected_input_ids"], batch["rejected_labels"], batch["rejected_position_ids"]
     rows = torch.arange(len(ids))
     last = torch.tensor([max(i for i, v in enumerate(row.tolist()) if v != IGNORE_INDEX) for row in labels])
@@ -471,7 +471,7 @@ def test_reward_is_read_at_the_last_labelled_token(cache_dir: str) -> None:
 def test_zero_target_micro_batch_gives_zero_loss_and_zero_gradients(cache_dir: str) -> None:
     data = sft_data(cache_dir)
     module = SFTModule(preset="tiny", vocab_size=data.vocab_size)
-    batch = data._collate([data.train_set[i] for i in range(4)])
+    batch = data.collate([data.train_set[i] for i in range(4)])
     batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)  # e.g. everything truncated away
     with pytest.warns(NoTargetTokensWarning):
         loss, stats, tokens = module.compute_loss(batch)
@@ -558,7 +558,7 @@ def test_checkpoint_rebuilds_the_model_and_init_from_loads_it(cache_dir: str, tm
     loaded = SFTModule.load_from_checkpoint(path)  # Lightning's default loading, nothing passed in
     assert loaded.config == module.config
     assert loaded.hparams.lr == 1e-2 and loaded.hparams.generate_samples == 0
-    batch = data._collate([data.train_set[i] for i in range(4)])
+    batch = data.collate([data.train_set[i] for i in range(4)])
     module.eval()
     loaded.eval()
     with torch.no_grad():
@@ -606,7 +606,7 @@ def test_sequence_normalisation_validates_packed_rows(cache_dir: str) -> None:
     loss counts them, or `normalize: sequence` with packing crashes on its first validation."""
     data = sft_data(cache_dir, packing="documents", batch_size=4)
     module = SFTModule(preset="tiny", vocab_size=data.vocab_size, normalize="sequence", generate_samples=0)
-    batch = data._collate([data.val_set[i] for i in range(2)])
+    batch = data.collate([data.val_set[i] for i in range(2)])
     loss, _, _ = module.compute_loss(batch)
     assert torch.isfinite(loss)
 

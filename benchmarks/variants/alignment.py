@@ -14,10 +14,9 @@ import statistics
 import lightning as L
 import torch
 
-from benchmarks.variants.dpo import DPO_BETA, reply_lengths
-from benchmarks.variants.runner import EVAL_SEED, Bench, brief, fit, length_drift, reply_quality
-from llmstages.data import synthetic
-from llmstages.stages import DPOModule, KTOModule, ORPOModule, SFTModule
+from benchmarks.variants.dpo import DPO_BETA, reply_lengths, sft_start
+from benchmarks.variants.runner import Bench, brief, fit, length_drift, reply_quality
+from llmstages.stages import DPOModule, KTOModule, ORPOModule
 
 # (name, stage, its options)
 METHODS = [
@@ -44,15 +43,7 @@ def implicit_preference(policy, reference, data, beta: float = 0.1) -> dict[str,
 
 def run(bench: Bench) -> dict:
     results = {}
-    pairs = synthetic.preference_pairs(max(8, bench.args.eval), seed=EVAL_SEED)
-    groups = {flag: [p["prompt"] for p in pairs if p["rejected_longer"] is flag] for flag in (True, False)}
-    sft_path = bench.sft()
-    sft_model = SFTModule(preset=bench.args.preset, vocab_size=bench.data("sft").vocab_size, init_from=str(sft_path))
-    sft_model.setup("fit")
-    sft_model.backbone.eval()
-    probe = bench.data("preference")
-    probe.setup("fit")
-    baseline = {flag: reply_lengths(sft_model.backbone, probe, prompts) for flag, prompts in groups.items()}
+    groups, sft_path, sft_model, probe, baseline = sft_start(bench)
     for name, stage, options in METHODS:
         for seed in bench.args.seeds:
             L.seed_everything(seed, verbose=False)

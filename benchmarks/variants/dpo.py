@@ -31,8 +31,9 @@ def reply_lengths(backbone, data, prompts: list[list[dict]]) -> list[int]:
     return [len(generate(backbone, data.template.encode_prompt(p, data.tokenizer), 24, stop_id=stop)[0]) for p in prompts]
 
 
-def run(bench: Bench) -> dict:
-    results = {}
+def sft_start(bench: Bench):
+    """The SFT checkpoint every preference run starts from, and its greedy reply lengths on held-out pairs'
+    prompts grouped by whether the rejected reply is longer: (groups, sft_path, sft_model, probe, baseline)."""
     pairs = synthetic.preference_pairs(max(8, bench.args.eval), seed=EVAL_SEED)
     groups = {flag: [p["prompt"] for p in pairs if p["rejected_longer"] is flag] for flag in (True, False)}
     sft_path = bench.sft()
@@ -41,7 +42,13 @@ def run(bench: Bench) -> dict:
     probe = bench.data("preference")
     probe.setup("fit")
     baseline = {flag: reply_lengths(sft_model.backbone, probe, prompts) for flag, prompts in groups.items()}
-    mean_padded = statistics.mean(probe._collate(probe.train_set.items[i:i + 16])["chosen_labels"].shape[1]
+    return groups, sft_path, sft_model, probe, baseline
+
+
+def run(bench: Bench) -> dict:
+    results = {}
+    groups, sft_path, sft_model, probe, baseline = sft_start(bench)
+    mean_padded = statistics.mean(probe.collate(probe.train_set.items[i:i + 16])["chosen_labels"].shape[1]
                                   for i in range(0, min(len(probe.train_set), 256), 16))
     variants = [(f"{loss}/{red}" + ("+sft" if sft else ""), dict(loss_type=loss, logp_reduction=red, sft_weight=sft,
                  beta=DPO_BETA[loss])) for loss, red, sft in DPO_VARIANTS]

@@ -30,7 +30,7 @@ def length_mixed_step(data: SFTData, per_micro: int = 2, micro_batches: int = 4)
     examples = sorted(data.train_set.items, key=lambda e: len(e["input_ids"]))
     half = per_micro * micro_batches // 2
     chosen = examples[:half] + examples[-half:]
-    return [data._collate(chosen[i * per_micro:(i + 1) * per_micro]) for i in range(micro_batches)]
+    return [data.collate(chosen[i * per_micro:(i + 1) * per_micro]) for i in range(micro_batches)]
 
 
 def step_counts(micro: list[dict]) -> tuple[int, int]:

@@ -131,7 +131,7 @@ class StageData(L.LightningDataModule):
     def _build(self) -> None:
         raise NotImplementedError
 
-    def _collate(self, items: list) -> dict[str, torch.Tensor]:
+    def collate(self, items: list) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def _count(self, batch: dict) -> tuple[int, int]:
@@ -164,7 +164,7 @@ class StageData(L.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             sampler=self._sampler(dataset, shuffle),
-            collate_fn=self._collate,
+            collate_fn=self.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

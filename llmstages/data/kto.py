@@ -163,7 +163,7 @@ class KTOData(StageData):
         desirable = sum(item["label"] for item in self.train_set)
         return desirable, len(self.train_set) - desirable
 
-    def _collate(self, items: list[dict]) -> dict:
+    def collate(self, items: list[dict]) -> dict:
         batch = pad_examples([item["row"] for item in items], self.tokenizer.pad_id)
         # an example without a mismatched pair gets a fully masked KL row (kl_valid False)
         empty = {"input_ids": [self.tokenizer.pad_id], "labels": [IGNORE_INDEX]}

@@ -112,7 +112,7 @@ class PreferenceData(StageData):
         self.train_set = ListDataset([{**e, "index": i} for i, e in enumerate(train)])
         self.val_set = ListDataset([{**e, "index": i} for i, e in enumerate(val)]) if val else None
 
-    def _collate(self, items: list) -> PreferenceBatch:
+    def collate(self, items: list) -> PreferenceBatch:
         length = max(len(item[side]["input_ids"]) for item in items for side in ("chosen", "rejected"))
         batch = {"index": torch.tensor([item["index"] for item in items])}
         for side in ("chosen", "rejected"):

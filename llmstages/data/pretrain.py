@@ -187,7 +187,7 @@ class PretrainData(StageData):
             f"of {self.seq_len} ({self.packing})"
         )
 
-    def _collate(self, items: list) -> LMBatch:
+    def collate(self, items: list) -> LMBatch:
         return stack_rows(items)
 
 

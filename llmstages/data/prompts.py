@@ -200,7 +200,7 @@ class PromptData(StageData):
         self.train_set = ListDataset(train)
         self.val_set = ListDataset(val) if val else None
 
-    def _collate(self, items: list[dict]) -> dict:
+    def collate(self, items: list[dict]) -> dict:
         return {
             "prompt_ids": [item["prompt_ids"] for item in items],
             "answers": [item["answer"] for item in items],

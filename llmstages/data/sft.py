@@ -136,7 +136,7 @@ class SFTData(StageData):
         self.fill_ratio = fill_ratio(bins, lengths, self.seq_len) if name == "train" else getattr(self, "fill_ratio", 0.0)
         return ListDataset(rows)
 
-    def _collate(self, items: list) -> LMBatch:
+    def collate(self, items: list) -> LMBatch:
         if self.packing == "none":
             return pad_examples(items, self.tokenizer.pad_id)
         return stack_rows(items)

@@ -37,6 +37,7 @@ __all__ = [
     "LoadedModel",
     "backbone_state",
     "check_checkpoint_file",
+    "check_init_from",
     "checkpoint_config",
     "load_backbone_weights",
     "load_checkpoint_file",
@@ -243,3 +244,26 @@ def grow_vocab(state: dict, expected: dict) -> dict:
             extra = old.mean(0, keepdim=True).expand(expected[name].shape[0] - old.shape[0], -1)
             state[name] = torch.cat([old, extra])
     return state
+
+
+def check_init_from(source: str | os.PathLike | None) -> dict | None:
+    """Fail before any data is built: `source` must be a readable llmstages `.ckpt` or a Hugging Face
+    folder with a config.json. Returns the backbone config a `.ckpt` recorded (None for a folder,
+    or an old checkpoint that recorded none)."""
+    if source is None:
+        return None
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"init_from {path}: a folder without config.json, not a Hugging Face model folder")
+        return None
+    if not path.exists():
+        raise CheckpointError(f"init_from {path}: no such file or folder")
+    if path.suffix != ".ckpt":
+        raise CheckpointError(f"init_from {path}: neither a Hugging Face folder nor a .ckpt file")
+    state = load_checkpoint_file(path, mmap=True)  # memory-mapped: nothing but the header is read here
+    model = (state.get("hyper_parameters") or {}).get("model")
+    if isinstance(model, dict):
+        return dict(model)
+    embed = (state.get("state_dict") or {}).get("backbone.embed.weight")
+    return {"vocab_size": int(embed.shape[0])} if embed is not None else None

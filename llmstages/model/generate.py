@@ -82,6 +82,25 @@ def _check_options(max_new_tokens: int, temperature: float, top_k: int | None, t
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
 
 
+def _prompt_buffer(prompts: Sequence[Sequence[int]], total: int, pad_id: int, max_seq_len: int) -> tuple[Tensor, Tensor]:
+    """One buffer for prompt and generated tokens: prompts right-aligned (left padding marked not real),
+    room for the generated tokens after them. Refuses an empty prompt or a buffer past the context."""
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError(f"prompt {lengths.index(0)} is empty: generation needs at least one token to continue")
+    width = max(lengths)
+    if total > max_seq_len:
+        raise ValueError(
+            f"the longest prompt ({width} tokens) plus max_new_tokens={total - width} exceeds max_seq_len={max_seq_len}"
+        )
+    ids = torch.full((len(prompts), total), pad_id, dtype=torch.long)
+    real = torch.ones(len(prompts), total, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) : width] = torch.as_tensor(list(prompt), dtype=torch.long)
+        real[row, : width - len(prompt)] = False
+    return ids, real
+
+
 @torch.no_grad()
 def generate_batch(
     model: Transformer,
@@ -106,24 +125,11 @@ def generate_batch(
     if not prompts:
         return []
     lengths = [len(p) for p in prompts]
-    if min(lengths) == 0:
-        raise ValueError(f"prompt {lengths.index(0)} is empty: generation needs at least one token to continue")
     width, rows = max(lengths), len(prompts)
     total = width + max_new_tokens
-    if total > model.config.max_seq_len:
-        raise ValueError(
-            f"the longest prompt ({width} tokens) plus max_new_tokens={max_new_tokens} exceeds "
-            f"max_seq_len={model.config.max_seq_len}"
-        )
+    ids, real = _prompt_buffer(prompts, total, pad_id, model.config.max_seq_len)
     stop = frozenset(int(i) for i in stop_ids)
     device = model.output_weight.device
-
-    # one buffer for prompt and generated tokens: prompts right-aligned, generated tokens appended
-    ids = torch.full((rows, total), pad_id, dtype=torch.long)
-    real = torch.ones(rows, total, dtype=torch.bool)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) : width] = torch.as_tensor(list(prompt), dtype=torch.long)
-        real[row, : width - len(prompt)] = False
     ids, real = ids.to(device), real.to(device)
     padded = min(lengths) != width
     positions = (real.long().cumsum(1) - 1).clamp(min=0)

@@ -46,10 +46,9 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from llmstages.checkpointing import check_init_from
 from llmstages.losses import NORMALIZE_MODES, token_logps
 from llmstages.metrics import WeightedMeans
-from llmstages.model.checkpoint import load_backbone_weights, resolve_config
+from llmstages.model.checkpoint import check_init_from, load_backbone_weights, resolve_config
 from llmstages.model.config import ModelConfig, PresetName
 from llmstages.model.lora import LoRAConfig, apply_lora
 from llmstages.model.transformer import Transformer

@@ -123,7 +123,7 @@ class DPOModule(ReferenceStage):
             if not dataset:
                 continue
             table = torch.zeros(len(dataset), 4, dtype=torch.float64)
-            loader = torch.utils.data.DataLoader(dataset, batch_size=data.batch_size, collate_fn=data._collate)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=data.batch_size, collate_fn=data.collate)
             for batch in track(loader, description=f"reference log-probs ({split})", disable=len(loader) < 50):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 with self.precision_context():  # the same autocast as the live reference gets

@@ -112,7 +112,7 @@ def show_masks(config: str | Path, n: int = 3, split: str = "train", html: str |
     for i in range(len(dataset)):
         if shown >= n:
             break
-        batch = data._collate([dataset[i]])
+        batch = data.collate([dataset[i]])
         for prefix in sequence_prefixes(batch):
             ids, labels = batch[f"{prefix}input_ids"][0], batch[f"{prefix}labels"][0]
             docs = batch.get(f"{prefix}document_ids")
