@@ -131,6 +131,9 @@ class StageData(L.LightningDataModule):
     def _build(self) -> None:
         raise NotImplementedError
 
+    #: the training loader's class: what it attaches to each micro-batch beyond the step's counts
+    step_loader: type[StepLookaheadLoader] = StepLookaheadLoader
+
     def collate(self, items: list) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -174,7 +177,7 @@ class StageData(L.LightningDataModule):
         loader = self._loader(self.train_set, self.shuffle)
         trainer = self.trainer
         accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
-        wrapped = StepLookaheadLoader(
+        wrapped = self.step_loader(
             loader, accumulate, self._count, batch_limit(trainer, len(loader)),
             sampler=loader.sampler, batch_size=self.batch_size,  # Lightning calls sampler.set_epoch through it
         )

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from llmstages.data import synthetic
-from llmstages.data.base import ListDataset, StageData, batch_limit
+from llmstages.data.base import ListDataset, StageData
 from llmstages.data.chat import resolve_template
 from llmstages.data.formats import KTOExample, LoadReport, read_kto
 from llmstages.data.loader import StepLookaheadLoader
@@ -81,6 +81,8 @@ class KTOData(StageData):
     `kl_input_ids`, `kl_labels`, `kl_position_ids`, `kl_valid` (bool `[B]`), `index`; training
     batches also `step_kl_*` (the step's KL rows on this rank).
     """
+
+    step_loader = KLStepLoader  # the step's KL rows ride on every micro-batch
 
     def __init__(
         self,
@@ -175,15 +177,3 @@ class KTOData(StageData):
 
     def _count(self, batch: dict) -> tuple[int, int]:
         return count_targets(batch["labels"]), int(batch["labels"].shape[0])
-
-    def train_dataloader(self) -> KLStepLoader:
-        self.setup("fit")
-        loader = self._loader(self.train_set, self.shuffle)
-        trainer = self.trainer
-        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
-        wrapped = KLStepLoader(
-            loader, accumulate, self._count, batch_limit(trainer, len(loader)),
-            sampler=loader.sampler, batch_size=self.batch_size,
-        )
-        self._train_loader = wrapped
-        return wrapped
