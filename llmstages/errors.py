@@ -1,17 +1,18 @@
 """What a user can get wrong, told in one line instead of a traceback.
 
 Design choices:
-- `UserError` is the one type for mistakes a user can fix (bad data, a bad
-  option value, a missing file, a bad checkpoint). `llmstages.cli.main`
+- `UserError` is the one base type for mistakes a user can fix (bad data, a
+  bad option value, a missing file, a bad checkpoint). `llmstages.cli.main`
   prints it as `llmstages: <command>: <where>: <why>` and exits 2; anything
   else is a bug and keeps its traceback. `LLMSTAGES_DEBUG=1` shows the
   traceback of a user error too.
-- The errors other layers already raise with a precise message
-  (`data.formats.DataFormatError`, `checkpointing.CheckpointError`,
-  `checkpointing.RunFolderError`) count as user errors without those layers
-  importing this module: `is_user_error` looks their classes up by name, and
-  only in modules already imported (an error of a module never imported
-  cannot have been raised), so this module imports nothing heavy.
+- This module is the bottom layer and imports nothing of llmstages, so every
+  layer's precise error subclasses it where it is raised
+  (`data.formats.DataFormatError`, `model.checkpoint.CheckpointError`,
+  `run_plan.RunFolderError`, `ConfigError` for an option value that cannot
+  work): whether an error is the user's is its type, not a list kept here.
+- Those subclasses also keep their builtin base (`ValueError`,
+  `RuntimeError`), so code catching the builtin keeps working.
 """
 
 from __future__ import annotations
@@ -25,26 +26,13 @@ from contextlib import contextmanager
 EXIT_USER_ERROR = 2
 DEBUG_VARIABLE = "LLMSTAGES_DEBUG"
 
-# module -> class names whose instances are user errors
-KNOWN_USER_ERRORS: dict[str, tuple[str, ...]] = {
-    "llmstages.data.formats": ("DataFormatError",),
-    "llmstages.checkpointing": ("CheckpointError", "RunFolderError"),
-    "llmstages.model.checkpoint": ("CheckpointError",),  # where the checkpoint reader is moving
-}
-
 
 class UserError(Exception):
     """A mistake the user can fix; the message says where (file, line, field, option) and why."""
 
 
-def _is_user_error_type(error: BaseException) -> bool:
-    if isinstance(error, UserError):
-        return True
-    for module_name, names in KNOWN_USER_ERRORS.items():
-        module = sys.modules.get(module_name)
-        if module is not None and isinstance(error, tuple(getattr(module, n) for n in names if hasattr(module, n))):
-            return True
-    return False
+class ConfigError(UserError, ValueError):
+    """An option value (a stage's hyperparameter, a named variant) that cannot work; the message names the option."""
 
 
 def find_user_error(error: BaseException) -> BaseException | None:
@@ -53,7 +41,7 @@ def find_user_error(error: BaseException) -> BaseException | None:
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
-        if _is_user_error_type(current):
+        if isinstance(current, UserError):
             return current
         seen.add(id(current))
         current = current.__cause__  # not __context__: a bug raised while handling a user error stays a bug

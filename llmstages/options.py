@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal, get_args
 
+from llmstages.errors import ConfigError
+
 __all__ = [
     "LossMask",
     "Normalize",
@@ -76,9 +78,9 @@ def choices(option) -> tuple[str, ...]:
 
 
 def check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
-    """`value` if it is one of `allowed`, else a ValueError naming the option and listing the values."""
+    """`value` if it is one of `allowed`, else a ConfigError naming the option and listing the values."""
     if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")
+        raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")
     return value
 
 # GRPO (stages/grpo/: stage.py, loss.py); every value means what TRL's GRPOTrainer means by it

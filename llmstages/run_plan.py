@@ -34,6 +34,8 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
+from llmstages.errors import UserError
+
 RUN_DIR_ENV = "LLMSTAGES_RUN_DIR"
 DEFAULT_ROOT = "runs"
 LATEST = "latest"
@@ -44,7 +46,7 @@ LAST_PATTERN = re.compile(r"^last.*\.ckpt$")
 HPC_PATTERN = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")  # Lightning's hpc_save_path
 
 
-class RunFolderError(ValueError):
+class RunFolderError(UserError, ValueError):
     """No run folder or resume point can be chosen (a taken --run_name, an ambiguous `last`)."""
 
 

@@ -77,6 +77,31 @@ def test_fit_user_errors_are_one_line_and_exit_2(tmp_path, cache):
                     "llmstages: fit: ", "no-such-folder")
 
 
+def test_a_stage_option_that_cannot_work_is_one_line_and_exit_2(tmp_path, cache):
+    # raised in the stage's __init__, which jsonargparse wraps in its own error: still the user's, not a traceback
+    _one_line_error(run(["fit", "--config", str(CONFIGS / "orpo.yaml"), "--model.init_args.preset", "tiny",
+                         "--model.init_args.beta", "-1", "--data.init_args.cache_dir", str(cache),
+                         "--trainer.default_root_dir", str(tmp_path / "runs")], tmp_path, timeout=120),
+                    "llmstages: fit: ", "beta must be >= 0, got -1")
+
+
+def test_every_error_a_user_can_fix_is_a_user_error_by_its_type():
+    from llmstages.data.formats import DataFormatError
+    from llmstages.errors import ConfigError, UserError, is_user_error
+    from llmstages.model.checkpoint import CheckpointError
+    from llmstages.options import check_choice
+    from llmstages.run_plan import RunFolderError
+
+    for error_type in (DataFormatError, CheckpointError, RunFolderError, ConfigError):
+        assert issubclass(error_type, UserError)
+    with pytest.raises(ValueError, match="unknown normalize 'tokn'; choose one of: token, sequence") as refused:
+        check_choice("normalize", "tokn", ("token", "sequence"))
+    assert is_user_error(refused.value)
+    wrapped = ValueError("jsonargparse's wrapper")
+    wrapped.__cause__ = refused.value
+    assert is_user_error(wrapped) and not is_user_error(ValueError("a bug")) and not is_user_error(KeyError("x"))
+
+
 def test_a_mistyped_preset_is_refused_by_the_parser_listing_every_preset(tmp_path):
     from llmstages.model.config import PRESETS
 

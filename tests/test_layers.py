@@ -10,6 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "llmstages"
 
 # docs/design.md's "Layers" table, bottom first: a module may import its own layer and those below
 LAYERS = [
+    ("errors",),
     ("options",),
     ("losses",),
     ("data",),
@@ -17,7 +18,7 @@ LAYERS = [
     ("evaluation", "metrics"),
     ("stages",),
     ("run_plan", "checkpointing", "preemption", "callbacks", "loggers", "strategies", "trainer_cli", "progress", "noise"),
-    ("cli", "tools", "errors"),
+    ("cli", "tools"),
 ]
 
 

@@ -91,6 +91,7 @@ from llmstages.data.record_fields import (
     unused,
     wrong_type,
 )
+from llmstages.errors import UserError
 from llmstages.options import OnError, choices
 
 __all__ = [
@@ -154,7 +155,7 @@ _REASON_TEXT = {
 }
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError, ValueError):
     """A file or record that cannot be used, with where and why.
 
     `index` is a 1-based line number when `index_kind == "line"` (`.jsonl`,

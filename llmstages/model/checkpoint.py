@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llmstages.errors import ConfigError, UserError
 from llmstages.losses import last_target_positions
 from llmstages.model.config import ModelConfig
 from llmstages.model.lora import LoRAConfig, base_state_dict, is_adapter_name, merge_lora_state_dict
@@ -48,7 +49,7 @@ __all__ = [
 BACKBONE_PREFIX = "backbone."
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, unreadable or unsafe to write; the message names the file."""
 
 
@@ -123,9 +124,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A Lightning checkpoint of an llmstages stage (state_dict and hyper_parameters), or an error naming the file."""
     checkpoint = load_checkpoint_file(path)  # a truncated or foreign file: an error naming it
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
+        raise ConfigError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
     if "hyper_parameters" not in checkpoint:
-        raise ValueError(f"{path} has no 'hyper_parameters': the model's shape cannot be rebuilt")
+        raise ConfigError(f"{path} has no 'hyper_parameters': the model's shape cannot be rebuilt")
     return checkpoint
 
 
@@ -136,7 +137,7 @@ def backbone_state(checkpoint: dict[str, Any], source: str | Path) -> tuple[dict
         return state, False
     lora = (checkpoint.get("hyper_parameters") or {}).get("lora")
     if not isinstance(lora, dict):
-        raise ValueError(
+        raise ConfigError(
             f"{source} holds LoRA adapters but its hyper_parameters have no 'lora' settings (rank, alpha): "
             "they cannot be merged"
         )
@@ -167,7 +168,7 @@ class LoadedModel:
     def rewards(self, input_ids: Tensor, labels: Tensor, position_ids: Tensor | None = None) -> Tensor:
         """A reward model's scalar per row, read at its last labelled token (as the reward stage reads it)."""
         if self.value_head is None:
-            raise ValueError(f"{self.source} has no value_head.weight: it is not a reward model")
+            raise ConfigError(f"{self.source} has no value_head.weight: it is not a reward model")
         rows, cols = last_target_positions(labels)
         head = lambda hidden, weight: (hidden[rows, cols] @ self.value_head.to(hidden.dtype).T).squeeze(-1)  # noqa: E731
         return self.model(input_ids, position_ids=position_ids, head=head)
@@ -189,7 +190,7 @@ def load_model(source: str | Path) -> LoadedModel:
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{source}: backbone weights do not match its config: missing {missing[:5]}, "
+        raise ConfigError(f"{source}: backbone weights do not match its config: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     model.load_state_dict(state)
     value_head = checkpoint["state_dict"].get("value_head.weight")
@@ -222,10 +223,10 @@ def load_backbone_weights(model: Transformer, source: str | Path) -> None:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"init_from {source}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ConfigError(f"init_from {source}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
-            raise ValueError(
+            raise ConfigError(
                 f"init_from {source}: {name} has shape {tuple(tensor.shape)}, this model expects "
                 f"{tuple(expected[name].shape)} (model config or vocab size differs)"
             )

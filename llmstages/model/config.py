@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
+from llmstages.errors import ConfigError
+
 
 @dataclass
 class ModelConfig:
@@ -51,32 +53,32 @@ class ModelConfig:
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_mlp", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         if self.head_dim is None:
             if self.d_model % self.n_head:
-                raise ValueError(
+                raise ConfigError(
                     f"ModelConfig: n_head={self.n_head} must divide d_model={self.d_model} "
                     f"(head size would be {self.d_model / self.n_head:g}); or set head_dim explicitly"
                 )
             self.head_dim = self.d_model // self.n_head
         elif not isinstance(self.head_dim, int) or self.head_dim <= 0:
-            raise ValueError(f"ModelConfig.head_dim must be a positive integer or None, got {self.head_dim!r}")
+            raise ConfigError(f"ModelConfig.head_dim must be a positive integer or None, got {self.head_dim!r}")
         if self.n_head % self.n_kv_head:
-            raise ValueError(
+            raise ConfigError(
                 f"ModelConfig: n_kv_head={self.n_kv_head} must divide n_head={self.n_head} "
                 "(each key/value head serves a whole group of query heads)"
             )
         if self.head_dim % 2:
-            raise ValueError(f"ModelConfig: head size {self.head_dim} must be even for RoPE")
+            raise ConfigError(f"ModelConfig: head size {self.head_dim} must be even for RoPE")
         if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
-            raise ValueError("ModelConfig: rope_theta, norm_eps and init_std must be positive")
+            raise ConfigError("ModelConfig: rope_theta, norm_eps and init_std must be positive")
         if self.rope_scaling is not None:
             self.rope_scaling = _check_rope_scaling(self.rope_scaling)
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
         if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; available: {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown model preset {name!r}; available: {', '.join(PRESETS)}")
         # rebuilt from the preset's own arguments, so derived fields (head_dim) follow the overrides
         return cls(**{**_PRESET_ARGS[name], **overrides})
 
@@ -88,7 +90,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"ModelConfig: unknown fields {sorted(unknown)}")
+            raise ConfigError(f"ModelConfig: unknown fields {sorted(unknown)}")
         return cls(**data)
 
 
@@ -98,22 +100,22 @@ LLAMA3_ROPE_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original
 def _check_rope_scaling(rope: Any) -> dict[str, Any]:
     """A validated copy of `rope_scaling`: `rope_type` llama3 and its four numbers."""
     if not isinstance(rope, dict):
-        raise ValueError(f"ModelConfig.rope_scaling must be a dict or None, got {rope!r}")
+        raise ConfigError(f"ModelConfig.rope_scaling must be a dict or None, got {rope!r}")
     rope_type = rope.get("rope_type")
     if rope_type != "llama3":
-        raise ValueError(f"ModelConfig.rope_scaling: unsupported rope_type {rope_type!r}; implemented: 'llama3'")
+        raise ConfigError(f"ModelConfig.rope_scaling: unsupported rope_type {rope_type!r}; implemented: 'llama3'")
     missing = [k for k in LLAMA3_ROPE_FIELDS if k not in rope]
     unknown = sorted(set(rope) - {"rope_type", *LLAMA3_ROPE_FIELDS})
     if missing or unknown:
-        raise ValueError(f"ModelConfig.rope_scaling (llama3): missing {missing or 'none'}, unknown {unknown or 'none'}")
+        raise ConfigError(f"ModelConfig.rope_scaling (llama3): missing {missing or 'none'}, unknown {unknown or 'none'}")
     out: dict[str, Any] = {"rope_type": "llama3"}
     for key in LLAMA3_ROPE_FIELDS:
         value = rope[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"ModelConfig.rope_scaling.{key} must be a positive number, got {value!r}")
+            raise ConfigError(f"ModelConfig.rope_scaling.{key} must be a positive number, got {value!r}")
         out[key] = int(value) if key == "original_max_position_embeddings" else float(value)
     if out["high_freq_factor"] <= out["low_freq_factor"]:
-        raise ValueError("ModelConfig.rope_scaling: high_freq_factor must exceed low_freq_factor")
+        raise ConfigError("ModelConfig.rope_scaling: high_freq_factor must exceed low_freq_factor")
     return out
 
 

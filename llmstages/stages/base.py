@@ -46,6 +46,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from llmstages.errors import ConfigError
 from llmstages.losses import NORMALIZE_MODES, token_logps
 from llmstages.metrics import WeightedMeans
 from llmstages.model.checkpoint import check_init_from, load_backbone_weights, resolve_config
@@ -84,7 +85,7 @@ def _check_model_folder_vocab(init_from: str | None, vocab_size: int | None) -> 
 
         own = Tokenizer.from_file(folder).vocab_size  # with the same appended pad as the run's would get
         if own != vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"init_from {folder}: the run's tokenizer has {vocab_size} tokens, the model folder's own "
                 f"{own}; leave data.init_args.tokenizer unset to use the folder's, or pass a tokenizer of this model"
             )
@@ -94,7 +95,7 @@ def _checked_init_from(init_from: str | None, vocab_size: int | None) -> dict | 
     """`check_init_from`'s recorded config of a `.ckpt`, after checking its vocabulary is this run's."""
     saved = check_init_from(init_from)
     if saved is not None and vocab_size is not None and saved.get("vocab_size") not in (None, vocab_size):
-        raise ValueError(
+        raise ConfigError(
             f"init_from {init_from}: its vocabulary (embedding shape) has {saved['vocab_size']} tokens, this run's tokenizer "
             f"{vocab_size}; use the tokenizer that checkpoint was trained with (data.init_args.tokenizer)"
         )
@@ -199,7 +200,7 @@ class StageModule(L.LightningModule):
         world = self.trainer.world_size
         if dp_mesh.size() != world:
             # a smaller data-parallel mesh would leave gradients unreduced while ranks see different data
-            raise ValueError(
+            raise ConfigError(
                 f"FSDP2 needs every rank data-parallel: data-parallel mesh has {dp_mesh.size()} ranks, world size is "
                 f"{world}; use llmstages.strategies.FSDP2Strategy (configs/fragments/fsdp.yaml)"
             )
@@ -358,7 +359,7 @@ class LMStage(StageModule):
         """
         check_choice("normalize", normalize, NORMALIZE_MODES)
         if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+            raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
         super().__init__(**kwargs)
 
     def target_logps(

@@ -34,6 +34,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from llmstages.errors import ConfigError
 from llmstages.data.kto import KL_KEYS
 from llmstages.losses import kto_loss, kto_reference_point, reduce_pair_loss, sequence_logps, target_mask
 from llmstages.options import KLReference, check_choice, choices
@@ -87,7 +88,7 @@ class KTOModule(ReferenceStage):
         super().__init__(**kwargs)
         check_choice("kl_reference", kl_reference, choices(KLReference))
         if beta <= 0 or desirable_weight < 0 or undesirable_weight < 0:
-            raise ValueError(f"beta must be > 0 and the class weights >= 0, got {beta}, {desirable_weight}, {undesirable_weight}")
+            raise ConfigError(f"beta must be > 0 and the class weights >= 0, got {beta}, {desirable_weight}, {undesirable_weight}")
         self._step_z0: Tensor | None = None
 
     def needs_reference(self) -> bool:

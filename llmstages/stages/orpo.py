@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llmstages.errors import ConfigError
 from llmstages.data.preference import with_prompt_labels
 from llmstages.losses import orpo_log_odds, reduce_pair_loss, reduce_token_loss, sequence_logps, target_mask
 from llmstages.options import ORPONLLScope, check_choice, choices
@@ -51,7 +52,7 @@ class ORPOModule(LMStage):
         super().__init__(**kwargs)
         check_choice("nll_scope", nll_scope, choices(ORPONLLScope))
         if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
+            raise ConfigError(f"beta must be >= 0, got {beta}")
 
     def setup(self, stage: str) -> None:
         super().setup(stage)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from llmstages.errors import ConfigError
 from llmstages.data.prompts import completion_rows
 from llmstages.data.answers import exact_match as is_exact_match
 from llmstages.model.checkpoint import load_model
@@ -92,16 +93,16 @@ def load_function(spec: str) -> Callable[..., list]:
     """`package.module:function` -> the function (an error names the part that is missing)."""
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
-        raise ValueError(
+        raise ConfigError(
             f"reward {spec!r}: expected one of {sorted(BUILTIN) + ['model']} or an import path 'package.module:function'"
         )
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ValueError(f"reward {spec!r}: cannot import module {module_name!r} ({error})") from None
+        raise ConfigError(f"reward {spec!r}: cannot import module {module_name!r} ({error})") from None
     function = getattr(module, attribute, None)
     if not callable(function):
-        raise ValueError(f"reward {spec!r}: module {module_name!r} has no function {attribute!r}")
+        raise ConfigError(f"reward {spec!r}: module {module_name!r} has no function {attribute!r}")
     return function
 
 
@@ -111,10 +112,10 @@ class RewardModelScore:
     def __init__(self, checkpoint: str, pad_id: int, vocab_size: int | None = None, batch_size: int = 32) -> None:
         self.model = load_model(checkpoint)
         if not self.model.is_reward_model:
-            raise ValueError(f"reward_model {checkpoint}: has no value_head.weight, not a trained reward model")
+            raise ConfigError(f"reward_model {checkpoint}: has no value_head.weight, not a trained reward model")
         self.model.model.requires_grad_(False)
         if vocab_size is not None and self.model.model.config.vocab_size != vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"reward_model {checkpoint}: vocabulary of {self.model.model.config.vocab_size} tokens, the policy's has "
                 f"{vocab_size}; a reward model must share the policy's tokenizer"
             )

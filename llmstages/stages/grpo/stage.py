@@ -71,6 +71,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from llmstages.errors import ConfigError
 from llmstages.data.answers import exact_match
 from llmstages.evaluation import evaluate_replies, log_reply_samples
 from llmstages.losses import target_mask, token_logps
@@ -105,30 +106,30 @@ ROLLOUT_KEY = "grpo_rollout"  # checkpoint entry: the generation batch in use (n
 def check_options(hp) -> None:
     """GRPOModule's options, each rejected by name (before any data or model work)."""
     if hp.normalize != "token":
-        raise ValueError("GRPO normalises by loss_aggregation (dapo, dr_grpo, grpo, bnpo); leave normalize at 'token'")
+        raise ConfigError("GRPO normalises by loss_aggregation (dapo, dr_grpo, grpo, bnpo); leave normalize at 'token'")
     check_choice("loss_aggregation", hp.loss_aggregation, LOSS_AGGREGATIONS)
     check_choice("scale_rewards", hp.scale_rewards, SCALE_REWARDS)
     check_choice("importance_sampling_level", hp.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
     if hp.group_size < 2:
-        raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {hp.group_size}")
+        raise ConfigError(f"group_size must be >= 2 (advantages are relative to the group), got {hp.group_size}")
     if hp.max_completion_length < 1 or hp.num_iterations < 1:
-        raise ValueError(
+        raise ConfigError(
             f"max_completion_length and num_iterations must be >= 1, got {hp.max_completion_length}, {hp.num_iterations}"
         )
     if hp.temperature <= 0:
-        raise ValueError(f"temperature must be > 0 for rollouts (greedy groups are identical), got {hp.temperature}")
+        raise ConfigError(f"temperature must be > 0 for rollouts (greedy groups are identical), got {hp.temperature}")
     if hp.beta < 0:
-        raise ValueError(f"beta must be >= 0, got {hp.beta}")
+        raise ConfigError(f"beta must be >= 0, got {hp.beta}")
     if hp.use_bias_correction_kl and hp.beta == 0:
-        raise ValueError("use_bias_correction_kl corrects the KL term; it needs beta > 0")
+        raise ConfigError("use_bias_correction_kl corrects the KL term; it needs beta > 0")
     if hp.delta is not None and hp.delta <= 1:
-        raise ValueError(f"delta clamps the ratio from above and must be > 1 (TRL recommends > 1 + epsilon), got {hp.delta}")
+        raise ConfigError(f"delta clamps the ratio from above and must be > 1 (TRL recommends > 1 + epsilon), got {hp.delta}")
     if hp.delta is not None and hp.loss_aggregation not in CLIPPED:
-        raise ValueError(f"delta is the clipped objective's two-sided clip; loss_aggregation {hp.loss_aggregation!r} has none")
+        raise ConfigError(f"delta is the clipped objective's two-sided clip; loss_aggregation {hp.loss_aggregation!r} has none")
     if min(hp.sapo_temperature_pos, hp.sapo_temperature_neg) <= 0:
-        raise ValueError("sapo_temperature_pos and sapo_temperature_neg must be > 0")
+        raise ConfigError("sapo_temperature_pos and sapo_temperature_neg must be > 0")
     if hp.loss_aggregation == "vespo" and hp.importance_sampling_level != "token":
-        raise ValueError("vespo weights the summed token log-ratios itself; leave importance_sampling_level at 'token'")
+        raise ConfigError("vespo weights the summed token log-ratios itself; leave importance_sampling_level at 'token'")
     check_choice("reward_errors", hp.reward_errors, choices(RewardErrors))
     Rewards.check_spec(hp.reward, hp.reward_weights, hp.reward_model)
 
@@ -234,7 +235,7 @@ class GRPOModule(ReferenceStage):
         hp = self.hparams
         longest = getattr(data, "max_prompt_len", 0) + hp.max_completion_length
         if longest > self.config.max_seq_len:
-            raise ValueError(
+            raise ConfigError(
                 f"max_prompt_len + max_completion_length = {longest} exceeds the model's max_seq_len "
                 f"{self.config.max_seq_len}"
             )
