@@ -21,7 +21,8 @@ import torch
 from llmstages.data import sft as sft_module
 from llmstages.data import synthetic
 from llmstages.data.formats import DataFormatError
-from llmstages.data import PreferenceData, PretrainData, SFTData
+from llmstages.data import KTOData, PreferenceData, PretrainData, PromptData, SFTData
+from llmstages.errors import UserError, is_user_error
 from llmstages.data.packing import IGNORE_INDEX, truncate
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.losses import count_sequences, count_targets
@@ -589,3 +590,28 @@ def test_template_auto_from_a_tokenizer_folder_equals_the_named_template(cache: 
 def test_template_auto_without_a_chat_template_names_the_option(cache: Path) -> None:
     with pytest.raises(ValueError, match="template: auto"):
         SFTData(template="auto", cache_dir=str(cache))
+
+
+# a chat template refuses a record the reader accepted (the named chatml template has no format for reasoning_content)
+_TURNS = ([{"role": "user", "content": "hi"}],
+          [{"role": "user", "content": "6*7?"}, {"role": "assistant", "content": "42", "reasoning_content": "6*7=42"},
+           {"role": "user", "content": "and 6*8?"}])
+_TEMPLATE_REFUSAL_RECORDS = {
+    SFTData: [{"messages": [*t, {"role": "assistant", "content": "ok"}]} for t in _TURNS],
+    PreferenceData: [{"prompt": t, "chosen": "yes", "rejected": "no"} for t in _TURNS],
+    PromptData: [{"prompt": t, "answer": "1"} for t in _TURNS],
+    KTOData: [{"prompt": t, "completion": "ok", "label": True} for t in _TURNS],
+}
+
+
+@pytest.mark.parametrize("module", list(_TEMPLATE_REFUSAL_RECORDS), ids=lambda m: m.__name__)
+def test_a_template_refusal_names_the_file_and_record_and_follows_on_error(module, tmp_path: Path, cache: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _TEMPLATE_REFUSAL_RECORDS[module]))
+    strict = module(files=[str(path)], seq_len=SEQ, val_fraction=0, cache_dir=str(cache))
+    with pytest.raises(UserError, match=f"{path}: record 1: .*no format for 'reasoning_content'") as refused:
+        strict.setup("fit")
+    assert is_user_error(refused.value)  # one line and exit 2 from the command line, not a traceback
+    lenient = module(files=[str(path)], seq_len=SEQ, val_fraction=0, cache_dir=str(cache), on_error="skip")
+    lenient.setup("fit")
+    assert lenient.skipped == Counter(template_error=1) and len(lenient.train_set) >= 1

@@ -26,7 +26,9 @@ import logging
 import os
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import lightning as L
 import numpy as np
@@ -39,7 +41,15 @@ from llmstages.data.data_loss import describe_loss
 from llmstages.data.formats import LoadReport
 from llmstages.data.loader import ResumableSampler, StepLookaheadLoader
 from llmstages.data.tokenizer import Tokenizer
+from llmstages.errors import UserError
 from llmstages.losses import count_sequences, count_targets
+
+T = TypeVar("T")
+
+
+def record_origins(file: Path, report: LoadReport, kept: int) -> list[str]:
+    """Where each kept record came from, for errors raised after reading (a chat template's)."""
+    return [f"{file}: record {k}" + (" of those kept" if report.skipped else "") for k in range(kept)]
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +150,20 @@ class StageData(L.LightningDataModule):
     def _count(self, batch: dict) -> tuple[int, int]:
         """(target tokens, sequences) in a micro-batch, for step-level normalisation."""
         return count_targets(batch["labels"]), count_sequences(batch["labels"], batch.get("document_ids"))
+
+    def templated(self, origin: str | None, encode: Callable[[], T]) -> T | None:
+        """`encode()`, one record through the chat template, whose refusal is that record's error:
+        under `on_error: raise` a `UserError` prefixed by `origin` (file and record; the bare error when
+        None), under `skip` counted as `no_targets` or `template_error`, and None."""
+        try:
+            return encode()
+        except ValueError as error:
+            if getattr(self, "on_error", "raise") == "raise":
+                if origin is None:
+                    raise
+                raise UserError(f"{origin}: {error}") from None
+            self.skipped["no_targets" if "no target tokens" in str(error) else "template_error"] += 1
+            return None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from llmstages.data import synthetic
-from llmstages.data.base import ListDataset, StageData
+from llmstages.data.base import ListDataset, StageData, record_origins
 from llmstages.data.chat import resolve_template
 from llmstages.data.formats import KTOExample, LoadReport, read_kto
 from llmstages.data.loader import StepLookaheadLoader
@@ -110,17 +110,25 @@ class KTOData(StageData):
 
     def _examples(self) -> tuple[list[KTOExample], list[LoadReport]]:
         if not self.files:
-            return unpair(synthetic.preference_pairs(seed=self.seed)), []
-        examples, reports = [], []
+            examples = unpair(synthetic.preference_pairs(seed=self.seed))
+            self._origins = [f"embedded example {k}" for k in range(len(examples))]
+            return examples, []
+        examples, reports, self._origins = [], [], []
         for file in self.files:
             records, report = read_kto(file, on_error=self.on_error)
             examples += records
+            self._origins += record_origins(file, report, len(records))
             reports.append(report)
         return examples, reports
 
-    def encode(self, example: KTOExample) -> dict | None:
-        """An example -> {"prompt": ids, "completion": {input_ids, labels}, "row": fitted row, "label"}, or None (counted)."""
-        prompt, replies = self.template.encode_pair(example["prompt"], {"completion": example["completion"]}, self.tokenizer)
+    def encode(self, example: KTOExample, origin: str | None = None) -> dict | None:
+        """An example -> {"prompt": ids, "completion": {input_ids, labels}, "row": fitted row, "label"}, or None (counted).
+        `origin` (file and record) prefixes a template's error."""
+        encoded = self.templated(origin, lambda: self.template.encode_pair(
+            example["prompt"], {"completion": example["completion"]}, self.tokenizer))
+        if encoded is None:
+            return None
+        prompt, replies = encoded
         reply = replies["completion"]
         row = self._fit(prompt, reply)
         if row is None:
@@ -153,7 +161,7 @@ class KTOData(StageData):
 
     def _build(self) -> None:
         examples, reports = self._examples()
-        encoded = [e for e in map(self.encode, examples) if e]
+        encoded = [e for e in map(self.encode, examples, self._origins) if e]
         self._report("kto data", len(encoded), reports)
         train, val = self._split(encoded)
         self.train_set = ListDataset(self._with_kl_rows(train))

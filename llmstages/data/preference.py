@@ -17,7 +17,7 @@ from rich.progress import track
 
 from llmstages.data import synthetic
 from llmstages.data.batch import SIDES, PreferenceBatch
-from llmstages.data.base import StageData, ListDataset
+from llmstages.data.base import ListDataset, StageData, record_origins
 from llmstages.data.formats import LoadReport, read_preference
 from llmstages.data.packing import pad_examples, truncate
 from llmstages.data.chat import resolve_template
@@ -62,23 +62,30 @@ class PreferenceData(StageData):
 
     def _pairs(self) -> tuple[list[dict], list[LoadReport]]:
         if not self.files:
-            return synthetic.preference_pairs(seed=self.seed), []
-        pairs, reports = [], []
+            pairs = synthetic.preference_pairs(seed=self.seed)
+            self._origins = [f"embedded pair {k}" for k in range(len(pairs))]
+            return pairs, []
+        pairs, reports, self._origins = [], [], []
         for file in self.files:
             records, report = read_preference(file, on_error=self.on_error)
             pairs += records
+            self._origins += record_origins(file, report, len(records))
             reports.append(report)
         return pairs, reports
 
-    def encode(self, pair: dict) -> dict | None:
+    def encode(self, pair: dict, origin: str | None = None) -> dict | None:
         """A pair -> {"chosen": example, "rejected": example} sharing one prompt, or None (counted).
 
         Truncation treats the pair as one: `left` cuts the same oldest prompt
-        tokens from both sides, so DPO always compares replies to the same context.
+        tokens from both sides, so DPO always compares replies to the same context. `origin` (file and
+        record) prefixes a template's error.
         """
-        prompt, replies = self.template.encode_pair(
+        encoded = self.templated(origin, lambda: self.template.encode_pair(
             pair["prompt"], {side: pair[side] for side in SIDES}, self.tokenizer
-        )
+        ))
+        if encoded is None:
+            return None
+        prompt, replies = encoded
         longest = max(len(r["input_ids"]) for r in replies.values())
         over = len(prompt) + longest > self.seq_len
         if over:
@@ -106,7 +113,8 @@ class PreferenceData(StageData):
     def _build(self) -> None:
         pairs, reports = self._pairs()
         self.truncated = 0
-        encoded = [e for e in (self.encode(p) for p in track(pairs, description="encoding", disable=len(pairs) < 5000)) if e]
+        encoded = [e for e in (self.encode(p, self._origins[k])
+                               for k, p in enumerate(track(pairs, description="encoding", disable=len(pairs) < 5000))) if e]
         self._report("preference data", len(encoded), reports)
         train, val = self._split(encoded)
         self.train_set = ListDataset([{**e, "index": i} for i, e in enumerate(train)])

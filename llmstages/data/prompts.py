@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 
 from llmstages.data import synthetic
-from llmstages.data.base import ListDataset, StageData, batch_limit
+from llmstages.data.base import ListDataset, StageData, batch_limit, record_origins
 from llmstages.data.batch import LMBatch
 from llmstages.data.chat import resolve_template
 from llmstages.data.formats import LoadReport, PromptFormat, PromptRecord, prompt_record, read_prompts
@@ -165,16 +165,22 @@ class PromptData(StageData):
     def _records(self) -> tuple[list[PromptRecord], list[LoadReport]]:
         if not self.files:
             conversations = synthetic.sft_conversations(n=self.num_prompts, seed=self.seed)
+            self._origins = [f"embedded prompt {k}" for k in range(len(conversations))]
             return [prompt_record(c["messages"], task=c["task"]) for c in conversations], []
-        records, reports = [], []
+        records, reports, self._origins = [], [], []
         for file in self.files:
             items, report = read_prompts(file, format=self.format, on_error=self.on_error)
             records += items
+            self._origins += record_origins(file, report, len(items))
             reports.append(report)
         return records, reports
 
-    def encode(self, record: PromptRecord) -> dict | None:
-        ids = self.template.encode_prompt(record["messages"], self.tokenizer)
+    def encode(self, record: PromptRecord, origin: str | None = None) -> dict | None:
+        """A prompt record -> its prompt ids (cut or dropped at max_prompt_len), or None (counted).
+        `origin` (file and record) prefixes a template's error."""
+        ids = self.templated(origin, lambda: self.template.encode_prompt(record["messages"], self.tokenizer))
+        if ids is None:
+            return None
         if len(ids) > self.max_prompt_len:
             if self.truncation == "drop":
                 self.skipped["prompt_too_long_dropped"] += 1
@@ -190,7 +196,7 @@ class PromptData(StageData):
     def _build(self) -> None:
         records, reports = self._records()
         self.truncated = 0
-        items = [e for e in (self.encode(r) for r in records) if e is not None]
+        items = [e for e in (self.encode(r, self._origins[k]) for k, r in enumerate(records)) if e is not None]
         self._report("prompt data", len(items), reports)
         train, val = self._split(items)
         for i, item in enumerate(train):

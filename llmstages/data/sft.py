@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from llmstages.data import synthetic
 from llmstages.data.batch import LMBatch
-from llmstages.data.base import StageData, ListDataset
+from llmstages.data.base import ListDataset, StageData, record_origins
 from llmstages.data.formats import LoadReport, read_chat
 from llmstages.data.packing import best_fit_decreasing, check_packing, fill_ratio, pack_examples, pad_examples, stack_rows, truncate
 from llmstages.data.chat import resolve_template
@@ -81,21 +81,15 @@ class SFTData(StageData):
             records, report = read_chat(file, format=self.format, on_error=self.on_error)
             conversations += records
             # kept records in file order (their index in the file when nothing was skipped)
-            self._origins += [f"{file}: record {k}" + (" of those kept" if report.skipped else "") for k in range(len(records))]
+            self._origins += record_origins(file, report, len(records))
             reports.append(report)
         return conversations, reports
 
     def encode(self, messages: list[dict], origin: str | None = None) -> dict | None:
         """One conversation -> a truncated example, or None (with the reason counted).
         `origin` (file and record) prefixes a template's error."""
-        try:
-            example = self.template.encode(messages, self.tokenizer, loss_mask=self.loss_mask)
-        except ValueError as error:
-            if self.on_error == "raise":
-                if origin is None:
-                    raise
-                raise ValueError(f"{origin}: {error}") from None
-            self.skipped["no_targets" if "no target tokens" in str(error) else "template_error"] += 1
+        example = self.templated(origin, lambda: self.template.encode(messages, self.tokenizer, loss_mask=self.loss_mask))
+        if example is None:
             return None
         fitted = truncate(example, self.seq_len, self.truncation)
         if fitted is None:
