@@ -43,8 +43,8 @@ import torch
 from benchmarks.common import (ROOT, SHARED_DATA, Report, alternate, base_parser, data_files, med_range, output_dir,
                                paired_ratios, set_threads)
 from llmstages.model.config import ModelConfig
-from llmstages.model.transformer import (Attention, DocumentSpans, document_mask, positions_from_documents,
-                                         rope_angles)
+from llmstages.model.packed_attention import DocumentSpans, document_mask
+from llmstages.model.transformer import Attention, positions_from_documents, rope_angles
 
 CANDIDATES = ("per_document", "dense", "causal")
 SETS = ("alpaca", "long")

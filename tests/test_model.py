@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from llmstages.model import ModelConfig, Transformer
 from llmstages.model.transformer import apply_rope, positions_from_documents, rope_angles
+from llmstages.model.packed_attention import DocumentSpans, packed_rows
 
 
 def tiny(**overrides) -> Transformer:
@@ -86,7 +87,7 @@ def test_per_document_attention_equals_the_dense_document_mask(overrides, checkp
         torch.manual_seed(1)  # the same weights for both
         model = tiny(**overrides).train()
         model.activation_checkpointing = checkpointing
-        model.dense_document_mask = dense
+        model.packed_attention = "dense" if dense else "spans"
         hidden = model.hidden_states(ids, document_ids=docs)
         (hidden * torch.linspace(-1, 1, hidden.shape[-1])).sum().backward()
         results[dense] = (hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
@@ -94,6 +95,22 @@ def test_per_document_attention_equals_the_dense_document_mask(overrides, checkp
     assert _relative(h_docs, h_dense) <= 1e-6
     for name in g_dense:
         assert _relative(g_docs[name], g_dense[name]) <= 1e-6, name
+
+
+@pytest.mark.parametrize("overrides", [{}, {"n_kv_head": 4}])
+def test_flex_attention_block_mask_equals_the_dense_document_mask(overrides):
+    """CUDA's packed path (FlexAttention with a block mask from document_ids), forward only: PyTorch has
+    no FlexAttention backward on CPU. Same outputs as the dense reference, padding included."""
+    torch.manual_seed(0)
+    ids, docs = _packed_rows([[7, 11, 5, 1], [40], [1, 1, 30, 2], [20, 20]], width=40)
+    model = tiny(**overrides).eval()
+    outputs = {}
+    with torch.no_grad():
+        for how in ("dense", "flex"):
+            model.packed_attention = how
+            outputs[how] = model.hidden_states(ids, document_ids=docs)
+    assert _relative(outputs["flex"], outputs["dense"]) <= 1e-5
+    assert isinstance(packed_rows(docs, "auto"), DocumentSpans)  # on a CPU: per document
 
 
 @pytest.mark.parametrize("document", [64, 1024])
@@ -106,7 +123,7 @@ def test_per_document_attention_allocates_nothing_quadratic_in_the_row(document)
     peaks = {}
     for dense in (True, False):
         model = tiny(max_seq_len=length)
-        model.dense_document_mask = dense
+        model.packed_attention = "dense" if dense else "spans"
         with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                                      profile_memory=True) as prof:
             model.hidden_states(ids, document_ids=docs)

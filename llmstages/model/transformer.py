@@ -8,19 +8,13 @@ Design choices:
   MLP. Nothing else.
 - Packed sequences: with `document_ids` attention is causal within a document
   and nothing across documents, and positions restart at 0 per document, so a
-  packed row computes exactly what its documents compute alone. It runs
-  document by document (`DocumentSpans`: causal SDPA on each document's
-  slice of q, k, v, outputs concatenated back), so it costs sum(length^2),
-  not T^2, and no `[T, T]` mask exists. In every row measured it was as
-  fast as the dense block-diagonal mask or faster, up to several times with
-  many short documents (`benchmarks/results/packed_attention.md`), so it is
-  always chosen. The dense mask (`document_mask`) stays as the reference
-  (`dense_document_mask = True` on a built model). Finding the documents reads `document_ids` on the host
-  once per forward (a device sync on a GPU; FlexAttention's block mask is the
-  GPU-native alternative, not implemented here). Without `document_ids`
-  attention is plain causal (`is_causal`, the fused kernels' fast path);
-  right padding needs no mask because padding only ever comes after the real
-  tokens.
+  packed row computes exactly what its documents compute alone, at the cost of
+  its documents (sum(length^2), not T^2) and with no `[T, T]` mask:
+  per document on CPU, FlexAttention's block mask on CUDA
+  (`model.packed_attention`; the dense mask stays as the tests' reference).
+  Without `document_ids` attention is plain causal (`is_causal`, the fused
+  kernels' fast path); right padding needs no mask because padding only ever
+  comes after the real tokens.
 - The output layer is applied inside `forward`, through an optional `head`
   callable. Losses pass a head that scores targets in chunks (see
   `llmstages.losses.token_logps`), so `[B, T, vocab]` float32 logits never
@@ -49,6 +43,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from llmstages.model.config import ModelConfig
+from llmstages.model.packed_attention import DocumentBlockMask, DocumentSpans, PackedAttention, PackedRows, packed_rows
 
 Head = Callable[[Tensor, Tensor], Tensor]
 
@@ -117,54 +112,6 @@ def positions_from_documents(document_ids: Tensor) -> Tensor:
     return index - start_index
 
 
-def document_mask(document_ids: Tensor) -> Tensor:
-    """Boolean attention mask `[B, 1, T, T]`: causal, and only inside one document.
-
-    Padding (-1) attends to padding, so no query row is empty (no NaN).
-    """
-    length = document_ids.shape[1]
-    same = document_ids[:, :, None] == document_ids[:, None, :]
-    causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
-    return (same & causal)[:, None]
-
-
-class DocumentSpans:
-    """The documents of packed rows: per row, the lengths of the runs of equal `document_ids`.
-
-    The packer writes every document (and the trailing padding, -1) as one
-    contiguous run, so runs are documents; padding attends causally to
-    padding, as in `document_mask`, so no query row is empty.
-    """
-
-    def __init__(self, document_ids: Tensor) -> None:
-        ids = document_ids.cpu()
-        batch, length = ids.shape
-        starts = torch.ones(batch, length, dtype=torch.bool)
-        starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-        self.lengths: list[list[int]] = []
-        for row in starts:
-            edges = [*row.nonzero().flatten().tolist(), length]
-            self.lengths.append([b - a for a, b in zip(edges, edges[1:])])
-
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool) -> Tensor:
-        """Causal attention inside each document of `q`, `k`, `v` `[B, H, T, D]`.
-
-        `unbind` and `split` return views whose backward is one `stack`/`cat`,
-        so the backward pass allocates no full-size zeros per document. Each
-        document goes in as a 4-D `[1, H, L, D]` view: with 3-D inputs the CPU
-        kernel falls back to one that materialises the `[L, L]` scores (3.5x
-        slower, measured on 1800-token documents).
-        """
-        rows = []
-        for qr, kr, vr, lengths in zip(q.unbind(0), k.unbind(0), v.unbind(0), self.lengths):
-            parts = [
-                F.scaled_dot_product_attention(qd[None], kd[None], vd[None], is_causal=True, enable_gqa=enable_gqa)[0]
-                for qd, kd, vd in zip(qr.split(lengths, 1), kr.split(lengths, 1), vr.split(lengths, 1))
-            ]
-            rows.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
-        return torch.stack(rows)
-
-
 def padding_mask(attention_mask: Tensor, query_length: int) -> Tensor:
     """Boolean attention mask `[B, 1, q, K]` for the last `query_length` of K positions.
 
@@ -225,7 +172,7 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | DocumentSpans | None,
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | PackedRows | None,
         cache: KVCache | None = None, layer: int = 0,
     ) -> Tensor:
         batch, length, _ = x.shape
@@ -236,7 +183,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
         gqa = self.n_kv_head != self.n_head
-        if isinstance(mask, DocumentSpans):
+        if isinstance(mask, (DocumentSpans, DocumentBlockMask)):
             y = mask.attention(q, k, v, gqa)
         else:
             causal = mask is None
@@ -267,7 +214,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | DocumentSpans | None,
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | PackedRows | None,
         cache: KVCache | None = None, layer: int = 0,
     ) -> Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
@@ -289,7 +236,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.activation_checkpointing = False  # a switch, not part of the shape: set it on the built model
-        self.dense_document_mask = False  # packed rows through the dense [T, T] mask: the reference, for tests
+        # packed rows' attention (`model.packed_attention`): auto = FlexAttention on CUDA, per document elsewhere
+        self.packed_attention: PackedAttention = "auto"
         self.init_weights()
 
     @property
@@ -336,7 +284,7 @@ class Transformer(nn.Module):
         if document_ids is not None:
             if cache is not None or attention_mask is not None:
                 raise ValueError("document_ids (packed rows) cannot be combined with a KV cache or an attention_mask")
-            mask = document_mask(document_ids) if self.dense_document_mask else DocumentSpans(document_ids)
+            mask = packed_rows(document_ids, self.packed_attention)
             if position_ids is None:
                 position_ids = positions_from_documents(document_ids)
         elif attention_mask is not None:
