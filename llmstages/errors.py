@@ -30,6 +30,8 @@ KNOWN_USER_ERRORS: dict[str, tuple[str, ...]] = {
     "llmstages.data.formats": ("DataFormatError",),
     "llmstages.checkpointing": ("CheckpointError", "RunFolderError"),
     "llmstages.model.checkpoint": ("CheckpointError",),  # where the checkpoint reader is moving
+    "llmstages.data.shards.index": ("ShardError",),
+    "llmstages.data.loader": ("ResumeMismatch",),
 }
 
 
