@@ -62,11 +62,15 @@ def encode_chunk(docs: list[str]) -> np.ndarray:
     batch: list[tuple[str, bool]] = []
     chars = 0
 
+    backend = tokenizer.backend
+    # the same ids as `Tokenizer.encode_batch` (its backend, no special tokens added), without character offsets
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+
     def flush() -> None:
         nonlocal chars
         if batch:
-            encoded = tokenizer.encode_batch([t for t, _ in batch])
-            flat = itertools.chain.from_iterable(ids + [eos] if last else ids for ids, (_, last) in zip(encoded, batch))
+            encoded = encode([t for t, _ in batch], add_special_tokens=False)
+            flat = itertools.chain.from_iterable(e.ids + [eos] if last else e.ids for e, (_, last) in zip(encoded, batch))
             parts.append(np.fromiter(flat, dtype=dtype))
         batch.clear()
         chars = 0
