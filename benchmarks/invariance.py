@@ -17,7 +17,9 @@ initial policy's log-probs = the policy with adapters disabled), model
 switches (activation checkpointing on = off), `torch.compile` on = off (a looser
 tolerance: fused kernels reorder float32 sums), resume (SIGKILL right after step
 k's checkpoint, or SIGTERM inside step k's accumulation, which checkpoints at its
-end: resume = uninterrupted, every step for the preempted run), and precision (`bf16-mixed` against
+end: resume = uninterrupted, every step for the preempted run), streamed-pretraining
+resume (`stream_resume`: the same kill and preemption on `StreamingPretrainData`, two shard
+sources mixed 3:1 and shuffled, one process and 2 DDP ranks), and precision (`bf16-mixed` against
 float32, reported as context, never pass/fail). GRPO runs start from a short SFT
 run (a random model never stops, so every completion would be equally long)
 and are rewarded for shorter completions.
@@ -74,6 +76,7 @@ class Case:
     control: bool = False  # expected to FAIL
     tolerance: tuple[float, float] = (LOSS_TOL, GRAD_TOL)
     note: str = ""
+    config: str | None = None  # configs/<config>.yaml, when not the stage's own
 
 
 def split(batch: int, accumulate: int, *extra: str, name: str | None = None) -> Run:
@@ -153,6 +156,17 @@ def cases(stages: list[str], classes: list[str]) -> list[Case]:
             legacy = ["--model.init_args.logp_reduction", "legacy_mean_padded"]
             out.append(Case("dpo", "batch_split", [split(8, 1, *legacy), split(1, 8, *legacy)], control=True,
                             note="logp_reduction: legacy_mean_padded (divides by the micro-batch's padded length)"))
+    if "stream_resume" in classes and "pretrain" in stages:
+        # the stream's order depends on the world size by design: each world size is compared with itself
+        ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
+        note = "StreamingPretrainData: 2 sources mixed 3:1 from token shards, shuffled"
+        out.append(Case("pretrain", "stream_resume", [
+            split(4, 2, name="stream uninterrupted"), Run("stream killed+resumed", split(4, 2).args, kill_at=2),
+            Run("stream preempted+resumed", split(4, 2).args, preempt_at=1)], config=STREAM, note=note))
+        out.append(Case("pretrain", "stream_resume", [
+            Run("stream ddp 2 uninterrupted", split(2, 2).args + ddp, devices=2),
+            Run("stream ddp 2 killed+resumed", split(2, 2).args + ddp, devices=2, kill_at=2)],
+            config=STREAM, note=note + ", 2 DDP ranks"))
     if "packing" in classes and "pretrain" in stages:
         out.append(Case("pretrain", "packing", [Run("documents", ["--data.init_args.packing", "documents"]),
                                                 Run("concat", ["--data.init_args.packing", "concat"])],
@@ -200,12 +214,33 @@ def fragment(work: Path, stage: str, steps: int, every: int, kill_at: int | None
     }
     if stage == "sft":
         override["data"]["init_args"]["packing"] = "none"  # examples of very different lengths per micro-batch
+    if stage == STREAM:  # small sources: the runs cross epochs and the code source repeats
+        override["data"]["init_args"].update(
+            sources={name: str(work / "shards" / name) for name in STREAM_SOURCES}, weights={"web": 0.75, "code": 0.25},
+            shuffle_buffer=4, val_fraction=0.0)
     path = work / f"{stage}{'-kill' if kill_at is not None else ''}{'-preempt' if preempt_at is not None else ''}.yaml"
     path.write_text(yaml.safe_dump(override))
     return path
 
 
 GRPO_INIT = "grpo-init.ckpt"
+STREAM = "pretrain_stream"  # configs/pretrain_stream.yaml
+STREAM_SOURCES = {"web": slice(0, 120), "code": slice(120, 160)}  # documents of the embedded corpus
+
+
+def stream_shards(work: Path) -> None:
+    """Token shards of two sources for the streamed-pretraining runs, prepared once with the runs' tokenizer."""
+    from llmstages.data import synthetic
+    from llmstages.data.base import default_tokenizer
+    from llmstages.data.shards import prepare_shards
+
+    docs = synthetic.pretrain_corpus(seed=11)
+    for name, part in STREAM_SOURCES.items():
+        if not (work / "shards" / name / "index.json").exists():
+            text = work / f"{name}.txt"
+            text.write_text("\n".join(docs[part]) + "\n")
+            prepare_shards([text], default_tokenizer(work / "cache"), work / "shards" / name, shard_tokens=1000,
+                           workers=1, progress=False)
 
 
 def grpo_init(work: Path, timeout: float) -> None:
@@ -234,8 +269,9 @@ def command(work: Path, case: Case, run: Run, steps: int, kill: bool = False) ->
         args += (["--data.init_args.files", f"[{small_sft_file(work)}]", "--data.init_args.val_fraction", "0"]
                  if arg == "@small" else [arg])
     every = run.kill_at or steps
-    return [str(BIN / "llmstages"), "fit", "--config", str(CONFIGS / f"{case.stage}.yaml"),
-            "--config", str(fragment(work, case.stage, steps, every, run.kill_at if kill else None,
+    config = case.config or case.stage
+    return [str(BIN / "llmstages"), "fit", "--config", str(CONFIGS / f"{config}.yaml"),
+            "--config", str(fragment(work, config, steps, every, run.kill_at if kill else None,
                                      run.preempt_at if kill else None)),
             "--trainer.default_root_dir", str(work / "runs"), "--run_name", run_dir_name(case, run), *args]
 
@@ -407,7 +443,8 @@ def plot(results: list[dict], out: Path) -> list[Path]:
     return paths
 
 
-CLASSES = ("batch_split", "world_size", "packing", "dpo_reference", "model_switches", "compile", "resume", "precision")
+CLASSES = ("batch_split", "world_size", "packing", "dpo_reference", "model_switches", "compile", "resume", "stream_resume",
+           "precision")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -427,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases(args.stages, args.classes):
             if case.stage == "grpo":
                 grpo_init(work, args.timeout)
+            if case.config == STREAM:
+                stream_shards(work)
             # single-process runs two at a time (one torch thread each); multi-process runs alone
             workers = 1 if any(run.devices > 1 for run in case.runs) else 2
             with ThreadPoolExecutor(workers) as pool:

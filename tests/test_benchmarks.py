@@ -89,6 +89,7 @@ SCRIPTS = {
     "packing_throughput": ["## Ratio (labelled tokens/s, documents over none", "| 4 × 256 | none | ", "| 4 × 256 | documents | "],
     "dpo_reference": ["| precompute / live |", "| live | ", "| precompute | "],
     "data_prep": ["## Ratio (MB/s, ours over raw encode_batch", " MB/s"],
+    "data_stream": ["## 1. Preparation (tokens/s", "| loader | ", "| 25M training step | ", "## 3. Peak RSS", "| 0.2 GB | "],
     "packed_attention": ["| 256 | alpaca | attention |", "| 512 | long | layer |", "## Peak memory"],
     "bf16": ["| train step (tokens/s) |", "## Profile of one step by operator family", "| matmul |"],
 }

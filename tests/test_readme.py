@@ -37,6 +37,8 @@ NOT_RUN = {  # regex on the command -> why the test does not run it
     r"^torchrun ": "multi-GPU / multi-node launch: tests/test_distributed.py runs torchrun on 2 CPU processes",
     r"/path/to/Qwen2\.5-0\.5B-Instruct": "needs a downloaded Qwen2.5-0.5B-Instruct; tests/test_recipes.py runs the recipe on a random model of its shape",
     r"^python benchmarks/": "a benchmark (minutes to an hour); tests/test_benchmarks.py runs their --quick modes",
+    r"^llmstages data prepare --files (web|code)": "needs your corpus; tests/test_shards_prepare.py runs the command",
+    r"pretrain_stream\.yaml": "needs prepared shards; tests/test_shards_resume.py runs this config through llmstages fit",
 }
 DEFAULT = (  # the cheap chain run by default: the commands whose start matches
     "llmstages fit --config configs/pretrain.yaml",

@@ -10,5 +10,6 @@ from llmstages.data.preference import PreferenceData
 from llmstages.data.pretrain import PretrainData
 from llmstages.data.prompts import PromptData
 from llmstages.data.sft import SFTData
+from llmstages.data.shards.streaming import StreamingPretrainData
 
-__all__ = ["StageData", "PretrainData", "SFTData", "PreferenceData", "PromptData", "KTOData"]
+__all__ = ["StageData", "PretrainData", "SFTData", "PreferenceData", "PromptData", "KTOData", "StreamingPretrainData"]

@@ -31,7 +31,13 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch.utils.data import DistributedSampler
 
+from llmstages.errors import UserError
+
 Counter = Callable[[dict], tuple[int, int]]
+
+
+class ResumeMismatch(UserError, ValueError):
+    """A resume whose data order differs from the checkpoint's (a user error: `llmstages.errors` knows it)."""
 
 
 class ResumableSampler(DistributedSampler):
@@ -76,6 +82,7 @@ class StepLookaheadLoader:
             "seed": getattr(s, "seed", None), "shuffle": getattr(s, "shuffle", None),
             "num_replicas": getattr(s, "num_replicas", None), "batch_size": self.batch_size,
             "accumulate": self.accumulate, "limit": self.limit,
+            **getattr(s, "order", {}),  # a streamed source's own (sources, weights, seq_len, ...)
         }
 
     def state_dict(self) -> dict:
@@ -84,11 +91,13 @@ class StepLookaheadLoader:
     def load_state_dict(self, state: dict) -> None:
         mine = self._order()
         changed = {k: (state.get(k), v) for k, v in mine.items() if k in state and state[k] != v}
-        if changed and state.get("consumed", 0):
+        # a stream's positions run on across epochs: any change moves every later row, not only this epoch's
+        strict = getattr(self.sampler, "strict_order", False)
+        if changed and (state.get("consumed", 0) or strict):
             details = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
-            raise ValueError(
-                f"cannot resume the training data mid-epoch: what decides its order changed since the checkpoint "
-                f"({details}); resume with the checkpoint's settings"
+            raise ResumeMismatch(
+                f"cannot resume the training data {'stream' if strict else 'mid-epoch'}: what decides its order "
+                f"changed since the checkpoint ({details}); resume with the checkpoint's settings"
             )
         self._resume = dict(state)
 

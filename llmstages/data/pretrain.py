@@ -121,7 +121,7 @@ class PretrainData(StageData):
         """Encode the corpus once; later runs with the same inputs and tokenizer reuse the file."""
         tok_json = self.tokenizer.to_json()
         if self.files:
-            key = _file_digest(self.files, f"{self.text_mode}|on_error={self.on_error}|{tok_json}")
+            key = file_digest(self.files, f"{self.text_mode}|on_error={self.on_error}|{tok_json}")
         else:
             # keyed on the generated text itself: a new seed or generator version is a new cache
             docs = synthetic.pretrain_corpus(seed=self.seed)
@@ -191,7 +191,7 @@ class PretrainData(StageData):
         return stack_rows(items)
 
 
-def _file_digest(paths: list[Path], extra: str) -> str:
+def file_digest(paths: list[Path], extra: str) -> str:
     """A short key of the files (paths and bytes) and `extra`: the encoded corpus cache's name."""
     h = hashlib.sha256(extra.encode())
     for source in paths:

@@ -21,6 +21,7 @@ TOOLS: dict[str, Tool] = {
     "export": Tool("export", "checkpoint -> Hugging Face folder (weights, tokenizer, chat template, generation config)"),
     "import": Tool("hf_import", "Hugging Face folder -> llmstages checkpoint (for init_from / export)"),
     "tokenizer": Tool("tokenizer", "train a byte-level BPE tokenizer on text files"),
+    "data": Tool("data", "data prepare: tokenise a corpus once into token shards for streamed pretraining"),
     "masks": Tool("show_masks", "show which tokens of a config's data carry a loss (terminal or --html)"),
     "demo": Tool("demo", "train pretrain -> SFT -> reward model -> DPO -> GRPO on the embedded data and report what each learned"),
 }
