@@ -12,6 +12,7 @@ What is changed, and nothing else (the substitution table):
 | `llmstages fit ...` / `llmstages validate ...` | `... --config <scale.yaml>` appended | 2 steps, 1 validation batch (no sanity check), CSV logger, last.ckpt at step 2, the session's tokenizer cache |
 | `llmstages masks ...` | `... --data.init_args.cache_dir <cache>` appended | the session's tokenizer cache |
 | `/path/to/folder` | a random Llama folder with a tokenizer | no downloads in tests |
+| `../shared/` | its absolute path | commands run in a fresh folder, not the repository root |
 
 The default run covers the first stage chain and every tool command (under ~2 minutes); the slow one runs
 every runnable command, the reward, DPO, GRPO stages and the resume included.
@@ -37,8 +38,6 @@ NOT_RUN = {  # regex on the command -> why the test does not run it
     r"^torchrun ": "multi-GPU / multi-node launch: tests/test_distributed.py runs torchrun on 2 CPU processes",
     r"/path/to/Qwen2\.5-0\.5B-Instruct": "needs a downloaded Qwen2.5-0.5B-Instruct; tests/test_recipes.py runs the recipe on a random model of its shape",
     r"^python benchmarks/": "a benchmark (minutes to an hour); tests/test_benchmarks.py runs their --quick modes",
-    r"^llmstages data prepare --files (web|code)": "needs your corpus; tests/test_shards_prepare.py runs the command",
-    r"pretrain_stream\.yaml": "needs prepared shards; tests/test_shards_resume.py runs this config through llmstages fit",
 }
 DEFAULT = (  # the cheap chain run by default: the commands whose start matches
     "llmstages fit --config configs/pretrain.yaml",
@@ -110,6 +109,7 @@ def _run_readme(tmp_path: Path, cache: Path, selected) -> list[str]:
         if _excuse(command) or not selected(command):
             continue
         command = command.replace("/path/to/folder", str(_hf_folder(scale_dir, cache)))
+        command = command.replace("../shared/", f"{ROOT.parent / 'shared'}/")
         args = shlex.split(command)
         assert args[0] == "llmstages", command
         args = args[1:]
