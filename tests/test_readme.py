@@ -142,4 +142,6 @@ def test_readme_commands_run_as_written(tmp_path, cache):
 @pytest.mark.slow
 def test_every_runnable_readme_command_runs_as_written(tmp_path, cache):
     done = _run_readme(tmp_path, cache, lambda c: True)
-    assert sum(c.startswith("llmstages fit") for c in done) == 6  # 5 stages and the resume
+    fits = [_stage(shlex.split(c)) for c in done if c.startswith("llmstages fit")]
+    # the five stages, the resume, ORPO, KTO and streamed pretraining
+    assert sorted(fits) == sorted(["pretrain", "sft", "reward", "dpo", "sft", "grpo", "orpo", "kto", "pretrain_stream"]), fits
