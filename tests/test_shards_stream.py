@@ -185,3 +185,23 @@ def test_shards_of_another_tokenizer_are_refused(tmp_path, cache):
     index = json.loads((folder / "index.json").read_text())
     assert index["vocab_size"] == other.vocab_size
     assert len(data(cache, str(folder), tokenizer=str(tmp_path / "tok")).train_set) > 0
+
+
+def test_mixture_pattern_counts_and_weights_that_cannot_be_exact():
+    from llmstages.data.shards.order import Mixture
+
+    mix = Mixture(["a", "b", "c"], {"a": 0.5, "b": 0.3, "c": 0.2})
+    located = [mix.locate(k) for k in range(50)]
+    for start in range(0, 50, 10):
+        assert Counter(s for s, _ in located[start : start + 10]) == {0: 5, 1: 3, 2: 2}
+    for s in range(3):  # each source's rows are taken in order, none skipped or repeated
+        assert [j for t, j in located if t == s] == list(range(sum(1 for t, _ in located if t == s)))
+    with pytest.raises(ValueError, match="common denominator"):
+        Mixture(["a", "b"], {"a": 0.3331, "b": 0.6669})
+    with pytest.raises(ValueError, match="missing"):
+        Mixture(["a", "b"], {"a": 1.0})
+
+
+def test_a_folder_without_shards_is_named(tmp_path, cache):
+    with pytest.raises(ShardError, match=r"nowhere: no index\.json"):
+        data(cache, str(tmp_path / "nowhere"))

@@ -138,7 +138,7 @@ class StreamingPretrainData(StageData):
         if not self.sources:
             raise ShardError("sources: give a prepared shard folder or URL, or a mapping of names to them")
         try:
-            self.mixture = Mixture(list(self.sources), weights if len(self.sources) > 1 or weights else None)
+            self.mixture = Mixture(list(self.sources), weights)
         except ValueError as err:
             raise ShardError(f"weights: {err}") from None
         self.packing = check_packing(packing, ("documents", "concat"))
