@@ -205,3 +205,25 @@ def test_mixture_pattern_counts_and_weights_that_cannot_be_exact():
 def test_a_folder_without_shards_is_named(tmp_path, cache):
     with pytest.raises(ShardError, match=r"nowhere: no index\.json"):
         data(cache, str(tmp_path / "nowhere"))
+
+
+def test_samplers_walk_a_ranks_positions_lazily_as_distributed_sampler_would():
+    from torch.utils.data import DistributedSampler
+
+    from llmstages.data.shards.streaming import RangeSampler
+
+    class Sized:
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+    for rank in range(3):
+        mine, reference = RangeSampler(Sized(12), 3, rank, 0), DistributedSampler(Sized(12), 3, rank, shuffle=False)
+        assert list(mine) == list(reference)
+        mine.start = 2  # resuming: the rank's first two positions were trained
+        assert list(mine) == list(reference)[2:]
+    huge = RangeSampler(Sized(10**12), 2, 1, 0)  # a corpus of 10^12 rows: no list of its indices
+    it = iter(huge)
+    assert isinstance(it, type(iter(range(0)))) and next(it) == 1 and len(huge) == 5 * 10**11
