@@ -72,14 +72,15 @@ def loader_candidates(folder: Path, tokenizer_spec: str | None, cache: Path, bat
     state = {"iterator": iter(loader)}
 
     def load():
-        for _ in range(batches):
+        full = 0
+        while full < batches:  # full batches only: an epoch's last one may be shorter
             try:
                 batch = next(state["iterator"])
             except StopIteration:
                 state["iterator"] = iter(loader)
-                batch = next(state["iterator"])
+                continue
             loader.mark_consumed()
-            assert batch["input_ids"].shape == (BATCH, SEQ)
+            full += batch["input_ids"].shape == (BATCH, SEQ)
 
     shape = SHAPES["25m"]
     model = Transformer(shape.config())

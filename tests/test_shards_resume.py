@@ -40,38 +40,43 @@ def stream_fragment(tmp_path, cache, sources, *, steps, every, accumulate, kill_
                          kill_at=kill_at, extra={"data": {"init_args": data}})
 
 
-def kill_and_resume(tmp_path, steps: int, every: int, accumulate: int, more: tuple[str, ...] = ()) -> None:
+def kill_and_resume(tmp_path, steps: int, every: int, accumulate: int, more: tuple[str, ...] = (),
+                    kills: tuple[int, ...] | None = None):
+    """An uninterrupted run, and one SIGKILLed right after the checkpoint of each step in `kills` (each
+    later kill in the resumed run: a second resume must not restart the stream), then resumed to the end."""
+    kills = kills or (every,)
     cache = tmp_path / "cache"
     sources = shard_sources(tmp_path, cache)
     fragment = stream_fragment(tmp_path, cache, sources, steps=steps, every=every, accumulate=accumulate)
-    kill = stream_fragment(tmp_path, cache, sources, steps=steps, every=every, accumulate=accumulate, kill_at=every)
     root = ("--trainer.default_root_dir", str(tmp_path / "runs"))
     args = fit_args(STAGE, fragment, *root, *more)
     full = start([*args, "--run_name", "full"], tmp_path)
-    killed = run([*fit_args(STAGE, kill, *root, *more), "--run_name", "killed"], tmp_path, timeout=240)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     stage_root = tmp_path / "runs" / "pretrain"
-    saved = torch.load(stage_root / "killed" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert saved["global_step"] == every
-    loader_state = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
-    assert loader_state["weights"] == {"web": "3/4", "code": "1/4"}
+    for attempt, kill_at in enumerate(kills):
+        kill = stream_fragment(tmp_path, cache, sources, steps=steps, every=every, accumulate=accumulate,
+                               kill_at=kill_at)
+        resume = ("--ckpt_path", "last") if attempt else ()
+        killed = run([*fit_args(STAGE, kill, *root, *more), *resume, "--run_name", "killed"], tmp_path, timeout=240)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+        saved = torch.load(stage_root / "killed" / "checkpoints" / "last.ckpt", weights_only=False)
+        assert saved["global_step"] == kill_at
+        loader_state = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+        assert loader_state["weights"] == {"web": "3/4", "code": "1/4"}
     assert full.wait(timeout=300) == 0, full.stdout.read()[-3000:]
-    log = full.stdout.read()
     resumed = run([*args, "--ckpt_path", "last", "--run_name", "killed"], tmp_path, timeout=240)
     ok(resumed)
     reference, interrupted = step_losses(stage_root / "full"), step_losses(stage_root / "killed")
-    assert len(reference) >= steps - 1 and len([s for s in interrupted if s >= every]) >= steps - every - 1
+    assert len(reference) >= steps - 1 and len([s for s in interrupted if s >= kills[-1]]) >= steps - kills[-1] - 1
     for step, losses in interrupted.items():
         assert losses[-1] == pytest.approx(reference[step][-1], abs=1e-5), (step, losses, reference[step])
     info = json.loads((stage_root / "killed" / "run.json").read_text())
     assert info["status"] == "finished" and info["global_step"] == steps
-    return log, args, stage_root
 
 
 def test_streamed_pretraining_resumes_exactly_and_refuses_another_mixture(tmp_path):
-    # 40 rows (5 steps) per epoch: the kill lands mid-epoch, the run crosses into epoch 2 and the code source
+    # 40 rows (5 steps) per epoch: both kills land mid-epoch, the run crosses into epoch 2 and the code source
     # (15 rows, 10 per epoch) into its second pass
-    log, args, _ = kill_and_resume(tmp_path, steps=7, every=4, accumulate=2)
+    kill_and_resume(tmp_path, steps=7, every=2, accumulate=2, kills=(2, 4))  # killed twice, resumed twice
     cache = tmp_path / "cache"
     sources = {"web": str(tmp_path / "shards" / "web"), "code": str(tmp_path / "shards" / "code")}
     other = stream_fragment(tmp_path, cache, sources, steps=9, every=4, accumulate=2, weights={"web": 0.5, "code": 0.5})

@@ -185,3 +185,45 @@ def test_shards_of_another_tokenizer_are_refused(tmp_path, cache):
     index = json.loads((folder / "index.json").read_text())
     assert index["vocab_size"] == other.vocab_size
     assert len(data(cache, str(folder), tokenizer=str(tmp_path / "tok")).train_set) > 0
+
+
+def test_mixture_pattern_counts_and_weights_that_cannot_be_exact():
+    from llmstages.data.shards.order import Mixture
+
+    mix = Mixture(["a", "b", "c"], {"a": 0.5, "b": 0.3, "c": 0.2})
+    located = [mix.locate(k) for k in range(50)]
+    for start in range(0, 50, 10):
+        assert Counter(s for s, _ in located[start : start + 10]) == {0: 5, 1: 3, 2: 2}
+    for s in range(3):  # each source's rows are taken in order, none skipped or repeated
+        assert [j for t, j in located if t == s] == list(range(sum(1 for t, _ in located if t == s)))
+    with pytest.raises(ValueError, match="common denominator"):
+        Mixture(["a", "b"], {"a": 0.3331, "b": 0.6669})
+    with pytest.raises(ValueError, match="missing"):
+        Mixture(["a", "b"], {"a": 1.0})
+
+
+def test_a_folder_without_shards_is_named(tmp_path, cache):
+    with pytest.raises(ShardError, match=r"nowhere: no index\.json"):
+        data(cache, str(tmp_path / "nowhere"))
+
+
+def test_samplers_walk_a_ranks_positions_lazily_as_distributed_sampler_would():
+    from torch.utils.data import DistributedSampler
+
+    from llmstages.data.shards.streaming import RangeSampler
+
+    class Sized:
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+    for rank in range(3):
+        mine, reference = RangeSampler(Sized(12), 3, rank, 0), DistributedSampler(Sized(12), 3, rank, shuffle=False)
+        assert list(mine) == list(reference)
+        mine.start = 2  # resuming: the rank's first two positions were trained
+        assert list(mine) == list(reference)[2:]
+    huge = RangeSampler(Sized(10**12), 2, 1, 0)  # a corpus of 10^12 rows: no list of its indices
+    it = iter(huge)
+    assert isinstance(it, type(iter(range(0)))) and next(it) == 1 and len(huge) == 5 * 10**11

@@ -93,7 +93,25 @@ class ValRows(Dataset):
         return stream_row(tokens, self.seq_len, self.eos_id, self.packing)
 
 
-class StreamSampler(ResumableSampler):
+class RangeSampler(ResumableSampler):
+    """This rank's indices rank, rank + world, ... as a lazy range: `DistributedSampler` lists every index,
+    which for a stream of billions of rows is memory that grows with the corpus. No shuffle (the dataset
+    orders itself), no padding (the length is a multiple of the world size, or the tail is dropped)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed, drop_last=True)
+
+    def first_index(self) -> int:
+        return 0
+
+    def __iter__(self):
+        start, self.start = self.start, 0
+        base = self.first_index()
+        end = base + self.num_samples * self.num_replicas
+        return iter(range(base + self.rank + start * self.num_replicas, end, self.num_replicas))
+
+
+class StreamSampler(RangeSampler):
     """Stream positions in order, one rank's share: epoch e yields e x len(dataset) + rank, + world, ...
 
     `order` holds what decides the stream beyond the step loader's own fields; `strict_order`: a
@@ -103,12 +121,11 @@ class StreamSampler(ResumableSampler):
     strict_order = True
 
     def __init__(self, dataset: StreamRows, num_replicas: int, rank: int, seed: int, order: dict[str, Any]) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed)
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, seed=seed)
         self.order = order
 
-    def __iter__(self):
-        base = self.epoch * len(self.dataset)
-        return (base + i for i in super().__iter__())
+    def first_index(self) -> int:
+        return self.epoch * len(self.dataset)
 
 
 class StreamingPretrainData(StageData):
@@ -138,7 +155,7 @@ class StreamingPretrainData(StageData):
         if not self.sources:
             raise ShardError("sources: give a prepared shard folder or URL, or a mapping of names to them")
         try:
-            self.mixture = Mixture(list(self.sources), weights if len(self.sources) > 1 or weights else None)
+            self.mixture = Mixture(list(self.sources), weights)
         except ValueError as err:
             raise ShardError(f"weights: {err}") from None
         self.packing = check_packing(packing, ("documents", "concat"))
@@ -189,9 +206,9 @@ class StreamingPretrainData(StageData):
         }
 
     def _sampler(self, dataset: Dataset, shuffle: bool) -> ResumableSampler:
-        if not isinstance(dataset, StreamRows):
-            return super()._sampler(dataset, False)
         world, rank = self._world()
+        if not isinstance(dataset, StreamRows):  # validation rows
+            return RangeSampler(dataset, num_replicas=world, rank=rank, seed=self.seed)
         return StreamSampler(dataset, num_replicas=world, rank=rank, seed=self.seed, order=self.stream_order())
 
     def collate(self, items: list) -> LMBatch:
