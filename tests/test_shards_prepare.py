@@ -77,6 +77,7 @@ def test_a_killed_preparation_continues_after_its_last_complete_shard(tmp_path, 
     assert 0 < len(encoded) < chunks  # the chunks before shard 3 were not encoded again
 
 
+@pytest.mark.slow  # ~40 s; the test above covers the same resume from what a kill leaves, in-process
 def test_console_prepare_resumes_after_sigkill(tmp_path, tokenizer):
     """A real SIGKILL of `llmstages data prepare` (killed once its first shards are on disk), then a rerun."""
     import signal
