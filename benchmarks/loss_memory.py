@@ -21,7 +21,7 @@ core's CPU time, the largest vocabulary (> 32768) is swept for memory and
 agreement only; its loss + backward time is measured at the default chunk
 size, and the train step only at the smaller vocabularies.
 
-    python -m benchmarks.loss_memory           # vocab 32k and 128k, T 2048, chunks 256-2048, ~30 min on 2 shared cores
+    python -m benchmarks.loss_memory           # vocab 32k and 128k, T 2048, chunks 256-2048: ~15 CPU minutes (43 min wall at load ~10)
     python -m benchmarks.loss_memory --quick   # vocab 8k, T 512, < 1 min
 """
 
