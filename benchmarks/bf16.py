@@ -26,6 +26,8 @@ from benchmarks.common import Report, alternate, base_parser, med_range, output_
 from benchmarks.throughput import (SHAPES, Candidate, build_ours, make_batches, matmul_candidate, ours_loss,
                                    profile_breakdown, runner)
 
+from llmstages.losses import DEFAULT_CHUNK_SIZE
+
 PRECISIONS = {"float32": contextlib.nullcontext,
               "bf16-mixed": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}
 
@@ -70,7 +72,7 @@ def main() -> None:
     report = Report("bf16", "bf16-mixed vs float32: the train step on this CPU", args)
     shape = SHAPES[shape_name]
     batches = make_batches(shape, "cpu")
-    candidates = {p: Candidate(p, build_ours(shape.config(), "cpu", False), ours_loss(1024), "foreach", ctx)
+    candidates = {p: Candidate(p, build_ours(shape.config(), "cpu", False), ours_loss(DEFAULT_CHUNK_SIZE), "foreach", ctx)
                   for p, ctx in PRECISIONS.items()}
     first = {}
     for p, c in candidates.items():
@@ -93,7 +95,7 @@ def main() -> None:
     report.text(
         f"Shape `{shape_name}`: vocab {shape.vocab}, d_model {shape.d_model}, {shape.n_layer} layers, "
         f"{shape.n_head} heads, d_mlp {candidates['float32'].model.config.d_mlp}, seq {shape.seq}, batch "
-        f"{shape.batch} ({cfg.n_layer} blocks, tied embeddings); llmstages loss chunk 1024; AdamW foreach, "
+        f"{shape.batch} ({cfg.n_layer} blocks, tied embeddings); llmstages loss chunk {DEFAULT_CHUNK_SIZE}; AdamW foreach, "
         "float32 parameters and state in both. One torch thread, process CPU time, candidates alternated "
         "(the starting one rotates), ratios per round, median (min–max). 4 other engineers share this "
         "machine's 2 cores: compare the within-run ratios, not absolute times."

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import Report, alternate, base_parser, med_range, output_dir, paired_ratios, set_threads
 
-from llmstages.losses import reduce_token_loss, token_logps
+from llmstages.losses import DEFAULT_CHUNK_SIZE, reduce_token_loss, token_logps
 from llmstages.model.config import ModelConfig
 from llmstages.model.transformer import Transformer
 
@@ -341,9 +341,9 @@ def _rms_norm_fused(self, x):
 # No variant copies a model method: a copied `Attention.forward` (fused QKV, 0.95x of the baseline in the
 # report of commit c079f1f) drifted from the real one once and was removed; variants are options of the real model.
 VARIANTS = {
-    "baseline (AdamW foreach, chunk 1024)": {},
+    f"baseline (AdamW foreach, chunk {DEFAULT_CHUNK_SIZE})": {},
     "loss recompute=False": {"recompute": False},
-    "loss chunk 256": {"chunk": 256},
+    "loss chunk 1024": {"chunk": 1024},
     "loss chunk 4096": {"chunk": 4096},
     "AdamW fused": {"adamw": "fused"},
     "AdamW for-loop": {"adamw": "for-loop"},
@@ -378,7 +378,7 @@ def variant_candidate(config: ModelConfig, spec: dict, device: str, autocast) ->
             with autocast(), sdpa_kernel(backend):
                 yield
 
-    loss_fn = ours_loss(spec.get("chunk", 1024), spec.get("recompute", True))
+    loss_fn = ours_loss(spec.get("chunk", DEFAULT_CHUNK_SIZE), spec.get("recompute", True))
     return Candidate("variant", model, loss_fn, spec.get("adamw", "foreach"), context)
 
 
@@ -424,7 +424,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1, help="train steps per timed round")
     parser.add_argument("--adamw", choices=("default", "foreach", "fused", "for-loop"), default="foreach",
                         help="AdamW implementation, the same for every candidate")
-    parser.add_argument("--chunk-size", type=int, default=1024, help="our loss's chunk size (StageModule's default)")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+                        help="our loss's chunk size (default: the stages' default, llmstages.losses.DEFAULT_CHUNK_SIZE)")
     parser.add_argument("--compile", action="store_true", help="torch.compile our blocks and the transformers and LitGPT models")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=("32", "bf16-mixed"), default="32")

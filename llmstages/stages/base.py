@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from llmstages.errors import ConfigError
-from llmstages.losses import NORMALIZE_MODES, token_logps
+from llmstages.losses import DEFAULT_CHUNK_SIZE, NORMALIZE_MODES, token_logps
 from llmstages.metrics import WeightedMeans
 from llmstages.model.checkpoint import check_init_from, load_backbone_weights, resolve_config
 from llmstages.model.config import ModelConfig, PresetName
@@ -349,13 +349,14 @@ class StageModule(L.LightningModule):
 class LMStage(StageModule):
     """A stage whose loss scores tokens through the output layer (pretrain, SFT, DPO, GRPO)."""
 
-    def __init__(self, normalize: Normalize = "token", chunk_size: int = 1024, **kwargs) -> None:
+    def __init__(self, normalize: Normalize = "token", chunk_size: int = DEFAULT_CHUNK_SIZE, **kwargs) -> None:
         """
         Args:
             normalize: how token losses are normalised: token (sum / target tokens of the whole optimiser step,
                 across accumulation and ranks), micro_batch (mean per micro-batch: the pre-fix HF behaviour),
                 sequence (mean of per-sequence means), sum.
-            chunk_size: positions per chunk when scoring targets (bounds the logits' memory).
+            chunk_size: target positions per chunk when scoring targets (bounds the logits' memory; the default,
+                `losses.DEFAULT_CHUNK_SIZE`, is chosen by benchmarks/loss_memory.py).
         """
         check_choice("normalize", normalize, NORMALIZE_MODES)
         if chunk_size < 1:
