@@ -91,6 +91,8 @@ SCRIPTS = {
     "data_prep": ["## Ratio (MB/s, ours over raw encode_batch", " MB/s"],
     "packed_attention": ["| 256 | alpaca | attention |", "| 512 | long | layer |", "## Peak memory"],
     "bf16": ["| train step (tokens/s) |", "## Profile of one step by operator family", "| matmul |"],
+    "demo": ["## Each stage's gain", "| SFT over pretraining |", "| GRPO over SFT, on GRPO's tasks |", "## Time (seconds)",
+             "| whole `llmstages demo` process |", "what each stage learned"],
 }
 
 
