@@ -1,5 +1,5 @@
 # Two entry points, both from a clean clone with only the system Python:
-#   make demo   set up .venv, then train the four stages on the embedded data (CPU, minutes)
+#   make demo   set up .venv, then train the five stages on the embedded data (CPU, minutes)
 #   make test   set up .venv, then run the test suite
 # A GPU user installs a CUDA torch into .venv first; set-up keeps an importable torch.
 PYTHON ?= python3

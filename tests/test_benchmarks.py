@@ -92,6 +92,8 @@ SCRIPTS = {
     "data_stream": ["## 1. Preparation (tokens/s", "| loader | ", "| 25M training step | ", "## 3. Peak RSS", "| 0.2 GB | "],
     "packed_attention": ["| 256 | alpaca | attention |", "| 512 | long | layer |", "## Peak memory"],
     "bf16": ["| train step (tokens/s) |", "## Profile of one step by operator family", "| matmul |"],
+    "demo": ["## Each stage's gain", "| SFT over pretraining |", "| GRPO over SFT, on GRPO's tasks |", "## Time (seconds)",
+             "| whole `llmstages demo` process |", "what each stage learned"],
 }
 
 

@@ -19,3 +19,36 @@ def test_demo_runs_all_five_stages_and_reports(tmp_path, capsys):
     for stage, parent in chain.items():
         hp = torch.load(out / stage / "latest" / "checkpoints" / "last.ckpt", weights_only=False)["hyper_parameters"]
         assert hp["init_from"] == str((out / parent / "latest" / "checkpoints" / "last.ckpt").resolve())
+
+
+def test_demo_summary_is_what_the_checkpoints_do(tmp_path):
+    """summary.json (the table's numbers): every stage timed; GRPO trained on the tasks the mistakes step chose;
+    the held-out exact match of the GRPO row recomputed here from its checkpoint, one prompt at a time."""
+    import json
+
+    import yaml
+
+    from llmstages.data import SFTData, synthetic
+    from llmstages.model.checkpoint import load_model
+    from llmstages.model.generate import generate
+
+    out = tmp_path / "demo"
+    main(["--out", str(out), "--scale", "0.02", "--seed", "1"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["stages"]) == ["pretrain", "sft", "reward", "dpo", "grpo"]
+    for row in summary["stages"].values():
+        assert row["time"]["wall"] > 0 and row["time"]["cpu"] > 0
+    grpo_data = yaml.safe_load((out / "grpo" / "demo.yaml").read_text())["data"]["init_args"]
+    assert grpo_data["seed"] == 1
+    with open(grpo_data["files"][0]) as f:
+        assert {json.loads(line)["task"] for line in f} == set(summary["grpo_tasks"])
+
+    held = summary["settings"]["held_out"]
+    data = SFTData(cache_dir=str(out / "cache"))
+    model = load_model(out / "grpo" / "latest" / "checkpoints" / "last.ckpt").model
+    stop = data.template.stop_token_id(data.tokenizer)
+    right = 0
+    for messages, answer, _ in synthetic.prompt_answer_pairs(held["prompts"], seed=held["seed"]):
+        ids, stopped = generate(model, data.template.encode_prompt(messages, data.tokenizer), held["max_new_tokens"], stop_id=stop)
+        right += stopped and data.tokenizer.decode(ids, skip_special_tokens=True).strip() == answer
+    assert summary["stages"]["grpo"]["held_out"]["exact_match"] == right / held["prompts"]

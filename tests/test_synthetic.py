@@ -19,6 +19,7 @@ from llmstages.data.synthetic import (
     preference_pairs,
     pretrain_corpus,
     prompt_answer_pairs,
+    tuning_pairs,
     score_reply,
     sft_conversations,
     write_default_data,
@@ -114,8 +115,9 @@ def test_score_reply_exact_match_and_unknown_task():
         lambda s: sft_conversations(200, seed=s),
         lambda s: preference_pairs(200, seed=s),
         lambda s: prompt_answer_pairs(200, seed=s),
+        lambda s: tuning_pairs(200, seed=s),
     ],
-    ids=["pretrain", "sft", "preference", "eval"],
+    ids=["pretrain", "sft", "preference", "eval", "tuning"],
 )
 def test_deterministic_per_seed(make):
     state = random.getstate()
@@ -220,6 +222,17 @@ def test_prompt_answer_pairs_correct_balanced_and_not_the_training_stream():
     eval_prompts = [m[-1]["content"] for m, _, _ in items]
     train_prompts = [c["messages"][-2]["content"] for c in sft_conversations(160, seed=0, multi_turn_fraction=0.0)]
     assert eval_prompts != train_prompts
+
+
+def test_tuning_pairs_correct_and_not_the_evaluation_stream():
+    items = tuning_pairs(160, seed=0, tasks=["add", "sort"])
+    for messages, answer, task in items:
+        check_messages(messages, last="user")
+        assert solve(messages[-1]["content"]) == (task, answer)
+    assert [t for _, _, t in items] == ["add", "sort"] * 80
+    held_out = {m[-1]["content"] for m, _, _ in prompt_answer_pairs(160, seed=0, tasks=["add", "sort"])}
+    tuning = [m[-1]["content"] for m, _, _ in items]
+    assert sum(p in held_out for p in tuning) < 16  # the same facts can recur, the streams differ
 
 
 def test_write_default_data_round_trip(tmp_path):

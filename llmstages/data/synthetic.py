@@ -17,9 +17,11 @@ Design choices:
 - Determinism: each generator owns a `random.Random` seeded with a string
   `"llmstages.synthetic:<purpose>:<seed>"` (string seeds hash through SHA-512,
   independent of PYTHONHASHSEED); the global RNG is never touched. The
-  purposes `pretrain`, `sft`, `preference` and `eval` are distinct strings,
-  so the evaluation stream of `prompt_answer_pairs` is disjoint from every
-  training stream by construction, for every pair of seeds. Individual
+  purposes `pretrain`, `sft`, `preference`, `tuning` and `eval` are distinct
+  strings, so the evaluation stream of `prompt_answer_pairs` is disjoint from
+  every training stream and from the tuning stream of `tuning_pairs` (where
+  settings are chosen, e.g. the demo's own-mistakes pairs and GRPO's tasks) by
+  construction, for every pair of seeds. Individual
   problems can still coincide (the word list is finite): the streams, not
   the facts, are disjoint.
 - Plain data only (strings, lists, dicts) in the messages schema of `data/batch.py` and `docs/design.md`;
@@ -49,6 +51,7 @@ __all__ = [
     "prompt_answer_pairs",
     "score_reply",
     "sft_conversations",
+    "tuning_pairs",
     "write_default_data",
 ]
 
@@ -452,10 +455,19 @@ def prompt_answer_pairs(
     module docstring). Tasks cycle in order, so every task gets `n / len(tasks)`
     items (to within one) and per-task accuracy is comparable.
     """
+    return _single_turn_items("eval", n, seed, tasks)
+
+
+def tuning_pairs(n: int, seed: int, tasks: Sequence[str] | None = None) -> list[tuple[list[dict], str, str]]:
+    """As `prompt_answer_pairs`, from the `tuning` stream: where settings are chosen, never reported on."""
+    return _single_turn_items("tuning", n, seed, tasks)
+
+
+def _single_turn_items(purpose: str, n: int, seed: int, tasks: Sequence[str] | None) -> list[tuple[list[dict], str, str]]:
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     names = _task_names(tasks)
-    rng = _rng("eval", seed)
+    rng = _rng(purpose, seed)
     out = []
     for i in range(n):
         task = names[i % len(names)]

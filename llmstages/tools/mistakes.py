@@ -1,0 +1,93 @@
+"""A model's own mistakes on checkable prompts: preference pairs for DPO and its weakest tasks for GRPO.
+
+The demo's step between SFT and DPO/GRPO ("learns from its mistakes").
+
+Design choices:
+- Prompts come from synthetic's `tuning` stream, never from the `eval` stream the demo reports on,
+  so nothing chosen here (which pairs, which tasks) is chosen on the reported prompts.
+- Replies are greedy (`model.generate.generate_batch`: the KV cache, batches of prompts; each row
+  computes what it would alone) and checked by `data.answers.exact_match`, the definition the
+  demo's table, validation and GRPO's reward use.
+- A wrong, non-empty reply becomes a pair: chosen = the right answer, rejected = the model's own
+  wrong reply, in the prompt/chosen/rejected record format `PreferenceData` reads. So DPO's pairs
+  encode exactly the behaviour it should raise: answering right where this model answers wrong.
+- GRPO's tasks: the lowest per-task accuracy among tasks the model gets right at least
+  `min_accuracy` of the time (a task it never gets right gives a group no reward to compare);
+  when no task is (a smoke run's barely trained model), the demo gives GRPO every task.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llmstages.data import synthetic
+from llmstages.data.answers import exact_match
+from llmstages.model.generate import generate_batch
+
+__all__ = ["Mistakes", "find_mistakes", "weakest_tasks", "write_jsonl", "grpo_prompt_records"]
+
+
+@dataclass
+class Mistakes:
+    """Greedy replies to tuning prompts: pairs built from the wrong ones and accuracy per task."""
+
+    pairs: list[dict] = field(default_factory=list)
+    correct: dict[str, int] = field(default_factory=dict)
+    asked: dict[str, int] = field(default_factory=dict)
+
+    def accuracy(self) -> dict[str, float]:
+        return {task: self.correct[task] / self.asked[task] for task in self.asked}
+
+    def overall(self) -> float:
+        return sum(self.correct.values()) / max(1, sum(self.asked.values()))
+
+
+@torch.no_grad()
+def find_mistakes(
+    model, tokenizer, template, items: Sequence[tuple[list[dict], str, str]], max_new_tokens: int = 24,
+    batch_size: int = 64,
+) -> Mistakes:
+    """Answer every `(messages, answer, task)` greedily; a wrong non-empty reply becomes a preference pair."""
+    stop_id = template.stop_token_id(tokenizer)
+    was_training = model.training
+    model.eval()
+    found = Mistakes()
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        prompts = [template.encode_prompt(messages, tokenizer) for messages, _, _ in chunk]
+        replies = generate_batch(model, prompts, max_new_tokens, stop_ids=[stop_id], pad_id=tokenizer.pad_id)
+        for (messages, answer, task), (ids, stopped) in zip(chunk, replies):
+            reply = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            right = exact_match(reply, answer, stopped)
+            found.asked[task] = found.asked.get(task, 0) + 1
+            found.correct[task] = found.correct.get(task, 0) + right
+            if not right and reply and reply != answer:
+                found.pairs.append({"prompt": messages, "chosen": [{"role": "assistant", "content": answer}],
+                                    "rejected": [{"role": "assistant", "content": reply}]})
+    model.train(was_training)
+    return found
+
+
+def weakest_tasks(accuracy: dict[str, float], count: int, min_accuracy: float) -> list[str]:
+    """The `count` tasks of lowest accuracy among those at or above `min_accuracy` (ties: task order); [] if none is."""
+    climbable = [task for task, value in accuracy.items() if value >= min_accuracy]
+    return sorted(climbable, key=lambda task: accuracy[task])[:count]
+
+
+def grpo_prompt_records(tasks: Sequence[str], n: int, seed: int) -> list[dict]:
+    """`n` single-turn `{"prompt", "answer", "task"}` records of `tasks` (synthetic's SFT stream), as PromptData reads."""
+    conversations = synthetic.sft_conversations(n, seed=seed, multi_turn_fraction=0.0, tasks=tasks)
+    return [{"prompt": c["messages"][:-1], "answer": c["answer"], "task": c["task"]} for c in conversations]
+
+
+def write_jsonl(path: Path, records: Sequence[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
