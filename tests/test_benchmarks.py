@@ -90,6 +90,9 @@ SCRIPTS = {
     "dpo_reference": ["| precompute / live |", "| live | ", "| precompute | "],
     "data_prep": ["## Ratio (MB/s, ours over raw encode_batch", " MB/s"],
     "packed_attention": ["| 256 | alpaca | attention |", "| 512 | long | layer |", "## Peak memory"],
+    "cli_step": ["| 32-true | CLI step / bare llmstages step |", "| bf16-mixed | CLI step / bare transformers bf16",
+                 "## Where the time goes", "| 32-true CLI |"],
+    "real_shape": ["| llmstages / transformers tokens/s |", "| matmul 1024×1024 bf16 (GFLOP/s) |"],
     "bf16": ["| train step (tokens/s) |", "## Profile of one step by operator family", "| matmul |"],
 }
 
