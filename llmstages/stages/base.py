@@ -16,7 +16,11 @@ Design choices:
 - Every optimiser step logs `train/step_loss` (the `loss` stat averaged over
   the step's micro-batches and ranks, weighted like validation) and
   `train/grad_norm` (before clipping): the two trajectories that must not
-  depend on how a step is split.
+  depend on how a step is split. The norm is one pass over the gradients per
+  step (`gradient_norm`): the same tensor is logged, read by the non-finite
+  guard and handed to the clipping (`configure_gradient_clipping`), where
+  Lightning's own clipping would measure it again (the same
+  `clip_grad_norm_` maths, so what trains is unchanged).
 - One loss method per stage: `compute_loss(batch) -> (loss, stats, weight)`.
   `loss` is what backward sees (already normalised for the whole optimiser
   step); `stats` are detached means over this micro-batch's `weight` units
@@ -44,6 +48,8 @@ from typing import ClassVar, Literal, NamedTuple
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor
 
 from llmstages.losses import NORMALIZE_MODES, token_logps
@@ -169,6 +175,7 @@ class StageModule(L.LightningModule):
         self._initialised = init_from is None
         self.val_means = WeightedMeans(*(f"val/{name}" for name in self.METRICS))
         self._step_loss: Tensor | None = None  # (sum of loss * weight, sum of weight) over the step's micro-batches
+        self._grad_norm: Tensor | None = None  # this optimiser step's gradient norm, once measured
 
     # ----------------------------------------------------------------- set-up
 
@@ -285,17 +292,41 @@ class StageModule(L.LightningModule):
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         if self.starts_step(batch, batch_idx):
             self._step_loss = torch.zeros(2, dtype=torch.float64, device=self.device)
+            self._grad_norm = None
             self.on_step_start(batch)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self._step_loss is not None:
             self.log("train/step_loss", self._reduced_step_loss().float(), sync_dist=False)
         # before clipping (Lightning clips after this hook): what the invariance suite compares
-        norms = [p.grad.norm() for p in self.parameters() if p.grad is not None]
-        if norms:
-            # FSDP2: each norm is a DTensor on its parameter's mesh (meshes may differ): make each global first
-            norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
-            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)), sync_dist=False)
+        if any(p.grad is not None for p in self.parameters()):  # none left when the guard skipped the step
+            self.log("train/grad_norm", self.gradient_norm(), sync_dist=False)
+
+    def gradient_norm(self) -> Tensor | None:
+        """The global L2 norm of the gradients, measured once per optimiser step (None without gradients).
+
+        Called from the `on_before_optimizer_step` hooks (logging, `NonFiniteGuard`), before clipping.
+        """
+        if self._grad_norm is None:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            if not grads:
+                return None
+            if any(hasattr(g, "full_tensor") for g in grads):
+                # FSDP2: each norm is a DTensor on its parameter's mesh (meshes may differ): make each global first
+                norms = [g.norm() for g in grads]
+                norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
+                self._grad_norm = torch.linalg.vector_norm(torch.stack(norms))
+            else:
+                self._grad_norm = torch.nn.utils.get_total_norm(grads)  # what clip_grad_norm_ measures
+        return self._grad_norm
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by the norm `gradient_norm` already measured; Lightning's clipping wherever it differs."""
+        if not reuses_norm_for_clipping(self, gradient_clip_val, gradient_clip_algorithm):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm)
 
     def _reduced_step_loss(self) -> Tensor:
         """`train/step_loss` over the step's micro-batches and ranks, as `STEP_LOSS` declares."""
@@ -343,6 +374,22 @@ class StageModule(L.LightningModule):
         kwargs.setdefault("sync_dist", False)
         for name, value in values.items():
             self.log(name, value, **kwargs)
+
+
+def reuses_norm_for_clipping(module: StageModule, clip_val, algorithm) -> bool:
+    """Whether clipping by `module`'s measured norm is exactly what Lightning's clipping would do here.
+
+    That is: clipping by norm, a norm measured this step over plain (not sharded) gradients, and
+    the precision plugin that clips with `clip_grad_norm_` over the optimiser's parameters
+    (float32, or autocast without a grad scaler).
+    """
+    if not clip_val or module._grad_norm is None or GradClipAlgorithmType(algorithm or "norm") != GradClipAlgorithmType.NORM:
+        return False
+    if module.trainer.gradient_clip_val not in (None, clip_val):
+        return False  # Lightning's check of conflicting values stays in charge
+    plugin = module.trainer.precision_plugin
+    plain = type(plugin) is Precision or (type(plugin) is MixedPrecision and plugin.scaler is None)
+    return plain and not any(hasattr(p.grad, "full_tensor") for p in module.parameters() if p.grad is not None)
 
 
 class LMStage(StageModule):
