@@ -24,7 +24,9 @@ objects as ours (the names differ, the tensors are one), and one AdamW
 forward + loss + backward + AdamW step, from the weights the previous step
 left. Before any step both give the same loss on the first row (reported).
 The candidates and a 1024 x 1024 bf16 matmul (the rate MFU is stated against)
-alternate round by round (one torch thread, process CPU time). Peak RSS of a
+alternate round by round (one torch thread, process CPU time; `--budget-minutes`
+stops starting rounds on a slow shared machine). Before timing, a same-weights
+check and one warm-up step of each on a slice of row 1. Peak RSS of a
 step: the process's high-water mark reset (`/proc/self/clear_refs`) before it
 and read after it, so it includes the shared weights, gradients and AdamW state.
 
@@ -37,12 +39,13 @@ from __future__ import annotations
 import ctypes
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import (SHARED_DATA, Report, alternate, base_parser, data_files, med_range, output_dir,
-                               paired_ratios, set_threads)
+from benchmarks.common import (SHARED_DATA, Report, Samples, alternate, base_parser, data_files, med_range,
+                               output_dir, paired_ratios, set_threads)
 from benchmarks.throughput import matmul_candidate
 
 from llmstages.losses import reduce_token_loss, token_logps
@@ -122,10 +125,39 @@ def peak_rss_gb(run) -> float:
     return float("nan")
 
 
+def labelled_window(row: dict, length: int) -> dict:
+    """The `length`-token slice of `row` (at a multiple of `length`) holding the most labelled tokens."""
+    starts = range(0, row["labels"].shape[1] - length + 1, length)
+    best = max(starts, key=lambda start: int((row["labels"][:, start:start + length] != -100).sum()))
+    return {k: v[:, best:best + length] for k, v in row.items()}
+
+
+def timed_rounds(timed: dict, work: dict, args) -> tuple[dict[str, Samples], int]:
+    """`common.alternate`, one round at a time (starting candidate rotating), so that no round starts
+    after `--budget-minutes` of wall time: (samples of the timed rounds, rounds timed)."""
+    started = time.time()
+    samples = {name: Samples(work=work[name]) for name in timed}
+    names = list(timed)
+    rounds = 0
+    for index in range(args.warmup + args.repeats):
+        if args.budget_minutes and rounds and (time.time() - started) / 60 > args.budget_minutes:
+            break
+        order = names[index % len(names):] + names[: index % len(names)]
+        one = alternate({name: timed[name] for name in order}, repeats=1, warmup=0, clock="cpu", work=work)
+        if index >= args.warmup:
+            rounds += 1
+            for name in names:
+                samples[name].seconds += one[name].seconds
+    return samples, rounds
+
+
 def main() -> None:
     parser = base_parser(__doc__, default_repeats=3)
     parser.set_defaults(threads=1)
+    parser.set_defaults(warmup=0)  # full-length warm-up rounds; a short warm-up step always runs
     parser.add_argument("--shape", default=None, choices=list(SHAPES), help="default qwen2.5-0.5b; quick with --quick")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="start no timed round after this much wall time (the report says how many ran)")
     args = parser.parse_args()
     set_threads(args)
     shape_name = args.shape or ("quick" if args.quick else "qwen2.5-0.5b")
@@ -144,28 +176,39 @@ def main() -> None:
     hf = shared_hf_model(ours)
     optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    models = {"llmstages": (ours, ours_loss), "transformers": (hf, hf_loss)}
+
+    def step(name: str, row: dict) -> None:
+        model, loss_fn = models[name]
+        with autocast():
+            loss = loss_fn(model, row)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    # the same-weights check and the warm-up (AdamW's state allocated, kernels built) on the first
+    # seq_len / 8 tokens of row 1: a full step here costs minutes on one shared core
+    short = labelled_window(rows[0], seq_len // 8)
     with torch.no_grad(), autocast():
-        first = {"llmstages": float(ours_loss(ours, rows[0])), "transformers": float(hf_loss(hf, rows[0]))}
+        first = {name: float(loss_fn(model, short)) for name, (model, loss_fn) in models.items()}
+    for name in models:
+        step(name, short)
 
     rss: dict[str, list[float]] = {"llmstages": [], "transformers": []}
     position = {"llmstages": 0, "transformers": 0}
 
-    def candidate(name: str, model, loss_fn):
-        def one_step() -> None:
+    def candidate(name: str):
+        def run() -> None:
             position[name] += 1
-            with autocast():
-                loss = loss_fn(model, rows[position[name] % len(rows)])
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            rss[name].append(peak_rss_gb(lambda: step(name, rows[position[name] % len(rows)])))
 
-        return lambda: rss[name].append(peak_rss_gb(one_step))
+        return run
 
-    timed = {"llmstages": candidate("llmstages", ours, ours_loss), "transformers": candidate("transformers", hf, hf_loss)}
+    timed = {name: candidate(name) for name in models}
     timed["matmul"], matmul_flops = matmul_candidate("cpu", torch.bfloat16, 1024)
     tokens = float(rows[0]["input_ids"].numel())
-    samples = alternate(timed, repeats=args.repeats, warmup=args.warmup, clock="cpu",
-                        work={"llmstages": tokens, "transformers": tokens, "matmul": matmul_flops})
+    work = {"llmstages": tokens, "transformers": tokens, "matmul": matmul_flops}
+    samples, rounds = timed_rounds(timed, work, args)
     ratios = paired_ratios(samples["llmstages"], samples["transformers"])
     peak = samples["matmul"].rates()
     flops_token = ours.flops_per_token(seq_len)
@@ -183,8 +226,12 @@ def main() -> None:
         f"{', '.join(map(str, documents))} documents and {', '.join(map(str, labelled))} labelled tokens in the "
         f"{len(rows)} rows cycled through. bf16 autocast, activation checkpointing, AdamW (for-loop) shared by both "
         "candidates on the same parameters (see the module docstring). One torch thread, process CPU time; "
-        f"{args.warmup} warm-up round(s), {args.repeats} timed round(s), each one step of each candidate and the "
-        "matmul, starting candidate rotating; ratios per round, median (min–max). Other sessions share the 2 cores."
+        f"before timing, the same-weights check and one warm-up step of each on a {seq_len // 8}-token slice "
+        f"of row 1 (the one with the most labelled tokens), then {args.warmup} full warm-up round(s) and {rounds} timed round(s)"
+        + (f" of {args.repeats} planned (none starts after --budget-minutes {args.budget_minutes:g})"
+           if rounds < args.repeats else "")
+        + ", each one step of each candidate and the matmul, starting candidate rotating; ratios per round, "
+        "median (min–max). Other sessions share the 2 cores."
     )
     report.table(["ratio", "median (min–max)", "target", "verdict"],
                  [["llmstages / transformers tokens/s", med_range(ratios, "{:.2f}"), f"≥ {TARGET:.2f}", verdict]])
@@ -193,12 +240,12 @@ def main() -> None:
         rates = samples[name].rates()
         mfu = [r * flops_token / p * 100 for r, p in zip(rates, peak)]
         rows_out.append([name, med_range(rates, "{:,.1f}"), f"{statistics.median(samples[name].seconds):.1f}",
-                         med_range(mfu, "{:.0f}"), f"{max(rss[name][args.warmup:] or rss[name]):.2f}",
+                         med_range(mfu, "{:.0f}"), f"{max(rss[name]):.2f}",
                          f"{first[name]:.5f}"])
     rows_out.append(["matmul 1024×1024 bf16 (GFLOP/s)", med_range([p / 1e9 for p in peak], "{:.1f}"), "", "100 (reference)",
                      "", ""])
     report.table(["candidate", "tokens/s median (min–max)", "CPU s per step (median)", "MFU % vs bf16 matmul",
-                  "peak RSS during a step, GB (max)", "loss on row 1 before training"], rows_out)
+                  "peak RSS during a step, GB (max)", f"loss on a {seq_len // 8}-token slice of row 1 before training"], rows_out)
     report.text(
         "MFU = tokens/s × FLOPs per token / the 1024×1024 bf16 matmul rate timed in the same rounds (a reference, "
         "not a ceiling). Peak RSS counts the one shared copy of weights, gradients and AdamW state "

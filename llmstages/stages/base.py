@@ -344,16 +344,16 @@ class StageModule(L.LightningModule):
 
     # ----------------------------------------------------------------- helpers for the stages
 
-    def step_counts(self, batch: dict, local_tokens: int, local_sequences: int) -> tuple[Tensor, Tensor]:
+    def step_counts(self, batch: dict, local_tokens: int | Tensor, local_sequences: int | Tensor) -> tuple[Tensor, Tensor]:
         """The optimiser step's target-token and sequence counts, summed over ranks.
 
         Training batches carry their step's local counts (see
         `llmstages.data.loader`); a batch without them (validation, a hand-made
         batch) is its own step.
         """
-        tokens = batch.get("num_step_tokens", torch.tensor(local_tokens))
-        sequences = batch.get("num_step_sequences", torch.tensor(local_sequences))
-        counts = torch.stack([torch.as_tensor(tokens), torch.as_tensor(sequences)]).to(self.device, torch.float64)
+        tokens = batch.get("num_step_tokens", local_tokens)
+        sequences = batch.get("num_step_sequences", local_sequences)
+        counts = torch.stack([torch.as_tensor(c, dtype=torch.float64, device=self.device) for c in (tokens, sequences)])
         if self._trainer is not None and self._trainer.world_size > 1:
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
         return counts[0], counts[1]
