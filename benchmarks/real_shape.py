@@ -23,6 +23,9 @@ objects as ours (the names differ, the tensors are one), and one AdamW
 (for-loop, torch's CPU default) steps them: each candidate's step is the whole
 forward + loss + backward + AdamW step, from the weights the previous step
 left. Before any step both give the same loss on the first row (reported).
+`--optimizer sgd` (plain SGD, no state) is for a machine whose free memory
+cannot hold AdamW's 4 GB of state beside the step: the optimiser is the same
+for both candidates either way, so the ratio is about forward + loss + backward.
 The candidates and a 1024 x 1024 bf16 matmul (the rate MFU is stated against)
 alternate round by round (one torch thread, process CPU time; `--budget-minutes`
 stops starting rounds on a slow shared machine). Before timing, a same-weights
@@ -156,6 +159,8 @@ def main() -> None:
     parser.set_defaults(threads=1)
     parser.set_defaults(warmup=0)  # full-length warm-up rounds; a short warm-up step always runs
     parser.add_argument("--shape", default=None, choices=list(SHAPES), help="default qwen2.5-0.5b; quick with --quick")
+    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                        help="sgd: no optimiser state (4 GB less at this shape), for a machine short of memory")
     parser.add_argument("--budget-minutes", type=float, default=None,
                         help="start no timed round after this much wall time (the report says how many ran)")
     args = parser.parse_args()
@@ -174,7 +179,10 @@ def main() -> None:
     ours.activation_checkpointing = True
     ours.train()
     hf = shared_hf_model(ours)
-    optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
+    if args.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
+    else:
+        optimizer = torch.optim.SGD(ours.parameters(), lr=1e-5)
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     models = {"llmstages": (ours, ours_loss), "transformers": (hf, hf_loss)}
 
@@ -224,8 +232,9 @@ def main() -> None:
         f"{flops_token / 1e9:.2f} GFLOP per token (forward + backward, PaLM formula; activation checkpointing's "
         f"recomputed forward not counted). Rows: 1 x {seq_len} from {source} packed by `SFTData(packing=\"documents\")`, "
         f"{', '.join(map(str, documents))} documents and {', '.join(map(str, labelled))} labelled tokens in the "
-        f"{len(rows)} rows cycled through. bf16 autocast, activation checkpointing, AdamW (for-loop) shared by both "
-        "candidates on the same parameters (see the module docstring). One torch thread, process CPU time; "
+        f"{len(rows)} rows cycled through. bf16 autocast, activation checkpointing, "
+        f"{'AdamW (for-loop)' if args.optimizer == 'adamw' else 'plain SGD (no state: AdamW did not fit in the free memory)'} "
+        "shared by both candidates on the same parameters (see the module docstring). One torch thread, process CPU time; "
         f"before timing, the same-weights check and one warm-up step of each on a {seq_len // 8}-token slice "
         f"of row 1 (the one with the most labelled tokens), then {args.warmup} full warm-up round(s) and {rounds} timed round(s)"
         + (f" of {args.repeats} planned (none starts after --budget-minutes {args.budget_minutes:g})"
@@ -248,8 +257,10 @@ def main() -> None:
                   "peak RSS during a step, GB (max)", f"loss on a {seq_len // 8}-token slice of row 1 before training"], rows_out)
     report.text(
         "MFU = tokens/s × FLOPs per token / the 1024×1024 bf16 matmul rate timed in the same rounds (a reference, "
-        "not a ceiling). Peak RSS counts the one shared copy of weights, gradients and AdamW state "
-        f"(16 bytes per parameter: {ours.num_parameters() * 16 / 1e9:.1f} GB) plus what the step itself holds."
+        "not a ceiling). Peak RSS counts the one shared copy of weights and gradients"
+        + (" and AdamW state (16 bytes per parameter: " if args.optimizer == "adamw" else
+           " (8 bytes per parameter; AdamW's state would add 8 more, 16 in all: ")
+        + f"{ours.num_parameters() * 16 / 1e9:.1f} GB) plus what the step itself holds."
     )
     report.write(out)
 
