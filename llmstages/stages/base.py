@@ -176,6 +176,7 @@ class StageModule(L.LightningModule):
         self.val_means = WeightedMeans(*(f"val/{name}" for name in self.METRICS))
         self._step_loss: Tensor | None = None  # (sum of loss * weight, sum of weight) over the step's micro-batches
         self._grad_norm: Tensor | None = None  # this optimiser step's gradient norm, once measured
+        self._grad_norm_params: list[Tensor] | None = None  # the optimiser's parameters it sums over, in order
 
     # ----------------------------------------------------------------- set-up
 
@@ -308,9 +309,13 @@ class StageModule(L.LightningModule):
         Called from the `on_before_optimizer_step` hooks (logging, `NonFiniteGuard`), before clipping.
         """
         if self._grad_norm is None:
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
-            if not grads:
+            params = [p for p in self.parameters() if p.grad is not None]
+            if not params:
                 return None
+            # summed in the optimiser's order when it holds exactly these: clip_grad_norm_'s order, so the
+            # clipping can reuse the norm bit for bit
+            self._grad_norm_params = self._in_optimiser_order(params)
+            grads = [p.grad for p in self._grad_norm_params or params]
             if any(hasattr(g, "full_tensor") for g in grads):
                 # FSDP2: each norm is a DTensor on its parameter's mesh (meshes may differ): make each global first
                 norms = [g.norm() for g in grads]
@@ -320,12 +325,19 @@ class StageModule(L.LightningModule):
                 self._grad_norm = torch.nn.utils.get_total_norm(grads)  # what clip_grad_norm_ measures
         return self._grad_norm
 
+    def _in_optimiser_order(self, params: list[Tensor]) -> list[Tensor] | None:
+        """`params` in the (single) optimiser's order, or None when it does not hold exactly them."""
+        if self._trainer is None or len(self.trainer.optimizers) != 1:
+            return None
+        ordered = [p for group in self.trainer.optimizers[0].param_groups for p in group["params"] if p.grad is not None]
+        return ordered if {id(p) for p in ordered} == {id(p) for p in params} else None
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip by the norm `gradient_norm` already measured; Lightning's clipping wherever it differs."""
-        if not reuses_norm_for_clipping(self, gradient_clip_val, gradient_clip_algorithm):
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not reuses_norm_for_clipping(self, gradient_clip_val, gradient_clip_algorithm, params):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm)
 
     def _reduced_step_loss(self) -> Tensor:
@@ -376,12 +388,13 @@ class StageModule(L.LightningModule):
             self.log(name, value, **kwargs)
 
 
-def reuses_norm_for_clipping(module: StageModule, clip_val, algorithm) -> bool:
-    """Whether clipping by `module`'s measured norm is exactly what Lightning's clipping would do here.
+def reuses_norm_for_clipping(module: StageModule, clip_val, algorithm, params: list[Tensor]) -> bool:
+    """Whether clipping `params` (the optimiser's, with gradients) by `module`'s measured norm is exactly
+    what Lightning's clipping would do here.
 
-    That is: clipping by norm, a norm measured this step over plain (not sharded) gradients, and
-    the precision plugin that clips with `clip_grad_norm_` over the optimiser's parameters
-    (float32, or autocast without a grad scaler).
+    That is: clipping by norm, a norm measured this step over plain (not sharded) gradients of
+    exactly `params` in their order (the order `clip_grad_norm_` sums in), and the precision plugin that clips with `clip_grad_norm_` over the
+    optimiser's parameters (float32, or autocast without a grad scaler).
     """
     if not clip_val or module._grad_norm is None or GradClipAlgorithmType(algorithm or "norm") != GradClipAlgorithmType.NORM:
         return False
@@ -389,7 +402,9 @@ def reuses_norm_for_clipping(module: StageModule, clip_val, algorithm) -> bool:
         return False  # Lightning's check of conflicting values stays in charge
     plugin = module.trainer.precision_plugin
     plain = type(plugin) is Precision or (type(plugin) is MixedPrecision and plugin.scaler is None)
-    return plain and not any(hasattr(p.grad, "full_tensor") for p in module.parameters() if p.grad is not None)
+    measured = module._grad_norm_params
+    same = measured is not None and [id(p) for p in params] == [id(p) for p in measured]
+    return plain and same and not any(hasattr(p.grad, "full_tensor") for p in params)
 
 
 class LMStage(StageModule):
