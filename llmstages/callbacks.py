@@ -134,9 +134,13 @@ class NonFiniteGuard(Callback):
             self._stop(trainer, "training loss", f"{value.item():g}" if bad else "on another rank")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-        bad = any(not bool(torch.isfinite(g).all()) for g in local if g.numel())
+        norm = pl_module.gradient_norm() if hasattr(pl_module, "gradient_norm") else None
+        # a non-finite gradient makes the norm non-finite: one check (one host sync) instead of one per
+        # parameter; the per-parameter check decides only then (a norm can also overflow from finite values)
+        if norm is None:
+            bad = self._local_grads_nonfinite(pl_module)
+        else:
+            bad = not bool(torch.isfinite(norm)) and self._local_grads_nonfinite(pl_module)
         if not self._any_rank(trainer, bad):
             return
         if self.action == "stop":
@@ -148,6 +152,12 @@ class NonFiniteGuard(Callback):
             p.grad = None  # torch optimisers skip parameters without a gradient: this step changes nothing
         rank_zero_warn(f"{self.stage}: skipped step {trainer.global_step}: non-finite gradients ({self.skipped} so far)")
         pl_module.log("train/skipped_steps", float(self.skipped), rank_zero_only=True)
+
+    @staticmethod
+    def _local_grads_nonfinite(pl_module) -> bool:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        return any(not bool(torch.isfinite(g).all()) for g in local if g.numel())
 
     def state_dict(self) -> dict:
         return {"skipped": self.skipped}

@@ -645,6 +645,28 @@ def test_grad_norm_is_logged_before_clipping(cache_dir: str) -> None:
         assert logged == pytest.approx(expected, rel=1e-5) and logged > 1e-3  # unclipped
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_clipping_by_the_logged_norm_trains_as_lightnings_clipping(cache_dir: str, precision: str) -> None:
+    """The stage clips with the norm it measured for train/grad_norm; the weights after clipped steps are
+    bit for bit those of Lightning's own clipping (`clip_grad_norm_`), which measures the norm again."""
+
+    class LightningClipping(SFTModule):
+        configure_gradient_clipping = L.LightningModule.configure_gradient_clipping
+
+    weights = []
+    for cls in (SFTModule, LightningClipping):
+        data = SFTData(cache_dir=cache_dir, batch_size=4, seq_len=64, shuffle=False)
+        torch.manual_seed(0)
+        module = cls(preset="tiny", vocab_size=data.vocab_size, generate_samples=0, lr=1e-2, warmup_steps=0)
+        L.Trainer(
+            accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, gradient_clip_val=1e-2, limit_val_batches=0, precision=precision,
+        ).fit(module, data)
+        weights.append(module.backbone.state_dict())
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
+
+
 def test_step_loss_is_the_same_for_any_batch_split(cache_dir: str) -> None:
     """train/step_loss averages the step's micro-batches by their token counts: 1 x 8 and 4 x 2 log the same value."""
 

@@ -16,7 +16,11 @@ Design choices:
 - Every optimiser step logs `train/step_loss` (the `loss` stat averaged over
   the step's micro-batches and ranks, weighted like validation) and
   `train/grad_norm` (before clipping): the two trajectories that must not
-  depend on how a step is split.
+  depend on how a step is split. The norm is one pass over the gradients per
+  step (`gradient_norm`): the same tensor is logged, read by the non-finite
+  guard and handed to the clipping (`configure_gradient_clipping`), where
+  Lightning's own clipping would measure it again (the same
+  `clip_grad_norm_` maths, so what trains is unchanged).
 - One loss method per stage: `compute_loss(batch) -> (loss, stats, weight)`.
   `loss` is what backward sees (already normalised for the whole optimiser
   step); `stats` are detached means over this micro-batch's `weight` units
@@ -44,6 +48,8 @@ from typing import ClassVar, Literal, NamedTuple
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor
 
 from llmstages.errors import ConfigError
@@ -170,6 +176,8 @@ class StageModule(L.LightningModule):
         self._initialised = init_from is None
         self.val_means = WeightedMeans(*(f"val/{name}" for name in self.METRICS))
         self._step_loss: Tensor | None = None  # (sum of loss * weight, sum of weight) over the step's micro-batches
+        self._grad_norm: Tensor | None = None  # this optimiser step's gradient norm, once measured
+        self._grad_norm_params: list[Tensor] | None = None  # the optimiser's parameters it sums over, in order
 
     # ----------------------------------------------------------------- set-up
 
@@ -286,17 +294,52 @@ class StageModule(L.LightningModule):
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         if self.starts_step(batch, batch_idx):
             self._step_loss = torch.zeros(2, dtype=torch.float64, device=self.device)
+            self._grad_norm = None
             self.on_step_start(batch)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self._step_loss is not None:
             self.log("train/step_loss", self._reduced_step_loss().float(), sync_dist=False)
         # before clipping (Lightning clips after this hook): what the invariance suite compares
-        norms = [p.grad.norm() for p in self.parameters() if p.grad is not None]
-        if norms:
-            # FSDP2: each norm is a DTensor on its parameter's mesh (meshes may differ): make each global first
-            norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
-            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)), sync_dist=False)
+        if any(p.grad is not None for p in self.parameters()):  # none left when the guard skipped the step
+            self.log("train/grad_norm", self.gradient_norm(), sync_dist=False)
+
+    def gradient_norm(self) -> Tensor | None:
+        """The global L2 norm of the gradients, measured once per optimiser step (None without gradients).
+
+        Called from the `on_before_optimizer_step` hooks (logging, `NonFiniteGuard`), before clipping.
+        """
+        if self._grad_norm is None:
+            params = [p for p in self.parameters() if p.grad is not None]
+            if not params:
+                return None
+            # summed in the optimiser's order when it holds exactly these: clip_grad_norm_'s order, so the
+            # clipping can reuse the norm bit for bit
+            self._grad_norm_params = self._in_optimiser_order(params)
+            grads = [p.grad for p in self._grad_norm_params or params]
+            if any(hasattr(g, "full_tensor") for g in grads):
+                # FSDP2: each norm is a DTensor on its parameter's mesh (meshes may differ): make each global first
+                norms = [g.norm() for g in grads]
+                norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
+                self._grad_norm = torch.linalg.vector_norm(torch.stack(norms))
+            else:
+                self._grad_norm = torch.nn.utils.get_total_norm(grads)  # what clip_grad_norm_ measures
+        return self._grad_norm
+
+    def _in_optimiser_order(self, params: list[Tensor]) -> list[Tensor] | None:
+        """`params` in the (single) optimiser's order, or None when it does not hold exactly them."""
+        if self._trainer is None or len(self.trainer.optimizers) != 1:
+            return None
+        ordered = [p for group in self.trainer.optimizers[0].param_groups for p in group["params"] if p.grad is not None]
+        return ordered if {id(p) for p in ordered} == {id(p) for p in params} else None
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by the norm `gradient_norm` already measured; Lightning's clipping wherever it differs."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not reuses_norm_for_clipping(self, gradient_clip_val, gradient_clip_algorithm, params):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm)
 
     def _reduced_step_loss(self) -> Tensor:
         """`train/step_loss` over the step's micro-batches and ranks, as `STEP_LOSS` declares."""
@@ -314,16 +357,16 @@ class StageModule(L.LightningModule):
 
     # ----------------------------------------------------------------- helpers for the stages
 
-    def step_counts(self, batch: dict, local_tokens: int, local_sequences: int) -> tuple[Tensor, Tensor]:
+    def step_counts(self, batch: dict, local_tokens: int | Tensor, local_sequences: int | Tensor) -> tuple[Tensor, Tensor]:
         """The optimiser step's target-token and sequence counts, summed over ranks.
 
         Training batches carry their step's local counts (see
         `llmstages.data.loader`); a batch without them (validation, a hand-made
         batch) is its own step.
         """
-        tokens = batch.get("num_step_tokens", torch.tensor(local_tokens))
-        sequences = batch.get("num_step_sequences", torch.tensor(local_sequences))
-        counts = torch.stack([torch.as_tensor(tokens), torch.as_tensor(sequences)]).to(self.device, torch.float64)
+        tokens = batch.get("num_step_tokens", local_tokens)
+        sequences = batch.get("num_step_sequences", local_sequences)
+        counts = torch.stack([torch.as_tensor(c, dtype=torch.float64, device=self.device) for c in (tokens, sequences)])
         if self._trainer is not None and self._trainer.world_size > 1:
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
         return counts[0], counts[1]
@@ -344,6 +387,25 @@ class StageModule(L.LightningModule):
         kwargs.setdefault("sync_dist", False)
         for name, value in values.items():
             self.log(name, value, **kwargs)
+
+
+def reuses_norm_for_clipping(module: StageModule, clip_val, algorithm, params: list[Tensor]) -> bool:
+    """Whether clipping `params` (the optimiser's, with gradients) by `module`'s measured norm is exactly
+    what Lightning's clipping would do here.
+
+    That is: clipping by norm, a norm measured this step over plain (not sharded) gradients of
+    exactly `params` in their order (the order `clip_grad_norm_` sums in), and the precision plugin that clips with `clip_grad_norm_` over the
+    optimiser's parameters (float32, or autocast without a grad scaler).
+    """
+    if not clip_val or module._grad_norm is None or GradClipAlgorithmType(algorithm or "norm") != GradClipAlgorithmType.NORM:
+        return False
+    if module.trainer.gradient_clip_val not in (None, clip_val):
+        return False  # Lightning's check of conflicting values stays in charge
+    plugin = module.trainer.precision_plugin
+    plain = type(plugin) is Precision or (type(plugin) is MixedPrecision and plugin.scaler is None)
+    measured = module._grad_norm_params
+    same = measured is not None and [id(p) for p in params] == [id(p) for p in measured]
+    return plain and same and not any(hasattr(p.grad, "full_tensor") for p in params)
 
 
 class LMStage(StageModule):

@@ -36,7 +36,7 @@ class PretrainModule(LMStage):
         )
         local_tokens = target_mask(labels).sum()
         local_sequences = count_sequences(labels, batch.get("document_ids"))
-        step_tokens, step_sequences = self.step_counts(batch, int(local_tokens), local_sequences)
+        step_tokens, step_sequences = self.step_counts(batch, local_tokens, local_sequences)  # a tensor: no host sync
         loss = reduce_token_loss(
             -logps,
             labels,
