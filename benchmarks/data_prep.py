@@ -6,11 +6,13 @@ absent), tokenised with a real BPE (minimind's tokenizer.json, the
 embedded default tokenizer when absent).
 
 - ours: `PretrainData.token_cache()` + `setup()` into an empty cache folder:
-  content hashing, streaming `iter_text`, `encode_batch` in chunks, EOS
-  appended, the memory-mapped token file and its rows (packing
-  `documents`).
+  content hashing, streaming `iter_text`, `Tokenizer.encode_batch` in chunks
+  (the backend's `encode_batch_fast`: the same ids without character
+  offsets), EOS appended, the memory-mapped token file and its rows
+  (packing `documents`).
 - raw: `tokenizers.Tokenizer.encode_batch` on the same documents, already in
-  memory, in one call: the tokenizer's own speed, nothing else.
+  memory, in one call: the baseline the target names (it also computes the
+  offsets nothing here reads).
 
 Both use every core (the Rust backend's thread pool). Rounds alternate;
 the ratio ours / raw is per round (target ≥ 0.8). Wall clock, since the
