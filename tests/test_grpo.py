@@ -430,14 +430,22 @@ def test_grpo_raises_its_reward_from_an_sft_checkpoint(cache_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_grpo_raises_held_out_exact_match_from_a_short_sft_run(tmp_path):
-    """The demo's pretraining (configs/pretrain.yaml), then 100 SFT steps of configs/sft.yaml (held-out exact match 0.125:
-    room to improve), then 120 GRPO steps of 16 prompts x 8 completions rewarded by exact match at temperature
-    0.5: held-out exact match (128 prompts no training set draws from, greedy) rises, 0.125 -> 0.211 when this
-    test was written. How much varies with the seed (benchmarks/results/grpo.md: several seeds, every aggregation)."""
+def test_grpo_climbs_its_exact_match_reward_from_a_short_sft_run(tmp_path):
+    """The demo's pretraining (configs/pretrain.yaml), then 100 SFT steps of configs/sft.yaml, then 120 GRPO steps
+    of 16 prompts x 8 completions rewarded by exact match at temperature 0.5. What GRPO reliably optimises is its
+    reward on the prompts it samples: the last 30 steps' mean reward is above the first 30 steps'. Held-out exact
+    match (128 prompts no training set draws from, greedy) is not asserted to rise: over seeds its gain is within
+    noise (benchmarks/results/grpo.md); it must not collapse, and replies must still stop."""
     from llmstages.stages import SFTModule
     from llmstages.tools import demo
     from llmstages.trainer_cli import lightning_cli
+
+    class Rewards(L.Callback):
+        def __init__(self) -> None:
+            self.values: list[float] = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            self.values.append(float(trainer.callback_metrics["train/reward"]))
 
     out = tmp_path / "runs"
     demo.main(["--out", str(out), "--stages", "pretrain"])
@@ -455,11 +463,14 @@ def test_grpo_raises_held_out_exact_match_from_a_short_sft_run(tmp_path):
     before = demo.answer_quality(SFTModule.load_from_checkpoint(sft_ckpt, map_location="cpu").backbone, data, held_out)
     grpo = GRPOModule(preset="demo", vocab_size=data.vocab_size, init_from=sft_ckpt, lr=1e-4, warmup_steps=3,
                       group_size=8, max_completion_length=16, temperature=0.5)
-    make_trainer(max_steps=120, gradient_clip_val=1.0).fit(grpo, data)
+    rewards = Rewards()
+    make_trainer(max_steps=120, gradient_clip_val=1.0, callbacks=[rewards]).fit(grpo, data)
     after = demo.answer_quality(grpo.backbone, data, held_out)
-    print(f"held-out exact match: SFT {before['exact_match']:.3f}, after GRPO {after['exact_match']:.3f}")
-    assert before["exact_match"] < 0.3 and after["exact_match"] > before["exact_match"]
-    assert after["stop_rate"] > 0.9
+    first, last = sum(rewards.values[:30]) / 30, sum(rewards.values[-30:]) / 30
+    print(f"reward: first 30 steps {first:.3f}, last 30 steps {last:.3f}; held-out exact match: "
+          f"SFT {before['exact_match']:.3f}, after GRPO {after['exact_match']:.3f}")
+    assert len(rewards.values) == 120 and last > first
+    assert after["exact_match"] >= before["exact_match"] - 0.05 and after["stop_rate"] > 0.9
 
 
 # --------------------------------------------------------------------------- the shipped config
