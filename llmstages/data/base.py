@@ -46,11 +46,6 @@ from llmstages.losses import count_sequences, count_targets
 
 T = TypeVar("T")
 
-
-def record_origins(file: Path, report: LoadReport, kept: int) -> list[str]:
-    """Where each kept record came from, for errors raised after reading (a chat template's)."""
-    return [f"{file}: record {k}" + (" of those kept" if report.skipped else "") for k in range(kept)]
-
 log = logging.getLogger(__name__)
 
 DEFAULT_VOCAB_SIZE = 1024
@@ -150,6 +145,24 @@ class StageData(L.LightningDataModule):
     def _count(self, batch: dict) -> tuple[int, int]:
         """(target tokens, sequences) in a micro-batch, for step-level normalisation."""
         return count_targets(batch["labels"]), count_sequences(batch["labels"], batch.get("document_ids"))
+
+    def read_records(self, read: Callable[[Path], tuple[list, LoadReport]], embedded: Callable[[], list],
+                     kind: str) -> tuple[list, list[LoadReport]]:
+        """The records of `self.files` through `read(file)` in file order, with each file's report, or
+        `embedded()` when no files are given. `self._origins` names each record (file and record, or
+        "embedded <kind> k"), for the errors a chat template raises after reading (`templated`)."""
+        if not self.files:
+            records = embedded()
+            self._origins = [f"embedded {kind} {k}" for k in range(len(records))]
+            return records, []
+        records, reports, self._origins = [], [], []
+        for file in self.files:
+            items, report = read(file)
+            records += items
+            # kept records in file order (their index in the file when nothing was skipped)
+            self._origins += [f"{file}: record {k}" + (" of those kept" if report.skipped else "") for k in range(len(items))]
+            reports.append(report)
+        return records, reports
 
     def templated(self, origin: str | None, encode: Callable[[], T]) -> T | None:
         """`encode()`, one record through the chat template, whose refusal is that record's error:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from llmstages.data import synthetic
-from llmstages.data.base import ListDataset, StageData, record_origins
+from llmstages.data.base import ListDataset, StageData
 from llmstages.data.chat import resolve_template
 from llmstages.data.formats import KTOExample, LoadReport, read_kto
 from llmstages.data.loader import StepLookaheadLoader
@@ -109,17 +109,8 @@ class KTOData(StageData):
         self.template = resolve_template(template, self.tokenizer, **(template_options or {}))
 
     def _examples(self) -> tuple[list[KTOExample], list[LoadReport]]:
-        if not self.files:
-            examples = unpair(synthetic.preference_pairs(seed=self.seed))
-            self._origins = [f"embedded example {k}" for k in range(len(examples))]
-            return examples, []
-        examples, reports, self._origins = [], [], []
-        for file in self.files:
-            records, report = read_kto(file, on_error=self.on_error)
-            examples += records
-            self._origins += record_origins(file, report, len(records))
-            reports.append(report)
-        return examples, reports
+        return self.read_records(lambda file: read_kto(file, on_error=self.on_error),
+                                 lambda: unpair(synthetic.preference_pairs(seed=self.seed)), "example")
 
     def encode(self, example: KTOExample, origin: str | None = None) -> dict | None:
         """An example -> {"prompt": ids, "completion": {input_ids, labels}, "row": fitted row, "label"}, or None (counted).

@@ -17,7 +17,7 @@ from rich.progress import track
 
 from llmstages.data import synthetic
 from llmstages.data.batch import SIDES, PreferenceBatch
-from llmstages.data.base import ListDataset, StageData, record_origins
+from llmstages.data.base import ListDataset, StageData
 from llmstages.data.formats import LoadReport, read_preference
 from llmstages.data.packing import pad_examples, truncate
 from llmstages.data.chat import resolve_template
@@ -61,17 +61,8 @@ class PreferenceData(StageData):
         self.template = resolve_template(template, self.tokenizer, **(template_options or {}))
 
     def _pairs(self) -> tuple[list[dict], list[LoadReport]]:
-        if not self.files:
-            pairs = synthetic.preference_pairs(seed=self.seed)
-            self._origins = [f"embedded pair {k}" for k in range(len(pairs))]
-            return pairs, []
-        pairs, reports, self._origins = [], [], []
-        for file in self.files:
-            records, report = read_preference(file, on_error=self.on_error)
-            pairs += records
-            self._origins += record_origins(file, report, len(records))
-            reports.append(report)
-        return pairs, reports
+        return self.read_records(lambda file: read_preference(file, on_error=self.on_error),
+                                 lambda: synthetic.preference_pairs(seed=self.seed), "pair")
 
     def encode(self, pair: dict, origin: str | None = None) -> dict | None:
         """A pair -> {"chosen": example, "rejected": example} sharing one prompt, or None (counted).

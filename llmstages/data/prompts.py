@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 
 from llmstages.data import synthetic
-from llmstages.data.base import ListDataset, StageData, batch_limit, record_origins
+from llmstages.data.base import ListDataset, StageData, batch_limit
 from llmstages.data.batch import LMBatch
 from llmstages.data.chat import resolve_template
 from llmstages.data.formats import LoadReport, PromptFormat, PromptRecord, prompt_record, read_prompts
@@ -163,17 +163,11 @@ class PromptData(StageData):
     # ----------------------------------------------------------------- reading
 
     def _records(self) -> tuple[list[PromptRecord], list[LoadReport]]:
-        if not self.files:
-            conversations = synthetic.sft_conversations(n=self.num_prompts, seed=self.seed)
-            self._origins = [f"embedded prompt {k}" for k in range(len(conversations))]
-            return [prompt_record(c["messages"], task=c["task"]) for c in conversations], []
-        records, reports, self._origins = [], [], []
-        for file in self.files:
-            items, report = read_prompts(file, format=self.format, on_error=self.on_error)
-            records += items
-            self._origins += record_origins(file, report, len(items))
-            reports.append(report)
-        return records, reports
+        return self.read_records(
+            lambda file: read_prompts(file, format=self.format, on_error=self.on_error),
+            lambda: [prompt_record(c["messages"], task=c["task"])
+                     for c in synthetic.sft_conversations(n=self.num_prompts, seed=self.seed)],
+            "prompt")
 
     def encode(self, record: PromptRecord, origin: str | None = None) -> dict | None:
         """A prompt record -> its prompt ids (cut or dropped at max_prompt_len), or None (counted).

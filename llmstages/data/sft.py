@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from llmstages.data import synthetic
 from llmstages.data.batch import LMBatch
-from llmstages.data.base import ListDataset, StageData, record_origins
+from llmstages.data.base import ListDataset, StageData
 from llmstages.data.formats import LoadReport, read_chat
 from llmstages.data.packing import best_fit_decreasing, check_packing, fill_ratio, pack_examples, pad_examples, stack_rows, truncate
 from llmstages.data.chat import resolve_template
@@ -72,18 +72,9 @@ class SFTData(StageData):
         self.context_replies = 0
 
     def _conversations(self) -> tuple[list[list[dict]], list[LoadReport]]:
-        if not self.files:
-            conversations = [c["messages"] for c in synthetic.sft_conversations(seed=self.seed)]
-            self._origins = [f"embedded conversation {k}" for k in range(len(conversations))]
-            return conversations, []
-        conversations, reports, self._origins = [], [], []
-        for file in self.files:
-            records, report = read_chat(file, format=self.format, on_error=self.on_error)
-            conversations += records
-            # kept records in file order (their index in the file when nothing was skipped)
-            self._origins += record_origins(file, report, len(records))
-            reports.append(report)
-        return conversations, reports
+        return self.read_records(lambda file: read_chat(file, format=self.format, on_error=self.on_error),
+                                 lambda: [c["messages"] for c in synthetic.sft_conversations(seed=self.seed)],
+                                 "conversation")
 
     def encode(self, messages: list[dict], origin: str | None = None) -> dict | None:
         """One conversation -> a truncated example, or None (with the reason counted).
