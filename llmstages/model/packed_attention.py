@@ -76,6 +76,12 @@ class DocumentSpans:
 
 
 @cache
+def has_triton() -> bool:
+    """Whether Triton (which compiles FlexAttention's CUDA kernel) is installed; looked up once, not per forward."""
+    return find_spec("triton") is not None
+
+
+@cache
 def compiled_flex_attention():
     """`flex_attention` compiled once per process (uncompiled it materialises the full scores)."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -108,7 +114,7 @@ def packed_rows(document_ids: Tensor, how: PackedAttention = "auto") -> PackedRo
     """What a packed batch's attention runs with: `auto` is `flex` on CUDA (where Triton, which
     compiles its kernel, is installed) and `spans` elsewhere; `dense` returns the reference mask tensor."""
     if how == "auto":
-        how = "flex" if document_ids.is_cuda and find_spec("triton") is not None else "spans"
+        how = "flex" if document_ids.is_cuda and has_triton() else "spans"
     if how == "dense":
         return document_mask(document_ids)
     if how == "flex":
