@@ -11,6 +11,9 @@ score greedy replies with `evaluate_replies`:
   GRPO's reward and validation and `data.synthetic.score_reply` call too);
 - `samples`: prompt, reply, reference, stopped, for logs and tables.
 
+Prompts are answered `batch_size` at a time through the KV cache
+(`model.generate.generate_batch`, each row computing what it would alone); a
+prompt too long for one window goes alone through `generate`, which slides.
 `fixed_steps` keeps every rank running the same number of forward passes
 (FSDP all-gathers weights in each forward, so ranks must not diverge).
 """
@@ -22,7 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from llmstages.data.answers import exact_match
-from llmstages.model.generate import generate
+from llmstages.model.generate import generate, generate_batch
 
 
 
@@ -36,6 +39,7 @@ def evaluate_replies(
     max_new_tokens: int = 24,
     reference_ids: Sequence[list[int]] | None = None,
     fixed_steps: bool = False,
+    batch_size: int = 64,
 ) -> dict:
     """Greedy replies to `prompts` scored against `references` (see the module docstring).
 
@@ -52,8 +56,8 @@ def evaluate_replies(
     model.eval()
     first = stopped = exact = 0
     samples = []
-    for prompt, reference, ref_ids in zip(prompts, references, reference_ids):
-        new, did_stop = generate(model, prompt, max_new_tokens, stop_id=stop_id, fixed_steps=fixed_steps)
+    replies = greedy_replies(model, prompts, stop_id, max_new_tokens, fixed_steps, batch_size)
+    for prompt, reference, ref_ids, (new, did_stop) in zip(prompts, references, reference_ids, replies):
         reply = tokenizer.decode(new, skip_special_tokens=True)
         first += bool(new) and bool(ref_ids) and new[0] == ref_ids[0]
         stopped += did_stop
@@ -62,6 +66,27 @@ def evaluate_replies(
     model.train(was_training)
     n = len(prompts)
     return {"first_token_acc": first / n, "stop_rate": stopped / n, "exact_match": exact / n, "samples": samples}
+
+
+def greedy_replies(
+    model, prompts: Sequence[list[int]], stop_id: int, max_new_tokens: int, fixed_steps: bool = False,
+    batch_size: int = 64,
+) -> list[tuple[list[int], bool]]:
+    """(new tokens, stopped) per prompt, in order: batches of the prompts that fit one window, the rest alone."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    replies: list[tuple[list[int], bool] | None] = [None] * len(prompts)
+    fits = [i for i, p in enumerate(prompts) if p and len(p) + max_new_tokens <= model.config.max_seq_len]
+    for start in range(0, len(fits), batch_size):
+        rows = fits[start : start + batch_size]
+        answered = generate_batch(model, [prompts[i] for i in rows], max_new_tokens, stop_ids=(stop_id,),
+                                  fixed_steps=fixed_steps)
+        for i, reply in zip(rows, answered):
+            replies[i] = reply
+    for i, reply in enumerate(replies):
+        if reply is None:
+            replies[i] = generate(model, prompts[i], max_new_tokens, stop_id=stop_id, fixed_steps=fixed_steps)
+    return replies
 
 
 def log_reply_samples(module, samples: list[dict], tag: str = "sample", key: str = "val/samples") -> None:

@@ -300,3 +300,27 @@ def test_generate_command_text_file_and_raw_continuation(chat_model, tmp_path, c
     for row in rows:
         [(new, stopped)] = generate_batch(model, [tokenizer.encode(row["prompt"])], 4, stop_ids={tokenizer.eos_id})
         assert (row["reply"], row["stopped"]) == (tokenizer.decode(new, skip_special_tokens=True), stopped)
+
+
+def test_evaluate_replies_batches_give_the_one_by_one_replies():
+    """Scoring in batches (and a prompt too long for one window, alone) changes nothing but speed."""
+    from types import SimpleNamespace
+
+    from llmstages.evaluation import evaluate_replies
+
+    model = _model(max_seq_len=16)
+    long_prompt = list(range(3, 15))  # 12 tokens + 6 new > 16: slides the window
+    prompts = [*PROMPTS[:2], long_prompt, PROMPTS[3], PROMPTS[0]]
+    stop_id = generate(model, PROMPTS[0], 3)[0][1]  # a token this model does emit: some replies stop
+    decode = SimpleNamespace(decode=lambda ids, **_: " ".join(map(str, ids)), encode=lambda text: [0])
+    one_by_one = [generate(model, p, 6, stop_id=stop_id) for p in prompts]
+    replies = [" ".join(map(str, new)) for new, _ in one_by_one]
+    stops = [stopped for _, stopped in one_by_one]
+    assert 0 < sum(stops) < len(prompts)
+    references = [*replies[:1], "not this", *replies[2:]]
+    for batch_size in (1, 2, 64):
+        quality = evaluate_replies(model, prompts, references, stop_id, decode, max_new_tokens=6, batch_size=batch_size)
+        assert [s["reply"] for s in quality["samples"]] == replies
+        assert [s["stopped"] for s in quality["samples"]] == stops
+        assert quality["stop_rate"] == sum(stops) / len(prompts)
+        assert quality["exact_match"] == sum(stop for i, stop in enumerate(stops) if i != 1) / len(prompts)

@@ -5,9 +5,9 @@ The demo's step between SFT and DPO/GRPO ("learns from its mistakes").
 Design choices:
 - Prompts come from synthetic's `tuning` stream, never from the `eval` stream the demo reports on,
   so nothing chosen here (which pairs, which tasks) is chosen on the reported prompts.
-- Replies are greedy (`model.generate.generate_batch`: the KV cache, batches of prompts; each row
-  computes what it would alone) and checked by `data.answers.exact_match`, the definition the
-  demo's table, validation and GRPO's reward use.
+- Replies are greedy (`evaluation.greedy_replies`, the demo's held-out scoring: batches of prompts
+  through the KV cache) and checked by `data.answers.exact_match`, the definition the demo's
+  table, validation and GRPO's reward use.
 - A wrong, non-empty reply becomes a pair: chosen = the right answer, rejected = the model's own
   wrong reply, in the prompt/chosen/rejected record format `PreferenceData` reads. So DPO's pairs
   encode exactly the behaviour it should raise: answering right where this model answers wrong.
@@ -27,7 +27,7 @@ import torch
 
 from llmstages.data import synthetic
 from llmstages.data.answers import exact_match
-from llmstages.model.generate import generate_batch
+from llmstages.evaluation import greedy_replies
 
 __all__ = ["Mistakes", "find_mistakes", "weakest_tasks", "write_jsonl", "grpo_prompt_records"]
 
@@ -60,7 +60,7 @@ def find_mistakes(
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         prompts = [template.encode_prompt(messages, tokenizer) for messages, _, _ in chunk]
-        replies = generate_batch(model, prompts, max_new_tokens, stop_ids=[stop_id], pad_id=tokenizer.pad_id)
+        replies = greedy_replies(model, prompts, stop_id, max_new_tokens, batch_size=batch_size)
         for (messages, answer, task), (ids, stopped) in zip(chunk, replies):
             reply = tokenizer.decode(ids, skip_special_tokens=True).strip()
             right = exact_match(reply, answer, stopped)
