@@ -70,3 +70,31 @@ def test_written_files_are_what_dpo_and_grpo_read(tmp_path, cache_dir):
                          val_fraction=0.0)
     prompts.setup("fit")
     assert sorted(item["answer"] for item in prompts.train_set) == sorted(r["answer"] for r in records)
+
+
+def reply_logp(model, data, messages, reply: str) -> float:
+    """The reference: one sequence alone, the reply's tokens (as the demo's models emit them: text, then
+    the end-of-turn token) scored by a log-softmax written here."""
+    prompt = data.template.encode_prompt(messages, data.tokenizer)
+    answer = data.tokenizer.encode(reply) + [data.template.stop_token_id(data.tokenizer)]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + answer]))[0].double()
+    logp = torch.log_softmax(logits, -1)
+    return sum(float(logp[len(prompt) + i - 1, token]) for i, token in enumerate(answer))
+
+
+def test_ranking_accuracy_counts_pairs_a_model_scores_right_first(chat):
+    model, data = chat
+    items = synthetic.tuning_pairs(9, seed=5, tasks=["copy", "upper", "max"])
+    pairs = [mistakes.mistake_pair(m, answer, reply)
+             for m, answer, _ in items for reply in (answer[::-1] + "x", answer + answer)]
+    assert mistakes.mistake_pair(items[0][0], "cat", "cat ") is None and mistakes.mistake_pair(items[0][0], "cat", "") is None
+    wins = [reply_logp(model, data, p["prompt"], p["chosen"][0]["content"])
+            > reply_logp(model, data, p["prompt"], p["rejected"][0]["content"]) for p in pairs]
+    assert 0 < sum(wins) < len(pairs)  # the random model ranks some pairs each way: the count is informative
+    for batch_size in (1, 4, 64):
+        got = mistakes.ranking_accuracy(mistakes.policy_logps(model), pairs, data.tokenizer, data.template, batch_size)
+        assert got == sum(wins) / len(pairs)
+    swapped = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in pairs]
+    assert mistakes.ranking_accuracy(mistakes.policy_logps(model), swapped, data.tokenizer, data.template) == \
+        pytest.approx(1 - sum(wins) / len(pairs))

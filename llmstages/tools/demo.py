@@ -2,16 +2,21 @@
 
 Each stage is an ordinary `llmstages fit` run of the YAML in `configs/` (the same path a user
 takes; its steps are the config's `trainer.max_steps` times `--scale`), chained by `init_from`:
-pretrain -> SFT -> reward model, DPO and GRPO (all three from the SFT checkpoint). Between SFT
-and DPO/GRPO the demo asks the SFT model tuning prompts (`tools/mistakes.py`): its wrong answers
-become DPO's preference pairs (right answer chosen, its own wrong one rejected) and its weakest
-tasks become GRPO's prompts. `configs/demo.yaml` holds those settings and the held-out prompts'.
+pretrain -> SFT -> reward model, DPO and GRPO (all three from the SFT checkpoint). After SFT the
+demo asks the SFT model tuning prompts (`tools/mistakes.py`): its wrong answers become the
+preference pairs the reward model and DPO train on (right answer chosen, its own wrong one
+rejected) and its weakest tasks become GRPO's prompts. `configs/demo.yaml` holds those settings
+and the held-out prompts'.
 
 Design choices:
 - One measurement in every row: the same held-out prompts (synthetic's `eval` stream, which no
   training or tuning data is drawn from), greedy replies, `data.answers.exact_match`
   (`evaluation.evaluate_replies`). Each stage's own validation metrics (its validation split)
   are shown in a separate, labelled column; they are not the held-out numbers.
+- A second held-out column for the behaviour DPO's pairs encode: the SFT model's wrong replies to
+  the held-out prompts become pairs (`<out>/mistakes/held_out_pairs.jsonl`), and every later row
+  says how often it ranks the right answer above that wrong reply (`ranking`: a policy by
+  log-probability, the reward model by its reward).
 - Every stage's wall time and process CPU time are in the table (CPU time is what a loaded
   machine does not inflate); `<out>/summary.json` keeps everything the table shows, per task
   too, for `benchmarks/demo.py`.
@@ -54,11 +59,13 @@ class Clock:
         return {"wall": self.wall, "cpu": self.cpu}
 
 
-def answer_quality(model, data, settings: dict, focus: list[str] | None = None) -> dict:
-    """Exact match and stop rate of greedy replies to the held-out prompts; per task, and on `focus` tasks."""
+def answer_quality(model, data, settings: dict, focus: list[str] | None = None) -> tuple[dict, list[dict]]:
+    """Exact match and stop rate of greedy replies to the held-out prompts, per task, and on `focus` tasks;
+    and the preference pairs the wrong replies make (`mistakes.mistake_pair`)."""
     from llmstages.data import synthetic
     from llmstages.data.answers import exact_match
     from llmstages.evaluation import evaluate_replies
+    from llmstages.tools.mistakes import mistake_pair
 
     items = synthetic.prompt_answer_pairs(settings["prompts"], seed=settings["seed"])
     prompts = [data.template.encode_prompt(messages, data.tokenizer) for messages, _, _ in items]
@@ -66,14 +73,19 @@ def answer_quality(model, data, settings: dict, focus: list[str] | None = None) 
                                data.template.stop_token_id(data.tokenizer), data.tokenizer,
                                max_new_tokens=settings["max_new_tokens"])
     counts: dict[str, list[int]] = {}  # task -> [right, asked]
-    for (_, answer, task), sample in zip(items, quality["samples"]):
+    pairs = []
+    for (messages, answer, task), sample in zip(items, quality["samples"]):
+        right = exact_match(sample["reply"], answer, sample["stopped"])
         count = counts.setdefault(task, [0, 0])
-        count[0] += exact_match(sample["reply"], answer, sample["stopped"])
+        count[0] += right
         count[1] += 1
+        pair = None if right else mistake_pair(messages, answer, sample["reply"])
+        if pair is not None:
+            pairs.append(pair)
     result = {"exact_match": quality["exact_match"], "stop_rate": quality["stop_rate"], "per_task": counts}
     if focus:
         result["focus"] = focus_accuracy(result, focus)
-    return result
+    return result, pairs
 
 
 def focus_accuracy(result: dict, focus: list[str]) -> float:
@@ -157,11 +169,14 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from rich.console import Console
 
+    from llmstages.tools import mistakes
+
     torch.set_num_threads(args.threads)
     out, console = Path(args.out), Console()
     settings = demo_settings(args.scale)
     summary: dict = {"seed": args.seed, "scale": args.scale, "settings": settings, "stages": {}}
     checkpoints: dict[str, Path] = {}
+    held_out_pairs: list[dict] = []
     with Clock() as total:
         for name, config, parent in STAGES:
             if name not in args.stages:
@@ -172,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
             if init_from is not None and not init_from.exists():
                 raise SystemExit(f"{name} starts from {init_from}, which does not exist: run the {parent} stage first")
             overrides = {}
-            if name in ("dpo", "grpo"):
+            if name in ("reward", "dpo", "grpo"):
                 overrides = own_mistakes(console, init_from, out, settings, args.seed, summary)[name]
             console.rule(f"[bold]{name}[/]: {CONFIGS / config}")
             with Clock() as clock:
@@ -181,10 +196,17 @@ def main(argv: list[str] | None = None) -> None:
             checkpoints[name] = Path(cli.trainer.checkpoint_callback.last_model_path)
             row = {"time": clock.seconds(),
                    "validation": {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}}
-            if name in SCORED:
-                with Clock() as scoring:
-                    row["held_out"] = answer_quality(cli.model.backbone, _chat_view(cli.datamodule), settings["held_out"],
-                                                     summary.get("grpo_tasks"))
+            with Clock() as scoring:
+                if name in SCORED:
+                    row["held_out"], pairs = answer_quality(cli.model.backbone, _chat_view(cli.datamodule),
+                                                            settings["held_out"], summary.get("grpo_tasks"))
+                    if name == "sft":  # the held-out mistakes every later row is ranked on
+                        held_out_pairs = pairs
+                        summary["held_out_pairs"] = len(pairs)
+                        mistakes.write_jsonl(out / "mistakes" / "held_out_pairs.jsonl", pairs)
+                if name != "pretrain" and held_out_pairs:
+                    row.setdefault("held_out", {})["prefers_right"] = ranking(cli.model, held_out_pairs, cli.datamodule)
+            if "held_out" in row:
                 row["held_out"]["time"] = scoring.seconds()
             summary["stages"][name] = row
     summary["time"] = {**total.seconds(), "process_cpu": time.process_time()}  # process_cpu: imports included
@@ -194,15 +216,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def own_mistakes(console, sft_checkpoint: Path, out: Path, settings: dict, seed: int, summary: dict) -> dict:
-    """Once per demo: the SFT model's wrong answers on tuning prompts (DPO's pairs file) and its weakest
-    tasks (GRPO's prompts file); returns the data overrides of both stages."""
+    """Once per demo: the SFT model's wrong answers on tuning prompts (the reward model's and DPO's pairs
+    file) and its weakest tasks (GRPO's prompts file); returns the data overrides of those stages."""
     if "mistakes" in summary:
         return summary["mistakes"]["overrides"]
     from llmstages.data import SFTData, synthetic
     from llmstages.model.checkpoint import load_model
     from llmstages.tools import mistakes
 
-    console.rule("[bold]mistakes[/]: the SFT model answers tuning prompts; wrong answers become DPO pairs")
+    console.rule("[bold]mistakes[/]: the SFT model answers tuning prompts; wrong answers become preference pairs")
     with Clock() as clock:
         data = SFTData(cache_dir=str(out / "cache"))
         model = load_model(sft_checkpoint).model
@@ -220,21 +242,31 @@ def own_mistakes(console, sft_checkpoint: Path, out: Path, settings: dict, seed:
     dpo_data = {"files": [str(pairs)]}
     if len(found.pairs) < 16:  # nearly always right, or (a smoke run) replies empty: nothing to reject
         console.print(f"only {len(found.pairs)} wrong non-empty replies to {len(items)} tuning prompts: "
-                      "DPO trains on the embedded preference pairs instead")
+                      "the reward model and DPO train on the embedded preference pairs instead")
         dpo_data = {}
     console.print(f"SFT exact match on {len(items)} tuning prompts: {found.overall():.1%}; {len(found.pairs)} pairs "
                   f"-> {pairs}; GRPO's tasks (weakest): {', '.join(tasks)} -> {prompts}")
     summary["grpo_tasks"] = tasks
     for row in summary["stages"].values():  # the stages scored before the tasks were chosen
-        if "held_out" in row:
+        if "per_task" in row.get("held_out", {}):
             row["held_out"]["focus"] = focus_accuracy(row["held_out"], tasks)
     summary["mistakes"] = {
         "time": clock.seconds(), "tuning_exact_match": found.overall(), "tuning_per_task": found.accuracy(),
         "pairs": len(found.pairs), "tasks": tasks,
-        "overrides": {"dpo": {"data": dpo_data}, "grpo": {"data": {"files": [str(prompts)]},
-                                                                          "model": {"rollout_seed": seed}}},
+        "overrides": {"reward": {"data": dpo_data}, "dpo": {"data": dpo_data},
+                      "grpo": {"data": {"files": [str(prompts)]}, "model": {"rollout_seed": seed}}},
     }
     return summary["mistakes"]["overrides"]
+
+
+def ranking(module, pairs: list[dict], data) -> float:
+    """How often `module` ranks the right answer above the SFT model's wrong one on the held-out mistakes:
+    a policy by the reply's log-probability, the reward model by its reward (`mistakes.ranking_accuracy`)."""
+    from llmstages.tools import mistakes
+
+    module.eval()
+    score = module.rewards if hasattr(module, "rewards") else mistakes.policy_logps(module.backbone)
+    return mistakes.ranking_accuracy(score, pairs, data.tokenizer, data.template)
 
 
 def _chat_view(data):
@@ -264,23 +296,28 @@ def _report(console, summary: dict, out: Path) -> None:
     held = summary["settings"]["held_out"]
     tasks = summary.get("grpo_tasks")
     table = Table(title="what each stage learned")
-    for column in ("stage", "wall s", "CPU s", "exact match", "GRPO's tasks", "stops", "own validation split"):
+    for column in ("stage", "wall s", "CPU s", "exact match", "GRPO's tasks", "stops", "right > SFT's wrong",
+                   "own validation split"):
         table.add_column(column)
     for stage, row in summary["stages"].items():
-        q = row.get("held_out")
+        q = row.get("held_out", {})
         shown = ", ".join(f"{label} {row['validation'][k]:.2f}" for k, label in VALIDATION_KEYS[stage].items()
                           if k in row["validation"])
-        table.add_row(stage, f"{row['time']['wall']:.0f}", f"{row['time']['cpu']:.0f}",
-                      f"{q['exact_match']:.1%}" if q else "", f"{q['focus']:.1%}" if q and "focus" in q else "",
-                      f"{q['stop_rate']:.0%}" if q else "", shown)
+        cells = [f"{q[key]:{form}}" if key in q else "" for key, form in
+                 (("exact_match", ".1%"), ("focus", ".1%"), ("stop_rate", ".0%"), ("prefers_right", ".1%"))]
+        table.add_row(stage, f"{row['time']['wall']:.0f}", f"{row['time']['cpu']:.0f}", *cells, shown)
         if stage == "sft" and "mistakes" in summary:
             m = summary["mistakes"]
-            table.add_row("mistakes", f"{m['time']['wall']:.0f}", f"{m['time']['cpu']:.0f}", "", "", "",
+            table.add_row("mistakes", f"{m['time']['wall']:.0f}", f"{m['time']['cpu']:.0f}", "", "", "", "",
                           f"tuning exact {m['tuning_exact_match']:.2f}, {m['pairs']} pairs")
     console.print(table)
+    pairs = summary.get("held_out_pairs")
     console.print(f"exact match, GRPO's tasks, stops: greedy replies to the same {held['prompts']} held-out prompts "
                   "(synthetic's eval stream: no stage trained or tuned on them), exact match as data.answers.exact_match; "
                   + (f"GRPO's tasks = {', '.join(tasks)}, the SFT model's weakest on the tuning prompts. " if tasks else "")
+                  + (f"right > SFT's wrong: on the {pairs} held-out prompts the SFT model answered wrong, how often the "
+                     "model ranks the right answer above SFT's wrong reply (a policy by log-probability, the reward "
+                     "model by reward): the behaviour DPO's pairs encode. " if pairs else "")
                   + "Own validation split: each stage's validation metrics on its own data, not the held-out prompts.")
     t = summary["time"]
     console.print(f"done in {t['wall'] / 60:.1f} min wall, {t['process_cpu'] / 60:.1f} min CPU; each stage's run "

@@ -11,6 +11,11 @@ Design choices:
 - A wrong, non-empty reply becomes a pair: chosen = the right answer, rejected = the model's own
   wrong reply, in the prompt/chosen/rejected record format `PreferenceData` reads. So DPO's pairs
   encode exactly the behaviour it should raise: answering right where this model answers wrong.
+- `ranking_accuracy` measures the behaviour the pairs encode on pairs built the same way from
+  *held-out* prompts: how often a model ranks the right answer above the SFT model's own wrong
+  one (a policy by the summed log-probability of the reply tokens it would generate, end-of-turn
+  included; a reward model by its reward). That is what DPO optimises and the reward model is
+  trained to do, measured where neither trained; greedy exact match is the stricter test.
 - GRPO's tasks: the lowest per-task accuracy among tasks the model gets right at least
   `min_accuracy` of the time (a task it never gets right gives a group no reward to compare);
   when no task is (a smoke run's barely trained model), the demo gives GRPO every task.
@@ -19,7 +24,7 @@ Design choices:
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +33,10 @@ import torch
 from llmstages.data import synthetic
 from llmstages.data.answers import exact_match
 from llmstages.evaluation import greedy_replies
+from llmstages.losses import IGNORE_INDEX, sequence_logps, token_logps_from_logits
 
-__all__ = ["Mistakes", "find_mistakes", "weakest_tasks", "write_jsonl", "grpo_prompt_records"]
+__all__ = ["Mistakes", "find_mistakes", "mistake_pair", "ranking_accuracy", "policy_logps", "weakest_tasks",
+           "write_jsonl", "grpo_prompt_records"]
 
 
 @dataclass
@@ -66,11 +73,57 @@ def find_mistakes(
             right = exact_match(reply, answer, stopped)
             found.asked[task] = found.asked.get(task, 0) + 1
             found.correct[task] = found.correct.get(task, 0) + right
-            if not right and reply and reply != answer:
-                found.pairs.append({"prompt": messages, "chosen": [{"role": "assistant", "content": answer}],
-                                    "rejected": [{"role": "assistant", "content": reply}]})
+            pair = None if right else mistake_pair(messages, answer, reply)
+            if pair is not None:
+                found.pairs.append(pair)
     model.train(was_training)
     return found
+
+
+def mistake_pair(messages: list[dict], answer: str, reply: str) -> dict | None:
+    """The preference record for a wrong reply (right answer chosen, the reply rejected); None for an
+    empty reply or one equal to the answer (it did not stop: nothing to compare)."""
+    reply = reply.strip()
+    if not reply or reply == answer:
+        return None
+    return {"prompt": messages, "chosen": [{"role": "assistant", "content": answer}],
+            "rejected": [{"role": "assistant", "content": reply}]}
+
+
+Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids [B, T], labels [B, T]) -> [B]
+
+
+def policy_logps(model) -> Score:
+    """A policy's summed log-probability of each row's labelled tokens (the reply it would generate)."""
+
+    def score(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return sequence_logps(token_logps_from_logits(model(input_ids), labels), labels, "sum")
+
+    return score
+
+
+@torch.no_grad()
+def ranking_accuracy(score: Score, pairs: Sequence[dict], tokenizer, template, batch_size: int = 64) -> float:
+    """The fraction of `pairs` whose chosen side `score` rates strictly above the rejected side.
+
+    Each side is the template's prompt + reply tokens, the reply labelled; rows are right-padded
+    (labels ignored there), which a causal model's earlier positions never see."""
+    if not pairs:
+        raise ValueError("ranking_accuracy needs at least one pair")
+    rows = []
+    for pair in pairs:
+        prompt, sides = template.encode_pair(pair["prompt"], {s: pair[s] for s in ("chosen", "rejected")}, tokenizer)
+        for side in ("chosen", "rejected"):
+            rows.append((prompt + sides[side]["input_ids"], [IGNORE_INDEX] * len(prompt) + sides[side]["labels"]))
+    wins = 0
+    for start in range(0, len(rows), 2 * batch_size):
+        chunk = rows[start : start + 2 * batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.tensor([ids + [tokenizer.pad_id] * (width - len(ids)) for ids, _ in chunk])
+        labels = torch.tensor([labels + [IGNORE_INDEX] * (width - len(labels)) for _, labels in chunk])
+        chosen, rejected = score(ids, labels).view(-1, 2).unbind(1)
+        wins += int((chosen > rejected).sum())
+    return wins / len(pairs)
 
 
 def weakest_tasks(accuracy: dict[str, float], count: int, min_accuracy: float) -> list[str]:
