@@ -176,7 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     settings = demo_settings(args.scale)
     summary: dict = {"seed": args.seed, "scale": args.scale, "settings": settings, "stages": {}}
     checkpoints: dict[str, Path] = {}
-    held_out_pairs: list[dict] = []
+    held_out_file = out / "mistakes" / "held_out_pairs.jsonl"
+    held_out_pairs = []  # the SFT model's wrong held-out replies, as pairs; an earlier run's when SFT is not rerun
+    if "sft" not in args.stages and held_out_file.exists():
+        held_out_pairs = [json.loads(line) for line in held_out_file.read_text().splitlines()]
     with Clock() as total:
         for name, config, parent in STAGES:
             if name not in args.stages:
@@ -202,13 +205,13 @@ def main(argv: list[str] | None = None) -> None:
                                                             settings["held_out"], summary.get("grpo_tasks"))
                     if name == "sft":  # the held-out mistakes every later row is ranked on
                         held_out_pairs = pairs
-                        summary["held_out_pairs"] = len(pairs)
-                        mistakes.write_jsonl(out / "mistakes" / "held_out_pairs.jsonl", pairs)
+                        mistakes.write_jsonl(held_out_file, pairs)
                 if name != "pretrain" and held_out_pairs:
                     row.setdefault("held_out", {})["prefers_right"] = ranking(cli.model, held_out_pairs, cli.datamodule)
             if "held_out" in row:
                 row["held_out"]["time"] = scoring.seconds()
             summary["stages"][name] = row
+            summary["held_out_pairs"] = len(held_out_pairs)
     summary["time"] = {**total.seconds(), "process_cpu": time.process_time()}  # process_cpu: imports included
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
