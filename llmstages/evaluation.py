@@ -9,7 +9,7 @@ score greedy replies with `evaluate_replies`:
 - `exact_match`: the reply stopped and equals the reference after stripping
   surrounding whitespace (`data.answers.exact_match`, the one definition, which
   GRPO's reward and validation and `data.synthetic.score_reply` call too);
-- `samples`: prompt, reply, reference, stopped, for logs and tables.
+- `samples`: prompt, reply, reference, stopped, exact_match, for logs and tables.
 
 Prompts are answered `batch_size` at a time through the KV cache
 (`model.generate.generate_batch`, each row computing what it would alone); a
@@ -61,8 +61,10 @@ def evaluate_replies(
         reply = tokenizer.decode(new, skip_special_tokens=True)
         first += bool(new) and bool(ref_ids) and new[0] == ref_ids[0]
         stopped += did_stop
-        exact += exact_match(reply, reference, did_stop)
-        samples.append({"prompt": tokenizer.decode(prompt), "reply": reply, "reference": reference, "stopped": did_stop})
+        right = exact_match(reply, reference, did_stop)
+        exact += right
+        samples.append({"prompt": tokenizer.decode(prompt), "reply": reply, "reference": reference, "stopped": did_stop,
+                        "exact_match": right})
     model.train(was_training)
     n = len(prompts)
     return {"first_token_acc": first / n, "stop_rate": stopped / n, "exact_match": exact / n, "samples": samples}

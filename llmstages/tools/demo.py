@@ -63,7 +63,6 @@ def answer_quality(model, data, settings: dict, focus: list[str] | None = None) 
     """Exact match and stop rate of greedy replies to the held-out prompts, per task, and on `focus` tasks;
     and the preference pairs the wrong replies make (`mistakes.mistake_pair`)."""
     from llmstages.data import synthetic
-    from llmstages.data.answers import exact_match
     from llmstages.evaluation import evaluate_replies
     from llmstages.tools.mistakes import mistake_pair
 
@@ -75,11 +74,10 @@ def answer_quality(model, data, settings: dict, focus: list[str] | None = None) 
     counts: dict[str, list[int]] = {}  # task -> [right, asked]
     pairs = []
     for (messages, answer, task), sample in zip(items, quality["samples"]):
-        right = exact_match(sample["reply"], answer, sample["stopped"])
         count = counts.setdefault(task, [0, 0])
-        count[0] += right
+        count[0] += sample["exact_match"]
         count[1] += 1
-        pair = None if right else mistake_pair(messages, answer, sample["reply"])
+        pair = None if sample["exact_match"] else mistake_pair(messages, answer, sample["reply"])
         if pair is not None:
             pairs.append(pair)
     result = {"exact_match": quality["exact_match"], "stop_rate": quality["stop_rate"], "per_task": counts}

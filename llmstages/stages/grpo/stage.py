@@ -72,7 +72,6 @@ import torch
 from torch import Tensor
 
 from llmstages.errors import ConfigError
-from llmstages.data.answers import exact_match
 from llmstages.evaluation import evaluate_replies, log_reply_samples
 from llmstages.losses import target_mask, token_logps
 from llmstages.options import ImportanceSampling, LossAggregation, RewardErrors, ScaleRewards, check_choice, choices
@@ -447,7 +446,7 @@ class GRPOModule(ReferenceStage):
         stats = {}
         scored = [(s, a) for s, a in zip(samples, batch["answers"]) if a is not None]
         if scored:
-            exact = sum(exact_match(s["reply"], a, s["stopped"]) for s, a in scored) / len(scored)
+            exact = sum(s["exact_match"] for s, _ in scored) / len(scored)
             stats["exact_match"] = Weighted(torch.tensor(exact, device=self.device), len(scored))
         stopped = sum(s["stopped"] for s in samples) / len(samples)
         stats["stop_rate"] = Weighted(torch.tensor(stopped, device=self.device), len(samples))
