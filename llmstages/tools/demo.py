@@ -158,8 +158,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="multiply every stage's steps and the demo's prompt counts (0.1 for a smoke run)")
     parser.add_argument("--seed", type=int, default=0, help="seeds every stage and the tuning prompts (held-out prompts stay)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: this ~1M-parameter model gains little from a second thread, and on "
-                             "shared cores idle threads spin; see README)")
+                        help="torch threads (the README's and benchmarks/results/demo*.md's times use 1)")
     parser.add_argument("--stages", nargs="+", default=[s[0] for s in STAGES], choices=[s[0] for s in STAGES])
     args = parser.parse_args(argv)
     if not CONFIGS.is_dir():
