@@ -15,7 +15,10 @@ Prompts are answered `batch_size` at a time through the KV cache
 (`model.generate.generate_batch`, each row computing what it would alone); a
 prompt too long for one window goes alone through `generate`, which slides.
 `fixed_steps` keeps every rank running the same number of forward passes
-(FSDP all-gathers weights in each forward, so ranks must not diverge).
+(FSDP all-gathers weights in each forward, so ranks must not diverge): every
+prompt then goes alone, `max_new_tokens` forwards each, because with batches
+the count would depend on how many of this rank's prompts fit one window, and
+ranks score different prompts (GRPO's validation).
 """
 
 from __future__ import annotations
@@ -74,9 +77,12 @@ def greedy_replies(
     model, prompts: Sequence[list[int]], stop_id: int, max_new_tokens: int, fixed_steps: bool = False,
     batch_size: int = 64,
 ) -> list[tuple[list[int], bool]]:
-    """(new tokens, stopped) per prompt, in order: batches of the prompts that fit one window, the rest alone."""
+    """(new tokens, stopped) per prompt, in order: batches of the prompts that fit one window, the rest alone;
+    with `fixed_steps` every prompt alone (the same forward count on every rank: see the module docstring)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if fixed_steps:
+        return [generate(model, prompt, max_new_tokens, stop_id=stop_id, fixed_steps=True) for prompt in prompts]
     replies: list[tuple[list[int], bool] | None] = [None] * len(prompts)
     fits = [i for i, p in enumerate(prompts) if p and len(p) + max_new_tokens <= model.config.max_seq_len]
     for start in range(0, len(fits), batch_size):

@@ -324,3 +324,22 @@ def test_evaluate_replies_batches_give_the_one_by_one_replies():
         assert [s["stopped"] for s in quality["samples"]] == stops
         assert quality["stop_rate"] == sum(stops) / len(prompts)
         assert quality["exact_match"] == sum(stop for i, stop in enumerate(stops) if i != 1) / len(prompts)
+
+
+def test_greedy_replies_fixed_steps_runs_the_same_forwards_whichever_prompts_fit():
+    """Under FSDP every rank scores its own prompts with `fixed_steps`; the forward count must not depend on
+    how many of them fit one window (GRPO's validation budget may exceed max_completion_length), or ranks hang."""
+    from llmstages.evaluation import greedy_replies
+
+    model = _model(max_seq_len=16)
+    long_prompt = list(range(3, 15))  # 12 tokens + 6 new > 16: answered alone, sliding
+    ranks = [[PROMPTS[0], PROMPTS[1], PROMPTS[3]], [PROMPTS[0], long_prompt, PROMPTS[3]]]
+    counts = []
+    for prompts in ranks:
+        calls = []
+        hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+        replies = greedy_replies(model, prompts, stop_id=-1, max_new_tokens=6, fixed_steps=True)
+        hook.remove()
+        counts.append(len(calls))
+        assert replies == [generate(model, p, 6, stop_id=-1) for p in prompts]
+    assert counts[0] == counts[1]
