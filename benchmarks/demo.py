@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from benchmarks.common import ROOT, Report, base_parser, load_average, output_dir
 
 GAINS = (  # name, stage, baseline stage, metric
@@ -37,13 +39,13 @@ GAINS = (  # name, stage, baseline stage, metric
 STAGES = ("pretrain", "sft", "reward", "dpo", "grpo")
 
 
-def start_seed(seed: int, scale: float, folder: Path) -> tuple[subprocess.Popen, float]:
-    """One `llmstages demo` in a child process (output to `<folder>.log`)."""
+def start_seed(seed: int, scale: float, folder: Path, threads: int) -> tuple[subprocess.Popen, float]:
+    """One `llmstages demo --threads <threads>` in a child process (output to `<folder>.log`)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "COLUMNS": "110"}  # the table unwrapped
     log = open(f"{folder}.log", "w")  # noqa: SIM115 (closed with the process)
     process = subprocess.Popen([sys.executable, "-m", "llmstages", "demo", "--out", str(folder), "--seed", str(seed),
-                                "--scale", str(scale)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                                "--scale", str(scale), "--threads", str(threads)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     return process, time.perf_counter()
 
 
@@ -170,13 +172,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.scale = args.seeds[:1], 0.03
+    args.threads = args.threads or 1  # each demo's torch threads (the demo's default), and what the report records
+    torch.set_num_threads(args.threads)
     out = output_dir(args)
     report = Report("demo", "`llmstages demo`: each stage's effect over seeds", args)
     runs_root = args.runs or Path(tempfile.mkdtemp(prefix="llmstages-demo-"))
     runs, pending = {}, list(args.seeds)
     while pending:
         batch, pending = pending[: args.jobs], pending[args.jobs :]
-        started = {seed: start_seed(seed, args.scale, runs_root / f"seed{seed}") for seed in batch}
+        started = {seed: start_seed(seed, args.scale, runs_root / f"seed{seed}", args.threads) for seed in batch}
         for seed, (process, t0) in started.items():
             runs[seed] = finish_seed(seed, process, t0, runs_root / f"seed{seed}")
             print(f"seed {seed}: " + ", ".join(f"{st} {runs[seed]['stages'][st]['held_out']['exact_match']:.3f}"

@@ -324,6 +324,7 @@ def test_evaluate_replies_batches_give_the_one_by_one_replies():
         assert [s["stopped"] for s in quality["samples"]] == stops
         assert quality["stop_rate"] == sum(stops) / len(prompts)
         assert quality["exact_match"] == sum(stop for i, stop in enumerate(stops) if i != 1) / len(prompts)
+        assert [s["exact_match"] for s in quality["samples"]] == [stop and i != 1 for i, stop in enumerate(stops)]
 
 
 def test_greedy_replies_fixed_steps_runs_the_same_forwards_whichever_prompts_fit():

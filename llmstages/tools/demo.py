@@ -265,7 +265,10 @@ def ranking(module, pairs: list[dict], data) -> float:
     from llmstages.tools import mistakes
 
     module.eval()
-    score = module.rewards if hasattr(module, "rewards") else mistakes.policy_logps(module.backbone)
+    if hasattr(module, "rewards"):
+        score = lambda ids, labels: module.rewards(ids.to(module.device), labels.to(module.device))  # noqa: E731
+    else:
+        score = mistakes.policy_logps(module.backbone)
     return mistakes.ranking_accuracy(score, pairs, data.tokenizer, data.template)
 
 

@@ -97,6 +97,8 @@ def policy_logps(model) -> Score:
     """A policy's summed log-probability of each row's labelled tokens (the reply it would generate)."""
 
     def score(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        device = model.output_weight.device
+        input_ids, labels = input_ids.to(device), labels.to(device)
         return sequence_logps(token_logps_from_logits(model(input_ids), labels), labels, "sum")
 
     return score
