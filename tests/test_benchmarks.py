@@ -95,8 +95,10 @@ SCRIPTS = {
                  "## Where the time goes", "| 32-true CLI |"],
     "real_shape": ["| llmstages / transformers tokens/s |", "| matmul 1024×1024 bf16 (GFLOP/s) |"],
     "bf16": ["| train step (tokens/s) |", "## Profile of one step by operator family", "| matmul |"],
-    "demo": ["## Each stage's gain", "| SFT over pretraining |", "| GRPO over SFT, on GRPO's tasks |", "## Time (seconds)",
-             "| whole `llmstages demo` process |", "what each stage learned"],
+    "demo": ["## Each stage's gain", "| SFT over pretraining: exact match |", "| GRPO over SFT: exact match on GRPO's tasks |",
+             "| DPO over SFT: ranks the right answer above SFT's wrong one |", "## Time (seconds)",
+             "| whole `llmstages demo` process |", "what each stage learned", "right > SFT's wrong"],
+    "demo_tuning": ["SFT models: exact match", "## dpo", "| shipped config | - |", "## grpo", "| group size 16 |"],
 }
 
 
