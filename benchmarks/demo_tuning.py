@@ -91,6 +91,7 @@ def write(report: Report, runs: dict[int, dict]) -> None:
         f"Seeds {', '.join(map(str, seeds))}. Each seed: the demo's pretrain and SFT stages and mistakes step, then "
         f"every candidate from that SFT model on its pairs / GRPO prompts. Scored on {TUNING_PROMPTS} tuning prompts "
         f"(synthetic's `tuning` stream, seed {TUNING_SEED}; the demo reports on the `eval` stream), greedy exact match. "
+        "*Shipped config*: `configs/<stage>.yaml` as committed at the commit below. "
         "*Gain*: minus the same seed's SFT model. *On GRPO's tasks*: the tasks the mistakes step chose (per seed: "
         + "; ".join(f"{s}: {', '.join(runs[s]['tasks'])}" for s in seeds) + ")."
     )
