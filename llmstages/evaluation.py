@@ -87,13 +87,11 @@ def greedy_replies(
     fits = [i for i, p in enumerate(prompts) if p and len(p) + max_new_tokens <= model.config.max_seq_len]
     for start in range(0, len(fits), batch_size):
         rows = fits[start : start + batch_size]
-        answered = generate_batch(model, [prompts[i] for i in rows], max_new_tokens, stop_ids=(stop_id,),
-                                  fixed_steps=fixed_steps)
-        for i, reply in zip(rows, answered):
+        for i, reply in zip(rows, generate_batch(model, [prompts[i] for i in rows], max_new_tokens, stop_ids=(stop_id,))):
             replies[i] = reply
     for i, reply in enumerate(replies):
         if reply is None:
-            replies[i] = generate(model, prompts[i], max_new_tokens, stop_id=stop_id, fixed_steps=fixed_steps)
+            replies[i] = generate(model, prompts[i], max_new_tokens, stop_id=stop_id)
     return replies
 
 

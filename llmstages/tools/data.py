@@ -28,13 +28,13 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
 
     from llmstages.data.base import load_tokenizer
-    from llmstages.data.shards import ShardError, prepare_shards
+    from llmstages.data.shards import prepare_shards
     from llmstages.data.shards.index import INDEX
     from llmstages.data.shards.prepare import DEFAULT_SHARD_TOKENS
     from llmstages.errors import as_user_error
 
     tokenizer = load_tokenizer(args.tokenizer, args.cache_dir)
-    with as_user_error(ShardError, FileNotFoundError):
+    with as_user_error(FileNotFoundError):  # ShardError already is a UserError
         out = prepare_shards(args.files, tokenizer, args.out, text_mode=args.text_mode, on_error=args.on_error,
                              shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS, workers=args.workers,
                              progress=not args.no_progress)

@@ -61,29 +61,17 @@ class Clock:
 
 def answer_quality(model, data, settings: dict, focus: list[str] | None = None) -> tuple[dict, list[dict]]:
     """Exact match and stop rate of greedy replies to the held-out prompts, per task, and on `focus` tasks;
-    and the preference pairs the wrong replies make (`mistakes.mistake_pair`)."""
+    and the preference pairs the wrong replies make (`mistakes.find_mistakes`, as on the tuning prompts)."""
     from llmstages.data import synthetic
-    from llmstages.evaluation import evaluate_replies
-    from llmstages.tools.mistakes import mistake_pair
+    from llmstages.tools.mistakes import find_mistakes
 
     items = synthetic.prompt_answer_pairs(settings["prompts"], seed=settings["seed"])
-    prompts = [data.template.encode_prompt(messages, data.tokenizer) for messages, _, _ in items]
-    quality = evaluate_replies(model, prompts, [answer for _, answer, _ in items],
-                               data.template.stop_token_id(data.tokenizer), data.tokenizer,
-                               max_new_tokens=settings["max_new_tokens"])
-    counts: dict[str, list[int]] = {}  # task -> [right, asked]
-    pairs = []
-    for (messages, answer, task), sample in zip(items, quality["samples"]):
-        count = counts.setdefault(task, [0, 0])
-        count[0] += sample["exact_match"]
-        count[1] += 1
-        pair = None if sample["exact_match"] else mistake_pair(messages, answer, sample["reply"])
-        if pair is not None:
-            pairs.append(pair)
-    result = {"exact_match": quality["exact_match"], "stop_rate": quality["stop_rate"], "per_task": counts}
+    found = find_mistakes(model, data.tokenizer, data.template, items, settings["max_new_tokens"])
+    result = {"exact_match": found.overall(), "stop_rate": found.stop_rate,
+              "per_task": {task: [found.correct[task], found.asked[task]] for task in found.asked}}  # task -> [right, asked]
     if focus:
         result["focus"] = focus_accuracy(result, focus)
-    return result, pairs
+    return result, found.pairs
 
 
 def focus_accuracy(result: dict, focus: list[str]) -> float:

@@ -5,9 +5,9 @@ The demo's step between SFT and DPO/GRPO ("learns from its mistakes").
 Design choices:
 - Prompts come from synthetic's `tuning` stream, never from the `eval` stream the demo reports on,
   so nothing chosen here (which pairs, which tasks) is chosen on the reported prompts.
-- Replies are greedy (`evaluation.greedy_replies`, the demo's held-out scoring: batches of prompts
-  through the KV cache) and checked by `data.answers.exact_match`, the definition the demo's
-  table, validation and GRPO's reward use.
+- Replies are greedy and scored by `evaluation.evaluate_replies` (batches of prompts through the
+  KV cache; `data.answers.exact_match`, the definition validation and GRPO's reward use); the
+  demo's held-out scoring is this same function on the `eval` stream.
 - A wrong, non-empty reply becomes a pair: chosen = the right answer, rejected = the model's own
   wrong reply, in the prompt/chosen/rejected record format `PreferenceData` reads. So DPO's pairs
   encode exactly the behaviour it should raise: answering right where this model answers wrong.
@@ -31,8 +31,7 @@ from pathlib import Path
 import torch
 
 from llmstages.data import synthetic
-from llmstages.data.answers import exact_match
-from llmstages.evaluation import greedy_replies
+from llmstages.evaluation import evaluate_replies
 from llmstages.losses import IGNORE_INDEX, sequence_logps, token_logps_from_logits
 
 __all__ = ["Mistakes", "find_mistakes", "mistake_pair", "ranking_accuracy", "policy_logps", "weakest_tasks",
@@ -41,11 +40,12 @@ __all__ = ["Mistakes", "find_mistakes", "mistake_pair", "ranking_accuracy", "pol
 
 @dataclass
 class Mistakes:
-    """Greedy replies to tuning prompts: pairs built from the wrong ones and accuracy per task."""
+    """Greedy replies to checkable prompts: pairs built from the wrong ones, accuracy per task, stop rate."""
 
     pairs: list[dict] = field(default_factory=list)
     correct: dict[str, int] = field(default_factory=dict)
     asked: dict[str, int] = field(default_factory=dict)
+    stop_rate: float = 0.0
 
     def accuracy(self) -> dict[str, float]:
         return {task: self.correct[task] / self.asked[task] for task in self.asked}
@@ -54,29 +54,22 @@ class Mistakes:
         return sum(self.correct.values()) / max(1, sum(self.asked.values()))
 
 
-@torch.no_grad()
 def find_mistakes(
     model, tokenizer, template, items: Sequence[tuple[list[dict], str, str]], max_new_tokens: int = 24,
     batch_size: int = 64,
 ) -> Mistakes:
-    """Answer every `(messages, answer, task)` greedily; a wrong non-empty reply becomes a preference pair."""
-    stop_id = template.stop_token_id(tokenizer)
-    was_training = model.training
-    model.eval()
-    found = Mistakes()
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        prompts = [template.encode_prompt(messages, tokenizer) for messages, _, _ in chunk]
-        replies = greedy_replies(model, prompts, stop_id, max_new_tokens, batch_size=batch_size)
-        for (messages, answer, task), (ids, stopped) in zip(chunk, replies):
-            reply = tokenizer.decode(ids, skip_special_tokens=True).strip()
-            right = exact_match(reply, answer, stopped)
-            found.asked[task] = found.asked.get(task, 0) + 1
-            found.correct[task] = found.correct.get(task, 0) + right
-            pair = None if right else mistake_pair(messages, answer, reply)
-            if pair is not None:
-                found.pairs.append(pair)
-    model.train(was_training)
+    """Answer every `(messages, answer, task)` greedily (`evaluation.evaluate_replies`); count the right
+    ones per task, and turn each wrong non-empty reply into a preference pair."""
+    prompts = [template.encode_prompt(messages, tokenizer) for messages, _, _ in items]
+    quality = evaluate_replies(model, prompts, [answer for _, answer, _ in items], template.stop_token_id(tokenizer),
+                               tokenizer, max_new_tokens, batch_size=batch_size)
+    found = Mistakes(stop_rate=quality["stop_rate"])
+    for (messages, answer, task), sample in zip(items, quality["samples"]):
+        found.asked[task] = found.asked.get(task, 0) + 1
+        found.correct[task] = found.correct.get(task, 0) + sample["exact_match"]
+        pair = None if sample["exact_match"] else mistake_pair(messages, answer, sample["reply"])
+        if pair is not None:
+            found.pairs.append(pair)
     return found
 
 
